@@ -1,0 +1,96 @@
+"""The one module that talks to array-api-compat, plus the checks every entry point shares.
+
+Nothing here imports a framework: ``is_torch_array`` and friends look at
+``sys.modules`` only, so a framework is touched only when the caller already
+passed one of its arrays.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from array_api_compat import (
+    array_namespace,
+    device,
+    is_cupy_array,
+    is_jax_array,
+    is_torch_array,
+    to_device,
+)
+
+__all__ = [
+    "array_namespace",
+    "device_of",
+    "is_tracing",
+    "check_finite",
+    "work_dtype",
+    "to_floats",
+]
+
+
+def device_of(x):
+    """The array's device, or None where it has none to report (a JAX tracer)."""
+    try:
+        return device(x)
+    except Exception:  # tracers and exotic wrappers
+        return None
+
+
+def is_tracing(x) -> bool:
+    """True while ``x`` is a symbolic value (``jax.jit``, ``torch.compile``, ``torch.jit``).
+
+    Value checks need a concrete array; under tracing they are skipped.
+    """
+    if is_jax_array(x):
+        jax = sys.modules["jax"]
+        return isinstance(x, jax.core.Tracer)
+    if is_torch_array(x):
+        torch = sys.modules["torch"]
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return True
+        functorch = getattr(torch._C, "_functorch", None)
+        return bool(functorch is not None and functorch.is_functorch_wrapped_tensor(x))
+    return False
+
+
+def work_dtype(x, xp, what: str = "input"):
+    """The dtype the math runs in: float32/float64 as given, narrower floats in float32.
+
+    Integer, bool and complex arrays are a TypeError (complex would need the
+    conjugate transpose, which is not implemented).
+    """
+    dtype = x.dtype
+    if xp.isdtype(dtype, "complex floating"):
+        raise TypeError(f"{what}: complex arrays are not supported, got {dtype} with shape {tuple(x.shape)}")
+    if not xp.isdtype(dtype, "real floating"):
+        raise TypeError(f"{what}: expected a real floating-point array, got {dtype} with shape {tuple(x.shape)}")
+    if dtype == xp.float32 or dtype == xp.float64:
+        return dtype
+    if xp.finfo(dtype).bits < 32:  # float16, bfloat16, float8 ...
+        return xp.float32
+    raise TypeError(f"{what}: unsupported floating dtype {dtype} (use float16/bfloat16/float32/float64)")
+
+
+def check_finite(x, xp, what: str = "input") -> None:
+    """ValueError if ``x`` holds NaN or Inf. Skipped (no host sync possible) under tracing."""
+    if is_tracing(x):
+        return
+    if not bool(xp.all(xp.isfinite(x))):
+        raise ValueError(f"{what}: contains NaN or Inf (shape {tuple(x.shape)})")
+
+
+def to_floats(x) -> list[float]:
+    """A 1-D array -> Python floats, in one host transfer where the backend allows it."""
+    if is_cupy_array(x):
+        return x.get().astype(np.float64).tolist()
+    if is_torch_array(x):
+        return x.detach().to("cpu", dtype=sys.modules["torch"].float64).tolist()
+    try:
+        return np.asarray(x, dtype=np.float64).tolist()
+    except Exception:
+        pass
+    try:
+        return np.asarray(to_device(x, "cpu"), dtype=np.float64).tolist()
+    except Exception:
+        return [float(x[i]) for i in range(x.shape[0])]

@@ -1,0 +1,128 @@
+"""Kernel-wise reshaping: a layer weight in any layout <-> a batch of matrices.
+
+A layout names each axis of a weight with one letter: ``o`` output features,
+``i`` input features, any other letter a spatial tap axis. Repeated ``o`` (or
+``i``) axes are merged into one feature axis, as a Flax attention kernel
+``(embed, heads, head_dim)`` = ``"ioo"`` needs. ``to_matrices`` moves the tap
+axes first and the feature axes last, giving ``(taps, d_out, d_in)``: one
+``d_out x d_in`` matrix per spatial tap, as FIRE projects conv kernels.
+
+=====================  ============  ======================
+weight                 layout        matrices
+=====================  ============  ======================
+torch Linear           ``"oi"``      ``(1, out, in)``
+torch Conv2d           ``"oihw"``    ``(kh*kw, out, in/groups)``
+torch ConvTranspose2d  ``"iohw"``    ``(kh*kw, out/groups, in)``
+Flax Dense             ``"io"``      ``(1, out, in)``
+Flax Conv              ``"hwio"``    ``(kh*kw, out, in)``
+Flax attention q/k/v   ``"ioo"``     ``(1, heads*head_dim, embed)``
+Flax attention out     ``"iio"``     ``(1, embed, heads*head_dim)``
+=====================  ============  ======================
+
+The same module holds the layer scale rules, so adapters ask here for a number.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Real
+
+from ._array import array_namespace
+
+__all__ = ["Layout", "parse_layout", "to_matrices", "from_matrices", "SCALES", "scale_factor"]
+
+SCALES = ("fire", "variance", "norm", None)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A layout applied to a concrete shape."""
+
+    text: str
+    shape: tuple[int, ...]
+    perm: tuple[int, ...]  # tap axes, then output axes, then input axes
+    taps: int
+    d_out: int
+    d_in: int
+
+    @property
+    def matrix_shape(self) -> tuple[int, int, int]:
+        return (self.taps, self.d_out, self.d_in)
+
+
+def parse_layout(layout: str, shape, what: str = "weight") -> Layout:
+    """Check ``layout`` against ``shape`` and work out the permutation and sizes."""
+    shape = tuple(int(s) for s in shape)
+    if not isinstance(layout, str) or not layout.isascii() or not layout.isalpha() or not layout.islower():
+        raise ValueError(f"{what}: layout must be a string of lowercase letters, got {layout!r}")
+    if len(layout) != len(shape):
+        raise ValueError(
+            f"{what}: layout {layout!r} names {len(layout)} axes but the weight has shape {shape} ({len(shape)} axes)"
+        )
+    if "o" not in layout or "i" not in layout:
+        raise ValueError(f"{what}: layout {layout!r} needs at least one 'o' and one 'i' axis (shape {shape})")
+    spatial = [c for c in layout if c not in "oi"]
+    if len(set(spatial)) != len(spatial):
+        raise ValueError(f"{what}: layout {layout!r} repeats a spatial axis letter (shape {shape})")
+    taps_axes = [k for k, c in enumerate(layout) if c not in "oi"]
+    out_axes = [k for k, c in enumerate(layout) if c == "o"]
+    in_axes = [k for k, c in enumerate(layout) if c == "i"]
+    sizes = [math.prod(shape[k] for k in axes) for axes in (taps_axes, out_axes, in_axes)]
+    if 0 in sizes:
+        raise ValueError(f"{what}: weight of shape {shape} is empty")
+    return Layout(layout, shape, tuple(taps_axes + out_axes + in_axes), *sizes)
+
+
+def to_matrices(w, layout: str):
+    """``w`` in ``layout`` -> ``(taps, d_out, d_in)``, one matrix per spatial tap.
+
+    Taps are ordered as the spatial axes appear in ``layout`` (row-major), so
+    for ``"oihw"`` matrix ``h * kw + w`` is ``w[:, :, h, w]``.
+    """
+    xp = array_namespace(w)
+    lay = parse_layout(layout, w.shape)
+    return xp.reshape(xp.permute_dims(w, lay.perm), lay.matrix_shape)
+
+
+def from_matrices(m, layout: str, shape):
+    """Inverse of :func:`to_matrices`: ``(taps, d_out, d_in)`` -> ``shape`` in ``layout``."""
+    xp = array_namespace(m)
+    lay = parse_layout(layout, shape)
+    if tuple(m.shape) != lay.matrix_shape:
+        raise ValueError(
+            f"matrices of shape {tuple(m.shape)} do not fit layout {layout!r} with shape {lay.shape}: "
+            f"expected {lay.matrix_shape}"
+        )
+    permuted = xp.reshape(m, tuple(lay.shape[k] for k in lay.perm))
+    inverse = sorted(range(len(lay.perm)), key=lay.perm.__getitem__)
+    return xp.permute_dims(permuted, tuple(inverse))
+
+
+def check_scale(scale) -> None:
+    if scale in SCALES and not isinstance(scale, Real):
+        return
+    if isinstance(scale, Real) and not isinstance(scale, bool) and math.isfinite(scale):
+        return
+    raise ValueError(f"unknown scale {scale!r}; expected one of {SCALES} or a finite number")
+
+
+def scale_factor(scale, lay: Layout) -> float | None:
+    """The factor applied to a layer's projected matrices, or None for ``"norm"``.
+
+    ``"fire"``: ``sqrt(d_out / d_in) / taps``, the reference rule.
+    ``"variance"``: ``sqrt(d_out / d_in) / sqrt(taps)``, which keeps the
+    variance of a conv layer's output. ``None``: 1 (the bare polar factor).
+    A number: that number. ``"norm"`` keeps each layer's Frobenius norm and so
+    depends on the data; the caller computes it.
+    """
+    check_scale(scale)
+    if scale == "fire":
+        return math.sqrt(lay.d_out / lay.d_in) / lay.taps
+    if scale == "variance":
+        return math.sqrt(lay.d_out / lay.d_in) / math.sqrt(lay.taps)
+    if scale == "norm":
+        return None
+    if scale is None:
+        return 1.0
+    return float(scale)

@@ -1,0 +1,97 @@
+"""Report: what a FIRE call did to each weight, as rows and as a readable table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Report"]
+
+# (key, header, format) of the table columns, in order.
+_COLUMNS = (
+    ("name", "name", "{}"),
+    ("shape", "shape", "{}"),
+    ("layout", "layout", "{}"),
+    ("scale", "scale", "{:.4g}"),
+    ("sfe", "SFE", "{:.4g}"),
+    ("dfi_before", "DfI before", "{:.4g}"),
+    ("dfi_after", "DfI after", "{:.4g}"),
+    ("iso_after", "DfI/n after", "{:.3g}"),
+)
+
+
+@dataclass
+class Report:
+    """Per-weight results of one FIRE call.
+
+    ``rows`` holds one dict per projected weight with ``name``, ``shape``,
+    ``layout``, ``taps`` (matrices in the weight), ``n`` (the smaller matrix
+    side), ``scale`` (the factor applied), ``sfe`` (``||old - new||_F^2`` of
+    the weight as written), ``dfi_before`` (DfI of the old matrices divided
+    by the reference scale, so a weight already at the FIRE target reads 0)
+    and ``dfi_after`` (DfI of the projected matrices before scaling: how close
+    the projection came to isometry). DfI is summed over a weight's taps;
+    divide by ``taps * n`` for a per-direction figure (``iso_after``).
+    """
+
+    method: str
+    steps: int
+    scale: object
+    rows: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    applied: bool = True
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            for row in self.rows:
+                if row["name"] == key:
+                    return row
+            raise KeyError(key)
+        return self.rows[key]
+
+    @property
+    def names(self) -> list[str]:
+        return [row["name"] for row in self.rows]
+
+    def total(self, key: str) -> float:
+        """Sum of a numeric column over all rows."""
+        return float(sum(row[key] for row in self.rows))
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "steps": self.steps,
+            "scale": self.scale,
+            "applied": self.applied,
+            "rows": [dict(row, shape=list(row["shape"])) for row in self.rows],
+            "notes": list(self.notes),
+        }
+
+    def __str__(self) -> str:
+        cells = [[h for _, h, _ in _COLUMNS]]
+        for row in self.rows:
+            r = dict(row, shape="x".join(map(str, row["shape"])), iso_after=row["dfi_after"] / (row["taps"] * row["n"]))
+            cells.append([fmt.format(r[key]) for key, _, fmt in _COLUMNS])
+        widths = [max(len(line[k]) for line in cells) for k in range(len(_COLUMNS))]
+        lines = []
+        for j, line in enumerate(cells):
+            text = "  ".join(c.ljust(w) if k < 3 else c.rjust(w) for k, (c, w) in enumerate(zip(line, widths)))
+            lines.append(text.rstrip())
+            if j == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        verb = "projected" if self.applied else "would project (dry run)"
+        steps = "" if self.method == "svd" else f", steps={self.steps}"
+        lines.append(
+            f"FIRE method={self.method}{steps}, scale={self.scale!r}: {verb} {len(self.rows)} weights, "
+            f"total SFE {self.total('sfe'):.4g}"
+        )
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+    def _repr_markdown_(self) -> str:  # notebooks
+        return "```\n" + str(self) + "\n```"
