@@ -1,0 +1,140 @@
+"""Shared fixtures: the ``xp`` fixture runs a core test once per array backend.
+
+Backends: numpy, array_api_strict (the proof that the core uses only the
+standard), torch, jax (with x64 enabled) and cupy (only with a CUDA device).
+Choose a subset with ``FIRE_CORE_BACKENDS=numpy,torch``. A backend that is not
+installed is skipped with the reason; one named in FIRE_CORE_BACKENDS but
+missing is an error, so CI cannot silently lose a backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pytest
+
+ALL_BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "cupy")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An array library as the tests see it: its namespace and numpy round trips."""
+
+    name: str
+    xp: object  # the array-API namespace (what fire_core sees)
+    asarray: Callable  # numpy array -> backend array
+    to_numpy: Callable  # backend array -> numpy array
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _requested() -> tuple[list[str], bool]:
+    env = os.environ.get("FIRE_CORE_BACKENDS")
+    if not env:
+        return list(ALL_BACKENDS), False
+    names = [n.strip() for n in env.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(ALL_BACKENDS))
+    if unknown:
+        raise pytest.UsageError(f"FIRE_CORE_BACKENDS names unknown backends {unknown}; known: {ALL_BACKENDS}")
+    return names, True
+
+
+def _make(name: str) -> Backend:
+    if name == "numpy":
+        return Backend("numpy", np, np.asarray, np.asarray)
+    if name == "array_api_strict":
+        strict = importlib.import_module("array_api_strict")
+        return Backend(name, strict, strict.asarray, lambda x: np.from_dlpack(x))
+    if name == "torch":
+        torch = importlib.import_module("torch")
+        from array_api_compat import torch as xp_torch
+
+        return Backend(name, xp_torch, torch.asarray, lambda x: x.detach().cpu().numpy())
+    if name == "jax":
+        jax = importlib.import_module("jax")
+        jax.config.update("jax_enable_x64", True)
+        jnp = importlib.import_module("jax.numpy")
+        return Backend(name, jnp, jnp.asarray, np.asarray)
+    if name == "cupy":
+        cupy = importlib.import_module("cupy")
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise ImportError("no CUDA device")
+        return Backend(name, cupy, cupy.asarray, lambda x: x.get())
+    raise AssertionError(name)
+
+
+_CACHE: dict[str, Backend] = {}
+
+
+def get_backend(name: str) -> Backend:
+    names, strict = _requested()
+    if name not in names:
+        pytest.skip(f"{name} not in FIRE_CORE_BACKENDS")
+    if name not in _CACHE:
+        try:
+            _CACHE[name] = _make(name)
+        except Exception as exc:  # not installed, or no GPU for cupy
+            if strict and name != "cupy":
+                raise
+            pytest.skip(f"backend {name} unavailable: {type(exc).__name__}: {exc}")
+    return _CACHE[name]
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def backend(request) -> Backend:
+    return get_backend(request.param)
+
+
+@pytest.fixture
+def xp(backend):
+    return backend.xp
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+def reference_newton_schulz(w: np.ndarray, steps: int) -> np.ndarray:
+    """The paper's iteration written out for one float64 matrix, as the reference code reads.
+
+    Independent of fire_core: tall orientation, Frobenius normalization,
+    ``X <- 1.5 X - 0.5 X (X^T X)``, transpose back.
+    """
+    assert w.ndim == 2
+    wide = w.shape[1] > w.shape[0]
+    x = w.T if wide else w
+    x = x / np.sqrt(np.sum(x * x))
+    for _ in range(steps):
+        a = x.T @ x
+        x = 1.5 * x - 0.5 * (x @ a)
+    return x.T if wide else x
+
+
+def reference_fire_conv(w: np.ndarray, steps: int) -> np.ndarray:
+    """FIRE on a torch-layout weight (out, in, *taps), one tap at a time in a plain loop."""
+    out = np.empty_like(w)
+    taps = int(np.prod(w.shape[2:])) if w.ndim > 2 else 1
+    for idx in np.ndindex(*w.shape[2:]):
+        sl = (slice(None), slice(None)) + idx
+        out[sl] = reference_newton_schulz(w[sl], steps)
+    return out * np.sqrt(w.shape[0] / w.shape[1]) / taps
+
+
+def polar_svd(w: np.ndarray) -> np.ndarray:
+    u, _, vh = np.linalg.svd(w, full_matrices=False)
+    return u @ vh
+
+
+def matrix_with_condition(rng, m: int, n: int, cond: float, dtype=np.float64) -> np.ndarray:
+    """U diag(s) V^T with s log-spaced from 1 down to 1/cond."""
+    k = min(m, n)
+    u, _ = np.linalg.qr(rng.normal(size=(m, k)))
+    v, _ = np.linalg.qr(rng.normal(size=(n, k)))
+    s = np.geomspace(1.0, 1.0 / cond, k)
+    return ((u * s) @ v.T).astype(dtype)
