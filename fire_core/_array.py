@@ -16,6 +16,7 @@ from array_api_compat import (
     is_cupy_array,
     is_jax_array,
     is_torch_array,
+    is_torch_namespace,
     to_device,
 )
 
@@ -23,6 +24,7 @@ __all__ = [
     "array_namespace",
     "device_of",
     "is_tracing",
+    "is_torch_namespace",
     "check_finite",
     "work_dtype",
     "to_floats",

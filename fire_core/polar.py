@@ -48,11 +48,12 @@ an arbitrary orthonormal completion.
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import numpy as np
 
-from ._array import array_namespace, check_finite, work_dtype
+from ._array import array_namespace, check_finite, is_torch_namespace, work_dtype
 
 __all__ = ["project", "METHODS", "fast_schedule"]
 
@@ -156,10 +157,26 @@ def _newton_schulz(x, schedule, xp, rebound: bool):
                 x = x / bound
                 a = a / (bound * bound)
         if len(coef) == 2:  # cubic: a X + b X A, with the reference's two matmuls
-            x = coef[0] * x + x @ (coef[1] * a)
+            x = _scaled_matmul_add(x, x, a, coef[0], coef[1], xp)
         else:  # quintic: a X + X (b A + c A^2), three matmuls
-            x = coef[0] * x + x @ (coef[1] * a + coef[2] * (a @ a))
+            x = _scaled_matmul_add(x, x, _scaled_matmul_add(a, a, a, coef[1], coef[2], xp), coef[0], 1.0, xp)
     return x, gram0
+
+
+def _scaled_matmul_add(c, x, y, beta: float, alpha: float, xp):
+    """``beta * c + alpha * (x @ y)``.
+
+    On PyTorch this is one GEMM with a ``beta`` term (``addmm``/``baddbmm``),
+    which saves three elementwise passes over the matrices per step (about 10%
+    of ``project``'s time on a CPU). Elsewhere it is the array-API expression,
+    written as ``x @ (alpha * y)`` so that for the reference's ``alpha = -0.5``
+    (a power of two) it rounds exactly like ``alpha * (x @ y)``.
+    """
+    if is_torch_namespace(xp) and x.ndim in (2, 3):
+        torch = sys.modules["torch"]
+        fused = torch.addmm if x.ndim == 2 else torch.baddbmm
+        return fused(c, x, y, beta=beta, alpha=alpha)
+    return beta * c + (x @ y if alpha == 1.0 else x @ (alpha * y))
 
 
 def _schedule(method: str, steps: int):
