@@ -1,0 +1,468 @@
+"""FIRE on PyTorch models, in place: ``fire_core.torch.apply(model, optimizer=opt)``.
+
+This module only maps an ``nn.Module`` tree onto the core: it finds the layer
+weights, names them, picks their layout (see :mod:`fire_core.layout`), hands
+``(name, tensor, layout)`` triples to :func:`fire_core.plan.reinit_many`
+(which validates, batches and projects them) and copies each result back into
+the parameter's own storage. The parameters stay the same objects (same
+``id``, storage, ``requires_grad``, device and dtype), so an optimizer or a
+compiled graph holding them keeps working.
+
+Default selection (what ``apply`` projects without ``include``):
+
+* ``nn.Linear`` weight (``"oi"``), also when tied to an embedding (as the
+  reference code does; exclude the head to keep it);
+* ``nn.Conv1d/2d/3d`` weight (``"oiw"``, ``"oihw"``, ``"oidhw"``), each tap on
+  its own; a grouped conv's tap is the ``out x in/groups`` matrix stored;
+* ``nn.ConvTranspose1d/2d/3d`` weight (``"iow"``, ``"iohw"``, ``"iodhw"``);
+* ``nn.MultiheadAttention``: ``in_proj_weight`` as three ``E x E`` blocks
+  ``[q]``, ``[k]``, ``[v]``, or ``q/k/v_proj_weight`` when kdim/vdim differ;
+  ``out_proj`` is a Linear.
+
+Embeddings, norms, biases and every other parameter are left alone unless a
+``layouts`` pattern names them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .plan import reinit_many
+from .report import Report
+
+__all__ = ["apply", "reset_optimizer_state"]
+
+_SPATIAL = {1: "w", 2: "hw", 3: "dhw"}
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_MHA_BLOCKS = ("q", "k", "v")
+
+
+
+def apply(
+    model: nn.Module,
+    steps: int = 5,
+    *,
+    include=None,
+    exclude=None,
+    optimizer: torch.optim.Optimizer | None = None,
+    method: str = "fire",
+    scale="fire",
+    split: Mapping[str, int | Iterable[int]] | None = None,
+    layouts: Mapping[str, str] | None = None,
+    dry_run: bool = False,
+) -> Report:
+    """Re-initialize ``model``'s layer weights with FIRE, in place; returns the :class:`Report`.
+
+    Call it at a task boundary, then keep training with the same optimizer::
+
+        report = fire_core.torch.apply(model, optimizer=opt)
+        print(report)
+
+    ``steps``, ``method`` (``"fire"``, ``"fast"``, ``"svd"``) and ``scale``
+    (``"fire"``, ``"variance"``, ``"norm"``, None, a number) are the core's.
+
+    ``include`` / ``exclude``: glob patterns (a string or a list) matched
+    against each weight's dotted name and every module prefix of it, so
+    ``"fc"`` or ``"layer2.*"`` select everything under that module; a block's
+    full name (``"attn.in_proj_weight[k]"``) also matches literally. Or a
+    callable ``(name, tensor) -> bool``. ``include`` narrows the default
+    selection (see the module docstring), ``exclude`` removes from it.
+
+    ``split``: ``{pattern: k}`` cuts the matched weights into ``k`` equal
+    blocks along their output axis (or ``{pattern: (n1, n2, ...)}`` into
+    blocks of those sizes), projected as separate matrices named
+    ``name[0]``, ``name[1]``...: the reference projects GPT's fused
+    ``c_attn`` as q, k, v this way (``split={"*.c_attn": 3}``).
+
+    ``layouts``: ``{pattern: layout}`` for parameters matched by their full
+    dotted name: adds them to the candidates or overrides the default layout
+    (a GPT-2 ``Conv1D`` stores ``(in, out)``: ``{"*.c_attn.weight": "io"}``).
+
+    ``optimizer``: the state (moments, step count) of every written parameter
+    is dropped, so the optimizer restarts it; other parameters keep theirs.
+
+    ``dry_run``: compute the report (SFE, DfI before/after per weight) and
+    change nothing.
+
+    Every selected weight is checked before any is written; on an error
+    (NaN/Inf weight, bad option, unsupported parametrization, uninitialized
+    lazy module) the model and the optimizer are left exactly as they were.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply expects a torch.nn.Module, got {type(model).__name__}")
+    if optimizer is not None:
+        _check_optimizer(optimizer)
+    model = _unwrap(model)
+    targets, notes = _select(model, include, exclude, split or {}, layouts or {})
+
+    # Parametrized weights are projected first into buffers: the values their
+    # parametrizations must store are worked out (and checked) before anything
+    # is written, so a parametrization that cannot hold the result fails cleanly.
+    staged = [t for t in targets if t.plist is not None]
+    plain = [t for t in targets if t.plist is None]
+    rows, pending = [], []
+    if staged:
+        buffers = {id(t.plist): t.tensor.detach().clone() for t in staged}
+
+        def stage(name, new):
+            t = by_name[name]
+            buffers[id(t.plist)][t.index].copy_(new)
+
+        by_name = {t.name: t for t in staged}
+        with torch.no_grad():
+            rep = reinit_many(
+                ((t.name, t.tensor.detach()[t.index], t.layout) for t in staged),
+                steps=steps, method=method, scale=scale, write=stage,
+            )
+        rows += rep.rows
+        done = set()
+        for t in staged:
+            if id(t.plist) not in done:
+                done.add(id(t.plist))
+                pending.append((t, _originals_for(t, buffers[id(t.plist)])))
+
+    by_name = {t.name: t for t in plain}
+
+    def write(name, new):
+        if not dry_run:
+            t = by_name[name]
+            t.param.detach()[t.index].copy_(new)
+
+    with torch.no_grad():
+        rep = reinit_many(
+            ((t.name, t.param.detach()[t.index], t.layout) for t in plain),
+            steps=steps, method=method, scale=scale, write=write,
+        )
+        rows += rep.rows
+        if not dry_run:
+            for t, values in pending:
+                for original, value in zip(t.originals, values):
+                    original.detach().copy_(value)
+
+    order = {t.name: k for k, t in enumerate(targets)}
+    rows.sort(key=lambda row: order[row["name"]])
+    report = Report(method=method, steps=int(steps), scale=scale, rows=rows, notes=notes, applied=not dry_run)
+    if optimizer is not None and not dry_run:
+        written = {}
+        for t in targets:
+            for p in t.originals if t.plist is not None else (t.param,):
+                written[id(p)] = p
+        reset_optimizer_state(optimizer, written.values())
+    return report
+
+
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> int:
+    """Drop the optimizer state (moments, step count...) of exactly ``params``; returns how many had state.
+
+    Works for any ``torch.optim.Optimizer`` (its ``state`` is keyed by
+    parameter): the next ``step`` starts those parameters' state afresh, as
+    for new parameters, and every other parameter keeps its state.
+    """
+    _check_optimizer(optimizer)
+    params = list(params)
+    for p in params:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"reset_optimizer_state expects tensors, got {type(p).__name__}")
+    dropped = 0
+    for p in params:
+        if optimizer.state.pop(p, None) is not None:
+            dropped += 1
+    return dropped
+
+
+# --- finding the weights -------------------------------------------------------------
+
+
+@dataclass
+class _Target:
+    """One matrix stack to project: a whole weight or one block of a fused one."""
+
+    name: str  # report name: "fc.weight", "attn.in_proj_weight[q]"
+    param_name: str  # dotted name of the weight as the module exposes it
+    tensor: torch.Tensor  # the weight as the module sees it (computed, if parametrized)
+    layout: str
+    index: tuple  # where the block sits in the weight (all of it: ())
+    param: torch.Tensor | None  # the parameter written (None if parametrized)
+    plist: object = None  # the ParametrizationList, if parametrized
+    originals: tuple = ()  # its stored tensors, if parametrized
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Strip torch.compile (``_orig_mod``) and (Distributed)DataParallel (``.module``)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _default_weights(mod: nn.Module) -> dict[str, tuple[str, tuple | None]]:
+    """attr -> (layout, default block labels) for the module types FIRE covers."""
+    if isinstance(mod, nn.MultiheadAttention):
+        if mod.in_proj_weight is not None or parametrize.is_parametrized(mod, "in_proj_weight"):
+            return {"in_proj_weight": ("oi", _MHA_BLOCKS)}
+        return {a: ("oi", None) for a in ("q_proj_weight", "k_proj_weight", "v_proj_weight")}
+    if isinstance(mod, nn.Linear):
+        return {"weight": ("oi", None)}
+    for kinds, features in ((_CONV, "oi"), (_CONV_T, "io")):
+        if isinstance(mod, kinds):
+            dims = len(mod.kernel_size)
+            return {"weight": (features + _SPATIAL[dims], None)}
+    return {}
+
+
+def _prefixes(dotted: str) -> list[str]:
+    parts = dotted.split(".")
+    return [".".join(parts[: k + 1]) for k in range(len(parts))]
+
+
+def _matches(patterns: list[str], param_name: str, block_name: str) -> bool:
+    names = _prefixes(param_name)
+    for pat in patterns:
+        if pat == block_name or any(fnmatch.fnmatchcase(n, pat) for n in names + [block_name]):
+            return True
+    return False
+
+
+def _selector(spec, what: str):
+    """include/exclude spec -> (callable(name, param_name, tensor) -> bool, patterns or None)."""
+    if spec is None:
+        return None, None
+    if callable(spec):
+        return (lambda name, param_name, tensor: bool(spec(name, tensor))), None
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"{what} must be glob strings or a callable, got {p!r}")
+    return (lambda name, param_name, tensor: _matches(patterns, param_name, name)), patterns
+
+
+def _select(model, include, exclude, split, layouts):
+    """The weights to project, in model order, and notes for the report."""
+    inc, inc_patterns = _selector(include, "include")
+    exc, _ = _selector(exclude, "exclude")
+    for pat, lay in layouts.items():
+        if not isinstance(pat, str) or not isinstance(lay, str):
+            raise TypeError(f"layouts must map glob strings to layout strings, got {pat!r}: {lay!r}")
+    for pat, spec in split.items():
+        if not isinstance(pat, str):
+            raise TypeError(f"split keys must be glob strings, got {pat!r}")
+        _check_split(spec, pat)
+    _refuse_wrappers(model)
+
+    targets, notes, seen = [], [], set()
+    used_layouts, used_splits, used_include = set(), set(), set()
+    for param_name, mod, attr, layout, blocks in _candidates(model, layouts, used_layouts):
+        for pat, spec in split.items():
+            if _matches([pat], param_name, param_name):
+                blocks = spec
+                used_splits.add(pat)
+        plist = mod.parametrizations[attr] if parametrize.is_parametrized(mod, attr) else None
+        tensor = mod._parameters.get(attr) if plist is None else None
+        if plist is None and tensor is None:  # an optional weight that is None, or one a hook computes
+            if _selected(inc, exc, param_name, param_name, tensor):
+                _refuse_hooks(mod, param_name)
+            continue
+        if isinstance(tensor, nn.parameter.UninitializedParameter):
+            if _selected(inc, exc, param_name, param_name, tensor):
+                raise ValueError(
+                    f"{param_name}: is an uninitialized lazy parameter; run one forward pass to materialize "
+                    "the model before FIRE"
+                )
+            continue
+        key = id(plist if plist is not None else tensor)
+        if key in seen:
+            continue  # tied: projected once, under its first name
+        if plist is not None:
+            with torch.no_grad():  # refusals first: computing the weight may update buffers
+                _check_parametrization(plist, param_name)
+                tensor = getattr(mod, attr)  # the weight the module computes
+        chosen = []
+        for name, index in _blocks(param_name, tensor, layout, blocks):
+            if _selected(inc, exc, name, param_name, tensor):
+                chosen.append((name, index))
+                used_include.update(p for p in inc_patterns or () if _matches([p], param_name, name))
+        if not chosen:
+            continue
+        seen.add(key)
+        _refuse_hooks(mod, param_name)
+        originals = _check_parametrization(plist, param_name) if plist is not None else ()
+        for name, index in chosen:
+            param = tensor if plist is None else None
+            targets.append(_Target(name, param_name, tensor, layout, index, param, plist, originals))
+
+    for pat in layouts:
+        if pat not in used_layouts:
+            raise ValueError(f"layouts pattern {pat!r} matches no parameter of the model")
+    for pat in split:
+        if pat not in used_splits:
+            raise ValueError(f"split pattern {pat!r} matches no weight FIRE would project")
+    for pat in inc_patterns or ():
+        if pat not in used_include:
+            notes.append(f"note: include pattern {pat!r} matched no weight")
+    return targets, notes
+
+
+def _candidates(model, layouts, used_layouts):
+    """(param_name, module, attr, layout, blocks) for every weight FIRE could project, in model order."""
+    for prefix, mod in model.named_modules():
+        if isinstance(mod, parametrize.ParametrizationList):
+            continue  # its tensors are reached through the parametrized module
+        defaults = _default_weights(mod)
+        attrs = dict.fromkeys(list(mod._parameters) + list(getattr(mod, "parametrizations", {}) or {}) + list(defaults))
+        for attr in attrs:
+            param_name = f"{prefix}.{attr}" if prefix else attr
+            layout, blocks = defaults.get(attr, (None, None))
+            for pat, lay in layouts.items():
+                if fnmatch.fnmatchcase(param_name, pat):
+                    layout, blocks = lay, None
+                    used_layouts.add(pat)
+            if layout is not None:
+                yield param_name, mod, attr, layout, blocks
+
+
+def _selected(inc, exc, name, param_name, tensor) -> bool:
+    if inc is not None and not inc(name, param_name, tensor):
+        return False
+    return not (exc is not None and exc(name, param_name, tensor))
+
+
+def _check_split(spec, what) -> None:
+    """A split value: a block count, or a sequence of block sizes."""
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        if spec < 1:
+            raise ValueError(f"split[{what!r}] must be at least 1, got {spec}")
+        return
+    if isinstance(spec, (tuple, list)) and spec and all(isinstance(s, int) and not isinstance(s, bool) for s in spec):
+        if any(s < 1 for s in spec):
+            raise ValueError(f"split[{what!r}] block sizes must be positive, got {spec!r}")
+        return
+    raise TypeError(f"split[{what!r}] must be a block count or a sequence of block sizes, got {spec!r}")
+
+
+def _blocks(param_name, tensor, layout, blocks) -> list[tuple[str, tuple]]:
+    """(name, index) of the blocks a weight is projected as, cut along its first output axis.
+
+    ``blocks`` is None or 1 (the whole weight), a count of equal blocks, a
+    tuple of block sizes, or a tuple of labels of equal blocks (q, k, v).
+    """
+    if blocks is None or blocks == 1:
+        return [(param_name, ())]
+    shape = tuple(tensor.shape)
+    if len(layout) != len(shape):
+        raise ValueError(f"{param_name}: layout {layout!r} does not fit the weight of shape {shape}")
+    axis = layout.index("o")
+    size = shape[axis]
+    if isinstance(blocks, int) or all(isinstance(b, str) for b in blocks):
+        count = blocks if isinstance(blocks, int) else len(blocks)
+        if size % count:
+            raise ValueError(f"{param_name}: cannot split {size} output features into {count} equal blocks (shape {shape})")
+        sizes = (size // count,) * count
+        labels = [str(j) for j in range(count)] if isinstance(blocks, int) else list(blocks)
+    else:
+        sizes, labels = tuple(blocks), [str(j) for j in range(len(blocks))]
+        if sum(sizes) != size:
+            raise ValueError(
+                f"{param_name}: split sizes {sizes} sum to {sum(sizes)}, but the weight has {size} output features "
+                f"(shape {shape})"
+            )
+    out, start = [], 0
+    for label, s in zip(labels, sizes):
+        out.append((f"{param_name}[{label}]", (slice(None),) * axis + (slice(start, start + s),)))
+        start += s
+    return out
+
+
+# --- refusals ------------------------------------------------------------------------
+
+
+def _refuse_wrappers(model: nn.Module) -> None:
+    for name, mod in model.named_modules():
+        if type(mod).__name__ == "FullyShardedDataParallel":
+            raise TypeError(
+                f"{name or 'model'}: FSDP (FullyShardedDataParallel) flattens parameters into shards; "
+                "use FSDP2 (torch.distributed.fsdp.fully_shard) or apply FIRE to the unwrapped model"
+            )
+
+
+def _refuse_hooks(mod: nn.Module, param_name: str) -> None:
+    """Hook-based spectral_norm / weight_norm recompute ``weight`` from other tensors each forward."""
+    for hook in mod._forward_pre_hooks.values():
+        kind = type(hook).__name__
+        if kind == "SpectralNorm":
+            raise ValueError(
+                f"{param_name}: the module uses spectral_norm, which divides the weight by its top singular "
+                "value and so would undo FIRE's scale; remove it (torch.nn.utils.remove_spectral_norm) or exclude "
+                "the layer"
+            )
+        if kind == "WeightNorm":
+            raise ValueError(
+                f"{param_name}: the module uses the hook-based torch.nn.utils.weight_norm, which FIRE cannot write "
+                "through; use torch.nn.utils.parametrizations.weight_norm (supported) or exclude the layer"
+            )
+
+
+def _check_parametrization(plist, param_name: str) -> tuple:
+    for p in plist:
+        kind = type(p).__name__
+        if kind == "_SpectralNorm":
+            raise ValueError(
+                f"{param_name}: is parametrized with spectral_norm, which divides the weight by its top singular "
+                "value and so would undo FIRE's scale; remove the parametrization "
+                "(torch.nn.utils.parametrize.remove_parametrizations) or exclude the layer"
+            )
+        if not hasattr(p, "right_inverse"):
+            raise ValueError(
+                f"{param_name}: parametrization {kind} has no right_inverse, so FIRE cannot write the new weight "
+                "through it; add right_inverse, remove the parametrization, or exclude the layer"
+            )
+    if plist.is_tensor:
+        return (plist.original,)
+    count = 0
+    while hasattr(plist, f"original{count}"):
+        count += 1
+    return tuple(getattr(plist, f"original{k}") for k in range(count))
+
+
+def _originals_for(t: _Target, new: torch.Tensor) -> tuple:
+    """What the parametrization must store so that it yields ``new``; checked, nothing written."""
+    with torch.no_grad():
+        value = new
+        try:
+            for p in reversed(t.plist):
+                value = p.right_inverse(value)
+        except Exception as err:
+            raise ValueError(f"{t.param_name}: the parametrization's right_inverse failed on the FIRE weight: {err}") from err
+        values = (value,) if isinstance(value, torch.Tensor) else tuple(value)
+        if len(values) != len(t.originals) or any(
+            v.shape != o.shape or v.dtype != o.dtype for v, o in zip(values, t.originals)
+        ):
+            raise ValueError(f"{t.param_name}: the parametrization's right_inverse does not match its stored tensors")
+        first, *rest = list(t.plist)
+        back = first(*values) if len(values) > 1 else first(values[0])
+        for p in rest:
+            back = p(back)
+        tol = 8 * torch.finfo(new.dtype).eps * float(new.abs().max()) + torch.finfo(new.dtype).tiny
+        if back.shape != new.shape or not float((back - new).abs().max()) <= tol:  # NaN fails too
+            raise ValueError(
+                f"{t.param_name}: its parametrization ({', '.join(type(p).__name__ for p in t.plist)}) does not "
+                "reproduce the FIRE weight from its right_inverse, so the result cannot be written through it; "
+                "remove the parametrization or exclude the layer"
+            )
+    return values
+
+
+def _check_optimizer(optimizer) -> None:
+    state = getattr(optimizer, "state", None)
+    if not hasattr(state, "pop") or not hasattr(optimizer, "param_groups"):
+        raise TypeError(f"expected a torch.optim.Optimizer (with .state keyed by parameter), got {type(optimizer).__name__}")
