@@ -1,0 +1,289 @@
+"""fire_core.conventions: which flat named arrays are FIRE targets, in which layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fire_core.conventions import Target, detect_convention, is_real_float, matches, targets
+
+
+def layouts_of(found: list[Target]) -> dict[str, str]:
+    return {t.name: t.layout for t in found}
+
+
+# --------------------------------------------------------------------------- torch rules
+
+
+@pytest.mark.parametrize(
+    "name, shape, layout",
+    [
+        ("fc.weight", (8, 4), "oi"),
+        ("weight", (8, 4), "oi"),  # a bare nn.Linear's state dict
+        ("block.conv1d.weight", (8, 4, 3), "oiw"),
+        ("layer1.0.conv1.weight", (8, 4, 3, 3), "oihw"),
+        ("stem.weight", (8, 4, 3, 3, 3), "oidhw"),
+        ("attn.q_proj_weight", (8, 8), "oi"),
+        ("attn.k_proj_weight", (8, 5), "oi"),
+        ("attn.out_proj.weight", (8, 8), "oi"),
+        ("patch_embed.proj.weight", (8, 3, 4, 4), "oihw"),  # a conv inside an embedding module
+    ],
+)
+def test_torch_weights_get_their_layout(name, shape, layout):
+    assert layouts_of(targets({name: shape}, "torch")) == {name: layout}
+
+
+@pytest.mark.parametrize(
+    "name, shape",
+    [
+        ("fc.bias", (8,)),
+        ("norm.weight", (8,)),
+        ("bn.running_mean", (8,)),
+        ("bn.num_batches_tracked", ()),
+        ("embed.weight", (100, 8)),
+        ("model.embed_tokens.weight", (100, 8)),
+        ("embeddings.word_embeddings.weight", (100, 8)),
+        ("tok_Embedding.weight", (100, 8)),
+        ("transformer.wte.weight", (100, 8)),
+        ("transformer.wpe.weight", (64, 8)),
+        ("pos_embed", (1, 16, 8)),  # a bare parameter, not a layer weight
+        ("cls_token", (1, 1, 8)),
+        ("attn.in_proj_bias", (24,)),
+    ],
+)
+def test_torch_non_targets_are_skipped(name, shape):
+    assert targets({name: shape}, "torch") == []
+
+
+@pytest.mark.parametrize("convention, name", [("torch", "odd.weight"), ("flax", "odd/kernel")])
+def test_weight_with_six_axes_asks_for_a_layout(convention, name):
+    with pytest.raises(ValueError, match=r"odd.*has no default layout.*layouts="):
+        targets({name: (2, 2, 2, 2, 2, 2)}, convention)
+
+
+def test_in_proj_weight_splits_into_q_k_v_row_blocks():
+    w = np.arange(24 * 8.0).reshape(24, 8)
+    found = targets({"attn.in_proj_weight": w.shape}, "torch")
+    assert [t.name for t in found] == ["attn.in_proj_weight[q]", "attn.in_proj_weight[k]", "attn.in_proj_weight[v]"]
+    for t, block in zip(found, np.split(w, 3, axis=0)):
+        assert t.source_key == "attn.in_proj_weight" and t.layout == "oi" and t.shape == (8, 8)
+        np.testing.assert_array_equal(w[t.index], block)
+
+
+def test_split_option_splits_a_user_fused_layer():
+    w = np.arange(12 * 4.0).reshape(12, 4)
+    found = targets({"h.0.attn.c_attn.weight": w.shape}, "torch", split={"*.c_attn": 3})
+    assert [t.name for t in found] == [f"h.0.attn.c_attn.weight[{k}]" for k in range(3)]
+    for t, block in zip(found, np.split(w, 3, axis=0)):
+        np.testing.assert_array_equal(w[t.index], block)
+
+
+def test_split_into_given_sizes():
+    w = np.arange(10 * 4.0).reshape(10, 4)
+    found = targets({"fused.weight": w.shape}, "torch", split={"fused": (6, 4)})
+    assert [t.shape for t in found] == [(6, 4), (4, 4)]
+    np.testing.assert_array_equal(w[found[0].index], w[:6])
+    np.testing.assert_array_equal(w[found[1].index], w[6:])
+
+
+def test_split_sizes_must_add_up():
+    with pytest.raises(ValueError, match=r"fused\.weight: split sizes \(6, 3\) sum to 9"):
+        targets({"fused.weight": (10, 4)}, "torch", split={"fused": (6, 3)})
+
+
+def test_split_of_one_projects_a_fused_in_proj_whole():
+    found = targets({"attn.in_proj_weight": (24, 8)}, "torch", split={"*.in_proj_weight": 1})
+    assert found == [Target("attn.in_proj_weight", "attn.in_proj_weight", None, "oi", (24, 8))]
+
+
+def test_split_follows_the_output_axis_of_the_layout():
+    w = np.arange(4 * 6.0).reshape(4, 6)  # a Flax Dense kernel (in, out): output is axis 1
+    found = targets({"c_attn/kernel": w.shape}, "flax", split={"c_attn": 3})
+    for t, block in zip(found, np.split(w, 3, axis=1)):
+        np.testing.assert_array_equal(w[t.index], block)
+
+
+def test_split_that_does_not_divide_names_the_weight():
+    with pytest.raises(ValueError, match=r"c_attn\.weight.*3 equal blocks"):
+        targets({"c_attn.weight": (10, 4)}, "torch", split={"c_attn": 3})
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "3", (), (3, 0)])
+def test_split_needs_positive_blocks(bad):
+    with pytest.raises(ValueError, match="positive"):
+        targets({"c_attn.weight": (12, 4)}, "torch", split={"c_attn": bad})
+
+
+def test_layouts_override_marks_transposed_convolutions():
+    shapes = {"up.0.weight": (8, 4, 3, 3), "down.0.weight": (8, 4, 3, 3)}
+    assert layouts_of(targets(shapes, "torch", layouts={"up.*": "iohw"})) == {
+        "up.0.weight": "iohw",
+        "down.0.weight": "oihw",
+    }
+
+
+def test_layouts_first_matching_pattern_wins():
+    shapes = {"dec.up.weight": (8, 4), "dec.down.weight": (8, 4)}
+    found = targets(shapes, "torch", layouts={"dec.up": "io", "dec": "oi"})
+    assert layouts_of(found) == {"dec.up.weight": "io", "dec.down.weight": "oi"}
+
+
+def test_layouts_override_with_wrong_axis_count_names_weight_and_pattern():
+    with pytest.raises(ValueError, match=r"up\.0\.weight.*'up\.\*'"):
+        targets({"up.0.weight": (8, 4, 3)}, "torch", layouts={"up.*": "iohw"})
+
+
+def test_layouts_override_with_invalid_letters_names_the_weight():
+    with pytest.raises(ValueError, match=r"up\.0\.weight.*'o'"):
+        targets({"up.0.weight": (8, 4)}, "torch", layouts={"up.*": "xy"})
+
+
+def test_layouts_add_a_skipped_tensor_whose_axes_fit():
+    shapes = {"up.0.bias": (8,), "up.embed.weight": (10, 8)}
+    assert layouts_of(targets(shapes, "torch", layouts={"up.*": "oi"})) == {"up.embed.weight": "oi"}
+
+
+def test_layouts_none_skips_a_weight():
+    shapes = {"head.weight": (2, 4), "fc.weight": (4, 4)}
+    assert layouts_of(targets(shapes, "torch", layouts={"head": None})) == {"fc.weight": "oi"}
+
+
+@pytest.mark.parametrize("option", ["layouts", "split"])
+def test_a_pattern_that_matches_nothing_is_an_error(option):
+    value = {"layouts": {"decodr.*": "iohw"}, "split": {"*.c_atn": 3}}[option]
+    with pytest.raises(ValueError, match=f"{option} pattern '.*' matches no weight"):
+        targets({"decoder.0.weight": (8, 4, 3, 3), "c_attn.weight": (12, 4)}, "torch", **{option: value})
+
+
+def test_include_pattern_that_selects_nothing_is_an_error():
+    with pytest.raises(ValueError, match="include pattern 'layr1' matches no weight"):
+        targets({"layer1.weight": (4, 4)}, "torch", include=["layer1", "layr1"])
+
+
+# --------------------------------------------------------------------------- flax rules
+
+
+@pytest.mark.parametrize(
+    "name, shape, layout",
+    [
+        ("params/Dense_0/kernel", (4, 8), "io"),
+        ("params/attn/query/kernel", (16, 2, 8), "ioo"),
+        ("params/attn/key/kernel", (16, 2, 8), "ioo"),
+        ("params/attn/value/kernel", (16, 2, 8), "ioo"),
+        ("params/attn/out/kernel", (2, 8, 16), "iio"),
+        ("params/DenseGeneral_0/kernel", (16, 2, 8), "ioo"),
+        ("params/Conv_0/kernel", (3, 4, 8), "wio"),
+        ("params/Conv_1/kernel", (3, 3, 4, 8), "hwio"),
+        ("params/Conv_2/kernel", (3, 3, 3, 4, 8), "dhwio"),
+        ("layers.0.linear.kernel", (4, 8), "io"),  # "."-joined path
+        ("layers/0/linear/kernel/value", (4, 8), "io"),  # nnx state path
+    ],
+)
+def test_flax_kernels_get_their_layout(name, shape, layout):
+    attention = {f"params/attn/{m}/kernel": (16, 2, 8) for m in ("query", "key", "value")}
+    attention["params/attn/out/kernel"] = (2, 8, 16)
+    assert layouts_of(targets({**attention, name: shape}, "flax"))[name] == layout
+
+
+def test_flax_query_kernel_without_attention_siblings_is_a_conv():
+    assert layouts_of(targets({"params/query/kernel": (3, 4, 8)}, "flax")) == {"params/query/kernel": "wio"}
+
+
+@pytest.mark.parametrize(
+    "name, shape",
+    [
+        ("params/Embed_0/embedding", (100, 8)),
+        ("params/LayerNorm_0/scale", (8,)),
+        ("params/Dense_0/bias", (8,)),
+        ("batch_stats/BatchNorm_0/mean", (8,)),
+        ("params/Dense_0/weight", (4, 8)),  # torch-style name under the flax convention
+    ],
+)
+def test_flax_non_targets_are_skipped(name, shape):
+    assert targets({name: shape}, "flax") == []
+
+
+def test_unknown_convention_is_refused():
+    with pytest.raises(ValueError, match="unknown convention 'keras'"):
+        targets({"fc.weight": (2, 2)}, "keras")
+
+
+# --------------------------------------------------------------------------- selection
+
+SHAPES = {
+    "layer1.0.weight": (4, 4),
+    "layer2.0.conv.weight": (4, 4, 3, 3),
+    "layer2.1.weight": (4, 4),
+    "layer20.weight": (4, 4),
+    "head.weight": (2, 4),
+}
+
+
+def names(found):
+    return [t.name for t in found]
+
+
+def test_targets_keep_the_input_order():
+    assert names(targets(SHAPES)) == list(SHAPES)
+
+
+def test_targets_accept_pairs_and_arrays():
+    pairs = [(k, np.zeros(s)) for k, s in SHAPES.items()]
+    assert targets(pairs) == targets(SHAPES)
+
+
+def test_include_a_module_prefix_selects_everything_under_it():
+    assert names(targets(SHAPES, include="layer2")) == ["layer2.0.conv.weight", "layer2.1.weight"]
+
+
+def test_include_star_crosses_the_separator():
+    assert names(targets(SHAPES, include=["*.conv.weight", "head"])) == ["layer2.0.conv.weight", "head.weight"]
+
+
+def test_exclude_removes_after_include():
+    assert names(targets(SHAPES, include="layer2*", exclude=["*.conv"])) == ["layer2.1.weight", "layer20.weight"]
+
+
+def test_include_can_name_a_block():
+    found = targets({"attn.in_proj_weight": (12, 4)}, include="attn.in_proj_weight[k]")
+    assert names(found) == ["attn.in_proj_weight[k]"]
+
+
+def test_callables_receive_the_target_name():
+    seen = []
+    found = targets({"attn.in_proj_weight": (12, 4)}, include=lambda n: seen.append(n) or True,
+                    exclude=lambda n: n.endswith("[k]"))
+    assert seen == ["attn.in_proj_weight[q]", "attn.in_proj_weight[k]", "attn.in_proj_weight[v]"]
+    assert names(found) == ["attn.in_proj_weight[q]", "attn.in_proj_weight[v]"]
+
+
+def test_flax_prefixes_use_slashes():
+    shapes = {"params/Dense_0/kernel": (4, 8), "params/Dense_1/kernel": (8, 2)}
+    assert names(targets(shapes, "flax", exclude="params/Dense_1")) == ["params/Dense_0/kernel"]
+
+
+def test_non_string_patterns_are_a_type_error():
+    with pytest.raises(TypeError, match="glob pattern"):
+        targets(SHAPES, include=[3])
+
+
+def test_matches_checks_every_prefix():
+    assert matches("a.b", "a.b.c.weight")
+    assert not matches("a.b", "a.bc.weight")
+    assert matches("net/block", "net/block/kernel", "/")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def test_detect_convention():
+    assert detect_convention(["params/Dense_0/kernel", "params/Dense_0/bias"]) == "flax"
+    assert detect_convention(["fc.weight", "fc.bias"]) == "torch"
+    assert detect_convention(["step"]) == "torch"
+
+
+def test_is_real_float():
+    assert is_real_float(np.zeros(2, np.float32)) and is_real_float(np.zeros(2, np.float16))
+    assert not is_real_float(np.zeros(2, np.int64))
+    assert not is_real_float(np.zeros(2, np.complex64))
+    assert not is_real_float([1.0, 2.0])
