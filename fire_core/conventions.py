@@ -70,9 +70,10 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
-from ._array import array_namespace
-from .layout import parse_layout
-from .plan import reinit_many
+from ._array import array_namespace, device_of
+from .layout import check_scale, parse_layout
+from .plan import _validate, reinit_many
+from .polar import check_method
 from .report import Report
 
 __all__ = ["CONVENTIONS", "Target", "targets", "matches", "detect_convention", "is_real_float", "apply_inplace"]
@@ -347,16 +348,20 @@ def apply_inplace(
     is_array: Callable[[object], bool] | None = None,
     array_kind: str = "an array",
     context: Callable[[object], object] | None = None,
+    device: Callable[[object], object] = device_of,
 ) -> Report:
     """FIRE on a mapping of names to mutable arrays, written back in place.
 
     The shared driver of :func:`fire_core.cupy.apply` (and usable on a dict of
     NumPy arrays): targets by :func:`targets`, projected by
-    :func:`fire_core.reinit_many` (all validated before any write), each
-    result written with ``array[...] = new`` (or into its block), inside
-    ``context(array)`` when given (CuPy: the array's device). Non-floating
-    arrays are left alone; a value that ``is_array`` rejects is a TypeError.
-    The same array object under two names is projected once, under the first.
+    :func:`fire_core.reinit_many`, each result written with
+    ``array[...] = new`` (or into its block). With ``context``, the weights
+    are handled one ``device(array)`` at a time inside ``context(array)``
+    (CuPy: make the arrays' device current, for the math and the writes).
+    Every weight, on every device, is validated before any is written.
+    Non-floating arrays are left alone; a value that ``is_array`` rejects is a
+    TypeError. The same array object under two names is projected once,
+    under the first.
     """
     if not isinstance(arrays, Mapping):
         raise TypeError(f"expected a mapping of names to arrays, got {type(arrays).__name__}")
@@ -365,32 +370,44 @@ def apply_inplace(
             raise TypeError(f"array names must be strings, got {key!r}")
         if is_array is not None and not is_array(value):
             raise TypeError(f"{key}: expected {array_kind}, got {type(value).__module__}.{type(value).__qualname__}")
-    seen: dict[int, str] = {}
+    seen: set[int] = set()
     floats = {}
     for key, value in arrays.items():
         if is_real_float(value) and id(value) not in seen:
-            seen[id(value)] = key
+            seen.add(id(value))
             floats[key] = value
     chosen = targets(floats, convention, include=include, exclude=exclude, layouts=layouts, split=split)
     by_name = {t.name: t for t in chosen}
 
-    def view(t):
-        return floats[t.source_key] if t.index is None else floats[t.source_key][t.index]
-
     def write(name, new):
-        if dry_run:
-            return
-        t = by_name[name]
-        dest = floats[t.source_key]
-        index = ... if t.index is None else t.index
-        if context is None:
-            dest[index] = new
-        else:
-            with context(dest):
-                dest[index] = new
+        if not dry_run:
+            t = by_name[name]
+            floats[t.source_key][... if t.index is None else t.index] = new
 
-    report = reinit_many(
-        [(t.name, view(t), t.layout) for t in chosen], steps=steps, method=method, scale=scale, write=write
-    )
+    weights = [
+        (t.name, floats[t.source_key] if t.index is None else floats[t.source_key][t.index], t.layout) for t in chosen
+    ]
+    options = dict(steps=steps, method=method, scale=scale, write=write)
+    if context is None:
+        report = reinit_many(weights, **options)
+    else:
+        check_method(method, steps)
+        check_scale(scale)
+        _validate(weights)  # all devices checked before any is written
+        groups: dict[str, list] = {}
+        for w in weights:
+            groups.setdefault(str(device(w[1])), []).append(w)
+        report = None
+        for group in groups.values():
+            with context(group[0][1]):
+                part = reinit_many(group, **options)
+            if report is None:
+                report = part
+            else:
+                report.rows.extend(part.rows)
+        if report is None:
+            report = reinit_many([], **options)
+        order = {t.name: k for k, t in enumerate(chosen)}
+        report.rows.sort(key=lambda row: order[row["name"]])
     report.applied = not dry_run
     return report
