@@ -57,6 +57,7 @@ def apply(
     split: Mapping[str, int | Iterable[int]] | None = None,
     layouts: Mapping[str, str] | None = None,
     dry_run: bool = False,
+    report: bool = True,
 ) -> Report:
     """Re-initialize ``model``'s layer weights with FIRE, in place; returns the :class:`Report`.
 
@@ -89,7 +90,8 @@ def apply(
     is dropped, so the optimizer restarts it; other parameters keep theirs.
 
     ``dry_run``: compute the report (SFE, DfI before/after per weight) and
-    change nothing.
+    change nothing. ``report=False`` measures nothing (no extra Gram matrix,
+    no host sync): the returned Report then has no rows.
 
     Every selected weight is checked before any is written; on an error
     (NaN/Inf weight, bad option, unsupported parametrization, uninitialized
@@ -99,6 +101,8 @@ def apply(
         raise TypeError(f"apply expects a torch.nn.Module, got {type(model).__name__}")
     if optimizer is not None:
         _check_optimizer(optimizer)
+    if dry_run and not report:
+        raise ValueError("dry_run=True computes the report only; it cannot be combined with report=False")
     model = _unwrap(model)
     targets, notes = _select(model, include, exclude, split or {}, layouts or {})
 
@@ -119,9 +123,9 @@ def apply(
         with torch.no_grad():
             rep = reinit_many(
                 ((t.name, t.tensor.detach()[t.index], t.layout) for t in staged),
-                steps=steps, method=method, scale=scale, write=stage,
+                steps=steps, method=method, scale=scale, write=stage, report=report,
             )
-        rows += rep.rows
+        rows += rep.rows if report else []
         done = set()
         for t in staged:
             if id(t.plist) not in done:
@@ -138,9 +142,9 @@ def apply(
     with torch.no_grad():
         rep = reinit_many(
             ((t.name, t.param.detach()[t.index], t.layout) for t in plain),
-            steps=steps, method=method, scale=scale, write=write,
+            steps=steps, method=method, scale=scale, write=write, report=report,
         )
-        rows += rep.rows
+        rows += rep.rows if report else []
         if not dry_run:
             for t, values in pending:
                 for original, value in zip(t.originals, values):
@@ -148,14 +152,16 @@ def apply(
 
     order = {t.name: k for k, t in enumerate(targets)}
     rows.sort(key=lambda row: order[row["name"]])
-    report = Report(method=method, steps=int(steps), scale=scale, rows=rows, notes=notes, applied=not dry_run)
+    if not report:
+        notes.append(f"report=False: {len(targets)} weights projected, nothing measured")
+    result = Report(method=method, steps=int(steps), scale=scale, rows=rows, notes=notes, applied=not dry_run)
     if optimizer is not None and not dry_run:
         written = {}
         for t in targets:
             for p in t.originals if t.plist is not None else (t.param,):
                 written[id(p)] = p
         reset_optimizer_state(optimizer, written.values())
-    return report
+    return result
 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> int:

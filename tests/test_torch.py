@@ -615,3 +615,17 @@ def test_reinit_of_one_weight_matches_apply():
     ft.apply(conv, 7)
     assert torch.equal(conv.weight.detach(), want)
 
+
+
+def test_report_false_projects_the_same_and_measures_nothing():
+    a, b = seeded(TinyResNet), seeded(TinyResNet)
+    ft.apply(a)
+    report = ft.apply(b, report=False)
+    assert len(report) == 0 and report.applied
+    for (k, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), k
+
+
+def test_dry_run_without_report_is_refused():
+    with pytest.raises(ValueError, match="dry_run"):
+        ft.apply(nn.Linear(2, 2), dry_run=True, report=False)
