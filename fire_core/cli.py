@@ -199,7 +199,7 @@ def _load_torch(path: str) -> Checkpoint:
         raise CliError(f"{path}: not a readable torch checkpoint ({_one_line(e)})") from None
     if not isinstance(obj, dict):
         raise CliError(f"{path}: holds a {type(obj).__name__}, not a state dict (a dict of tensors)")
-    arrays, paths = {}, {}
+    arrays, paths, originals = {}, {}, {}  # the math sees detached tensors; `originals` keeps the kind
 
     def walk(node: dict, prefix: tuple) -> None:
         for key, value in node.items():
@@ -210,7 +210,7 @@ def _load_torch(path: str) -> Checkpoint:
                 name = ".".join(str(k) for k in where)
                 if name in arrays:
                     raise CliError(f"{path}: two tensors flatten to the same name {name!r}")
-                arrays[name], paths[name] = value, where
+                arrays[name], paths[name], originals[name] = value.detach(), where, value
 
     walk(obj, ())
     notes = []
@@ -223,7 +223,19 @@ def _load_torch(path: str) -> Checkpoint:
     def storage_key(t):
         return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
+    def kept_kind(old, new, written: dict):
+        """``new`` as the kind of tensor ``old`` was (a Parameter, requires_grad), made once per tensor."""
+        if not isinstance(old, torch.nn.Parameter) and not old.requires_grad:
+            return new
+        if id(new) not in written:
+            if isinstance(old, torch.nn.Parameter):
+                written[id(new)] = torch.nn.Parameter(new, requires_grad=old.requires_grad)
+            else:
+                written[id(new)] = new.detach().requires_grad_(old.requires_grad)
+        return written[id(new)]
+
     def save(out: str, tensors: dict) -> None:
+        written = {}
         # Tensors that shared storage (tied weights) share the new one.
         by_storage = {storage_key(arrays[n]): (n, tensors[n]) for n in arrays if tensors[n] is not arrays[n]}
         for name, where in paths.items():
@@ -233,7 +245,7 @@ def _load_torch(path: str) -> Checkpoint:
             owner, new = by_storage.get(storage_key(arrays[name]), (name, tensors[name]))
             if owner != name and tensors[name] is arrays[name]:
                 notes.append(f"note: {name} shares storage with {owner} (tied) and was written with it")
-            node[where[-1]] = new
+            node[where[-1]] = originals[name] if new is arrays[name] else kept_kind(originals[name], new, written)
         torch.save(obj, out)
 
     return Checkpoint("torch", arrays, save, notes)

@@ -325,6 +325,27 @@ def test_project_pt_equals_torch_apply(torch_run):
         torch.testing.assert_close(got[name], value, rtol=0, atol=1e-12, msg=name)
 
 
+def test_project_pt_keeps_parameters_parameters(tmp_path):
+    torch = pytest.importorskip("torch")
+    w = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    src, out = tmp_path / "p.pt", tmp_path / "o.pt"
+    torch.save({"fc.weight": torch.nn.Parameter(w.clone()), "frozen.weight": torch.nn.Parameter(w.clone(), requires_grad=False)}, src)
+    res = run("project", src, "-o", out)
+    assert res.returncode == 0, res.stderr
+    got = torch.load(out, weights_only=True)
+    for name, grad in (("fc.weight", True), ("frozen.weight", False)):
+        assert type(got[name]) is torch.nn.Parameter and got[name].requires_grad is grad and got[name].grad_fn is None
+        torch.testing.assert_close(got[name].detach(), fire_core.reinit(w, "oi"), rtol=0, atol=1e-12)
+
+
+def test_npz_imports_no_framework(small):
+    report = ("import atexit, sys; atexit.register(lambda: print('loaded:', "
+              "[m for m in ('torch', 'jax', 'cupy') if m in sys.modules], file=sys.stderr))")
+    res = run("project", small, "-o", small.with_name("o.npz"), code=report)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.strip() == "loaded: []"
+
+
 def test_project_bfloat16_safetensors_through_torch(tmp_path):
     torch = pytest.importorskip("torch")
     from safetensors.torch import load_file, save_file
