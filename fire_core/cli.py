@@ -72,6 +72,7 @@ class Checkpoint:
     arrays: dict  # flat name -> numpy array or torch tensor
     save: Callable[[str, dict], None]  # (path, {name: new tensor}) -> writes all tensors
     notes: list = field(default_factory=list)
+    aliases: dict = field(default_factory=dict)  # name -> earlier name of the same tensor (tied weights)
 
 
 def _format_of(path: str) -> str:
@@ -213,6 +214,12 @@ def _load_torch(path: str) -> Checkpoint:
                 arrays[name], paths[name], originals[name] = value.detach(), where, value
 
     walk(obj, ())
+    first, aliases = {}, {}
+    for name, t in arrays.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and key in first:
+            aliases[name] = first[key]
+        first.setdefault(key, name)
     notes = []
     if any(isinstance(k, str) and k.lower().startswith("optim") for k in obj):
         notes.append(
@@ -248,7 +255,7 @@ def _load_torch(path: str) -> Checkpoint:
             node[where[-1]] = originals[name] if new is arrays[name] else kept_kind(originals[name], new, written)
         torch.save(obj, out)
 
-    return Checkpoint("torch", arrays, save, notes)
+    return Checkpoint("torch", arrays, save, notes, aliases)
 
 
 def _atomic_write(out: str, write: Callable[[str], None]) -> None:
@@ -317,6 +324,7 @@ def _parse_pairs(items, what: str, convert) -> dict:
 
 def _select(ckpt: Checkpoint, args) -> tuple[list, str]:
     floats = {k: v for k, v in ckpt.arrays.items() if conventions.is_real_float(v)}
+    # A tied tensor is projected once, under the first of its names that is a target; save() writes it to all.
     convention = args.convention
     if convention == "auto":
         convention = conventions.detect_convention(ckpt.arrays)
@@ -331,7 +339,13 @@ def _select(ckpt: Checkpoint, args) -> tuple[list, str]:
         )
     except (TypeError, ValueError) as e:
         raise CliError(_one_line(e)) from None
-    return chosen, convention
+    done, unique = set(), []
+    for t in chosen:
+        block = (ckpt.aliases.get(t.source_key, t.source_key), t.name[len(t.source_key):])  # e.g. "[q]" or ""
+        if block not in done:
+            done.add(block)
+            unique.append(t)
+    return unique, convention
 
 
 def _block(ckpt: Checkpoint, t):
@@ -427,7 +441,10 @@ def _cmd_project(args) -> int:
                 ckpt.arrays[t.source_key], copy=True
             )
         tensors[t.source_key][t.index] = blocks[t.name]
-    _atomic_write(args.output, lambda tmp: ckpt.save(tmp, tensors))
+    try:
+        _atomic_write(args.output, lambda tmp: ckpt.save(tmp, tensors))
+    except OSError as e:
+        raise CliError(f"{args.output}: cannot write: {e.strerror or _one_line(e)}") from None
     report.notes.extend(ckpt.notes)
     report.notes.append(f"convention {convention}; wrote {args.output}")
     if args.plot:

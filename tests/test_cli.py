@@ -325,6 +325,19 @@ def test_project_pt_equals_torch_apply(torch_run):
         torch.testing.assert_close(got[name], value, rtol=0, atol=1e-12, msg=name)
 
 
+def test_project_pt_projects_tied_targets_once(tmp_path):
+    torch = pytest.importorskip("torch")
+    w = torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    src, out = tmp_path / "t.pt", tmp_path / "o.pt"
+    torch.save({"enc.weight": w, "dec.weight": w}, src)  # one tensor under two names
+    res = run("project", src, "-o", out)
+    assert res.returncode == 0, res.stderr
+    assert "projected 1 weights" in res.stdout and "dec.weight shares storage with enc.weight" in res.stdout
+    got = torch.load(out, weights_only=True)
+    assert got["dec.weight"].data_ptr() == got["enc.weight"].data_ptr()
+    torch.testing.assert_close(got["enc.weight"], fire_core.reinit(w, "oi"), rtol=0, atol=1e-12)
+
+
 def test_project_pt_keeps_parameters_parameters(tmp_path):
     torch = pytest.importorskip("torch")
     w = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
