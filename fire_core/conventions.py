@@ -223,9 +223,14 @@ def _blocks(key, shape, layout, labels):
     if labels[0] == "sizes":
         sizes, names = labels[1], [str(k) for k in range(len(labels[1]))]
         if sum(sizes) != total:
-            raise ValueError(f"{key}: split sizes {sizes} sum to {sum(sizes)}, but the output axis of {shape} has {total}")
+            raise ValueError(
+                f"{key}: split sizes {sizes} sum to {sum(sizes)}, but the output axis of {shape} has {total}"
+            )
     else:
-        count, names = (labels[1], [str(k) for k in range(labels[1])]) if labels[0] == "count" else (len(labels), labels)
+        if labels[0] == "count":
+            count, names = labels[1], [str(k) for k in range(labels[1])]
+        else:  # named equal blocks: MultiheadAttention's q, k, v
+            count, names = len(labels), labels
         if total % count:
             raise ValueError(f"{key}: cannot split the output axis of shape {shape} into {count} equal blocks")
         sizes = (total // count,) * count
@@ -286,7 +291,9 @@ def targets(
             if found is None and len(override) != len(shape):
                 continue  # a pattern adds a tensor only where its layout fits (`up.*` skips `up.0.bias`)
             if len(override) != len(shape):
-                raise ValueError(f"{key}: layouts pattern {pattern!r} gives {override!r}, which does not fit shape {shape}")
+                raise ValueError(
+                    f"{key}: layouts pattern {pattern!r} gives {override!r}, which does not fit shape {shape}"
+                )
             parse_layout(override, shape, key)
             used.add(pattern)
             found = (override, found[1] if found is not None and found[0] == override else None)

@@ -9,7 +9,6 @@ through ``fire_core.conventions``), and with ``fire_core.torch.apply`` /
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import pickle
 import re
@@ -67,9 +66,10 @@ def torch_style_state(seed=0):
 
 def torch_style_expected(sd, **kw):
     out = dict(sd)
-    out["attn.in_proj_weight"] = np.concatenate([fire_core.reinit(b, "oi", **kw) for b in split_rows(sd["attn.in_proj_weight"])])
-    out["c_attn.weight"] = np.concatenate([fire_core.reinit(b, "oi", **kw) for b in split_rows(sd["c_attn.weight"])])
-    for name, layout in (("attn.out_proj.weight", "oi"), ("up.weight", "iohw"), ("conv.weight", "oihw"), ("fc.weight", "oi")):
+    for name in ("attn.in_proj_weight", "c_attn.weight"):
+        out[name] = np.concatenate([fire_core.reinit(b, "oi", **kw) for b in split_rows(sd[name])])
+    for name, layout in (("attn.out_proj.weight", "oi"), ("up.weight", "iohw"), ("conv.weight", "oihw"),
+                         ("fc.weight", "oi")):
         out[name] = fire_core.reinit(sd[name], layout, **kw)
     return out
 
@@ -141,7 +141,8 @@ def test_inspect_reports_dfi_and_spectrum_and_writes_nothing(st_run):
             rows[cells[0]] = cells
     sd = st_run["sd"]
     weights = {"attn.out_proj.weight": (sd["attn.out_proj.weight"], "oi"), "up.weight": (sd["up.weight"], "iohw"),
-               "conv.weight": (sd["conv.weight"], "oihw"), "attn.in_proj_weight[k]": (split_rows(sd["attn.in_proj_weight"])[1], "oi")}
+               "conv.weight": (sd["conv.weight"], "oihw"),
+               "attn.in_proj_weight[k]": (split_rows(sd["attn.in_proj_weight"])[1], "oi")}
     for name, (w, layout) in weights.items():
         report = fire_core.reinit_many([(name, w.astype(np.float64), layout)], write=lambda *a: None)
         assert rows[name][2] == layout
@@ -164,7 +165,8 @@ def test_method_steps_and_scale_pass_through(tmp_path):
     assert res.returncode == 0, res.stderr
     got = safetensors_numpy.load_file(str(out))
     kw = dict(steps=8, method="fast", scale="variance")
-    np.testing.assert_allclose(got["attn.out_proj.weight"], fire_core.reinit(sd["attn.out_proj.weight"], "oi", **kw), rtol=0, atol=1e-12)
+    want = fire_core.reinit(sd["attn.out_proj.weight"], "oi", **kw)
+    np.testing.assert_allclose(got["attn.out_proj.weight"], want, rtol=0, atol=1e-12)
     np.testing.assert_allclose(got["conv.weight"], fire_core.reinit(sd["conv.weight"], "oihw", **kw), rtol=0, atol=1e-5)
 
 
@@ -218,7 +220,8 @@ def test_project_npz_flax_equals_reinit_per_kernel(npz_run):
         if layout is None:
             assert got[name].tobytes() == value.tobytes(), name
         else:
-            np.testing.assert_allclose(got[name], fire_core.reinit(value, layout, steps=5), rtol=0, atol=1e-12, err_msg=name)
+            want = fire_core.reinit(value, layout, steps=5)
+            np.testing.assert_allclose(got[name], want, rtol=0, atol=1e-12, err_msg=name)
 
 
 def test_project_npz_keeps_compression(npz_run):
@@ -293,7 +296,9 @@ def test_project_pt_equals_reinit_per_weight(torch_run):
     sd = {k: v.numpy() for k, v in torch.load(torch_run["src"], weights_only=True)["model"].items()}
     got = torch.load(torch_run["out"], weights_only=True)["model"]
     expected = {
-        "attn.in_proj_weight": np.concatenate([fire_core.reinit(b, "oi") for b in split_rows(sd["attn.in_proj_weight"])]),
+        "attn.in_proj_weight": np.concatenate(
+            [fire_core.reinit(b, "oi") for b in split_rows(sd["attn.in_proj_weight"])]
+        ),
         "attn.out_proj.weight": fire_core.reinit(sd["attn.out_proj.weight"], "oi"),
         "conv.weight": fire_core.reinit(sd["conv.weight"], "oihw"),
         "up.weight": fire_core.reinit(sd["up.weight"], "iohw"),
@@ -342,7 +347,9 @@ def test_project_pt_keeps_parameters_parameters(tmp_path):
     torch = pytest.importorskip("torch")
     w = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     src, out = tmp_path / "p.pt", tmp_path / "o.pt"
-    torch.save({"fc.weight": torch.nn.Parameter(w.clone()), "frozen.weight": torch.nn.Parameter(w.clone(), requires_grad=False)}, src)
+    params = {"fc.weight": torch.nn.Parameter(w.clone()),
+              "frozen.weight": torch.nn.Parameter(w.clone(), requires_grad=False)}
+    torch.save(params, src)
     res = run("project", src, "-o", out)
     assert res.returncode == 0, res.stderr
     got = torch.load(out, weights_only=True)
@@ -398,7 +405,9 @@ def test_force_overwrites_the_output(small):
     res = run("project", small, "-o", out, "--force")
     assert res.returncode == 0, res.stderr
     with np.load(out) as z:
-        np.testing.assert_allclose(z["fc.weight"], fire_core.reinit(np.load(small)["fc.weight"], "oi"), rtol=0, atol=1e-12)
+        with np.load(small) as original:
+            want = fire_core.reinit(original["fc.weight"], "oi")
+        np.testing.assert_allclose(z["fc.weight"], want, rtol=0, atol=1e-12)
 
 
 def test_output_equal_to_input_is_refused_even_with_force(small):
