@@ -287,3 +287,22 @@ def test_is_real_float():
     assert not is_real_float(np.zeros(2, np.int64))
     assert not is_real_float(np.zeros(2, np.complex64))
     assert not is_real_float([1.0, 2.0])
+
+
+def test_gpt2_conv1d_recipe_from_the_docs():
+    """Hugging Face GPT-2 stores (in, out) weights; the documented layouts/split read them right."""
+    e = 8
+    shapes = {"wte.weight": (50, e), "h.0.attn.c_attn.weight": (e, 3 * e), "h.0.attn.c_attn.bias": (3 * e,),
+              "h.0.attn.c_proj.weight": (e, e), "h.0.mlp.c_fc.weight": (e, 4 * e), "h.0.mlp.c_proj.weight": (4 * e, e)}
+    found = targets(shapes, "torch", layouts={"*.c_attn": "io", "*.c_proj": "io", "*.c_fc": "io"},
+                    split={"*.c_attn": 3})
+    assert [(t.name, t.layout, t.shape) for t in found] == [
+        ("h.0.attn.c_attn.weight[0]", "io", (e, e)),
+        ("h.0.attn.c_attn.weight[1]", "io", (e, e)),
+        ("h.0.attn.c_attn.weight[2]", "io", (e, e)),
+        ("h.0.attn.c_proj.weight", "io", (e, e)),
+        ("h.0.mlp.c_fc.weight", "io", (e, 4 * e)),
+        ("h.0.mlp.c_proj.weight", "io", (4 * e, e)),
+    ]
+    w = np.arange(e * 3 * e).reshape(e, 3 * e)
+    np.testing.assert_array_equal(w[found[1].index], w[:, e : 2 * e])
