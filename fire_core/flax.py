@@ -1,0 +1,385 @@
+"""FIRE for Flax and JAX: linen params, whole variables dicts, nnx State and modules.
+
+:func:`apply` is a pure function of a parameter tree: it returns a new tree of
+the same structure and dtypes, works eagerly and under ``jax.jit``, and keeps
+sharded leaves sharded (the core's batched matmuls are traced into one XLA
+program, so XLA's sharded matmul does the work; nothing projects local
+shards). :func:`report` measures a before/after pair of trees,
+:func:`reset_opt_state` zeroes the optimizer moments of the projected leaves,
+and :func:`update` does all of it in place on an nnx Module.
+
+Which leaves, and in which layout
+---------------------------------
+A leaf is projected when its last path entry is ``kernel`` (Flax's name for
+Dense, DenseGeneral, Conv and attention weights); ``embedding``, ``scale``,
+``bias`` and batch statistics never are. The layout follows from the path and
+the number of axes:
+
+====================================================  ==========================
+kernel                                                layout
+====================================================  ==========================
+2 axes (Dense, nnx Linear)                            ``"io"``
+3 axes under ``query``/``key``/``value`` of a module  ``"ioo"`` (in, heads, head_dim)
+that also has ``out`` (attention)
+3 axes under that module's ``out``                    ``"iio"`` (heads, head_dim, out)
+under a module named ``DenseGeneral_*`` /             ``"i"`` then ``"o"`` for every
+``LinearGeneral_*``                                   other axis (``axis=-1``)
+3, 4, 5 axes otherwise (Conv 1-D, 2-D, 3-D)           ``"wio"``, ``"hwio"``, ``"dhwio"``
+====================================================  ==========================
+
+Anything else (a 1-D kernel, a DenseGeneral contracting several input axes,
+a weight not called ``kernel``) takes ``layouts={"glob": "layout"}``, whose
+first matching pattern wins over the rule above (``None`` skips the leaf). A
+pattern matching a leaf's full path applies to that leaf (any name); one
+matching a module path (``"proj"``, ``"blocks/*/mlp"``) to its ``kernel``.
+
+Paths are the tree's keys joined by ``/`` (``Dense_0/kernel``,
+``encoder/layers/0/attn/query/kernel``); for a whole variables dict they are
+relative to its ``params`` collection, and nnx's ``Variable`` wrapper adds no
+entry. ``include``/``exclude`` take glob patterns, matched against the full
+path and each of its prefixes (so ``Dense_1`` selects that module's kernel),
+or a callable ``path -> bool``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ._array import check_finite
+from .plan import measure, reinit_many
+
+__all__ = ["apply", "report", "reset_opt_state", "update", "select"]
+
+_ATTENTION = frozenset({"query", "key", "value", "out"})
+
+
+class _Leaf:
+    """One selected weight: its position in the flattened tree, name, array and layout."""
+
+    __slots__ = ("index", "path", "array", "layout")
+
+    def __init__(self, index, path, array, layout):
+        self.index, self.path, self.array, self.layout = index, path, array, layout
+
+
+def select(params, *, include=None, exclude=None, layouts=None) -> dict[str, str]:
+    """The leaves :func:`apply` would project, as ``{path: layout}``, in tree order."""
+    _, _, chosen = _plan(params, include, exclude, layouts)
+    return {leaf.path: leaf.layout for leaf in chosen}
+
+
+def apply(params, steps: int = 5, *, include=None, exclude=None, layouts=None, method: str = "fire", scale="fire"):
+    """FIRE on every selected kernel of a Flax parameter tree; returns a new tree.
+
+    ``params`` is a linen ``params`` tree (dict or ``FrozenDict``), a whole
+    variables dict (only its ``params`` collection is touched), or an nnx
+    ``State`` (only ``nnx.Param`` variables are touched)::
+
+        params = fire_core.flax.apply(params, steps=10)
+        nnx.update(model, fire_core.flax.apply(nnx.state(model, nnx.Param)))
+
+    Pure: the input is not modified, the output has the same structure, dtypes
+    and (under ``jax.jit``) shardings, and unselected leaves are the input's
+    own. ``method``, ``steps`` and ``scale`` are those of
+    :func:`fire_core.reinit`. Eagerly, a NaN or Inf weight is a ValueError
+    naming its path, raised before any work; under tracing that check is
+    skipped. See the module docstring for which leaves are selected.
+    """
+    leaves, treedef, chosen = _plan(params, include, exclude, layouts)
+    items = [(leaf.path, leaf.array, leaf.layout) for leaf in chosen]
+    for name, array, _ in items:  # auto_axes traces, so check values here, before any work
+        check_finite(array, jnp, name)
+    new = {}
+    # Sharded leaves come back in their own shardings. With Explicit mesh axes (shardings in the
+    # types, the default of jax.make_mesh) the core's sharded matmuls would need an output sharding
+    # it cannot name, so those leaves run in auto mode; concrete leaves sharded over an Auto mesh
+    # run in one jit with their shardings as output shardings. Either way XLA partitions the
+    # whole-matrix products (Gram matrices are all-reduced): nothing is projected per shard.
+    groups: dict[object, list] = {}
+    for item in items:
+        groups.setdefault(_sharding_group(item[1]), []).append(item)
+    for group_key, group in groups.items():
+        if group_key is None:
+            _project(group, new, steps, method, scale)
+            continue
+        names = [name for name, _, _ in group]
+
+        def run(arrays, group=group, names=names):
+            out = {}
+            _project([(n, a, lay) for (n, _, lay), a in zip(group, arrays)], out, steps, method, scale)
+            return [out[n] for n in names]
+
+        arrays = [array for _, array, _ in group]
+        if group_key[0] == "explicit":
+            shardings = [jax.typeof(a).sharding for a in arrays]
+            results = jax.jit(jax.sharding.auto_axes(run, out_sharding=shardings))(arrays)
+        else:
+            results = jax.jit(run, out_shardings=[a.sharding for a in arrays])(arrays)
+        new.update(zip(names, results))
+    out = list(leaves)
+    for leaf in chosen:
+        old = leaves[leaf.index]
+        out[leaf.index] = old.replace(new[leaf.path]) if isinstance(old, nnx.Variable) else new[leaf.path]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def report(before, after, *, include=None, exclude=None, layouts=None, scale="fire", method=None, steps=None):
+    """A :class:`fire_core.Report` of what :func:`apply` did, from the trees before and after.
+
+    Pass the same ``include``/``exclude``/``layouts`` and ``scale`` as to
+    :func:`apply`; ``method`` and ``steps`` only label the report. Rows as
+    the torch adapter's (name, shape, layout, taps, n, scale, sfe,
+    dfi_before, dfi_after), with ``dfi_after`` the DfI of the new weight
+    divided by the factor ``scale`` applied (see :func:`fire_core.plan.measure`
+    for ``scale="norm"``). Needs concrete arrays: call it outside ``jax.jit``.
+    """
+    leaves_b, treedef_b, chosen = _plan(before, include, exclude, layouts)
+    leaves_a, treedef_a = _flatten(after)
+    if treedef_a != treedef_b:
+        raise ValueError(f"before and after are different trees:\n{treedef_b}\nvs\n{treedef_a}")
+    pairs = (  # a generator: at most one gathered weight at a time
+        (leaf.path, _gathered(leaf.array), _gathered(_value(leaves_a[leaf.index])), leaf.layout) for leaf in chosen
+    )
+    return measure(pairs, scale=scale, method=method, steps=steps)
+
+
+def reset_opt_state(opt_state, before, after, *, reset_count: bool = True):
+    """Zero the optimizer moments of the leaves that FIRE changed; returns a new state.
+
+    ``before`` and ``after`` are the parameters passed to and returned by
+    :func:`apply` (the ``params`` collection is taken from a variables dict).
+    Every part of ``opt_state`` shaped like the parameter tree (Adam's ``mu``
+    and ``nu``, SGD's momentum ``trace``, ...) gets zeros at the leaves whose
+    values differ between ``before`` and ``after`` and keeps the rest. Works
+    under ``jax.jit``.
+
+    Adam-like optimizers keep one step ``count`` for the whole tree and divide
+    by ``1 - beta**count`` (bias correction). Zeroed moments with a large
+    count make the next update of those leaves about ``sqrt(1 - b2) /
+    (1 - b1)`` = 3.2 times what a fresh Adam would take (defaults 0.9,
+    0.999). With ``reset_count`` (the default) the ``count`` that sits next to
+    the reset moments (same optimizer state) is set to 0 when any leaf was
+    changed, so the reset leaves restart exactly like a fresh Adam; the cost
+    is that leaves FIRE did not touch (biases, norms, embeddings) take about
+    0.32x their usual step for the next few hundred steps while the
+    correction wears off. Other counts (learning-rate schedules) are kept.
+    ``reset_count=False`` keeps every count.
+    """
+    before, after = _params_only(before), _params_only(after)
+    ref = jax.tree_util.tree_structure(before)
+    if jax.tree_util.tree_structure(after) != ref:
+        raise ValueError("reset_opt_state: before and after are different trees")
+    shapes = [jnp.shape(x) for x in jax.tree_util.tree_leaves(before)]
+    changed = jax.tree_util.tree_map(lambda b, a: jnp.any(b != a), before, after)
+    any_changed = jnp.any(jnp.stack(jax.tree_util.tree_leaves(changed))) if shapes else jnp.asarray(False)
+
+    def is_moments(node) -> bool:
+        if jax.tree_util.tree_structure(node) != ref:
+            return False
+        return [jnp.shape(x) for x in jax.tree_util.tree_leaves(node)] == shapes
+
+    def with_count(node) -> bool:
+        fields = getattr(node, "_fields", None)
+        return bool(fields) and "count" in fields and any(is_moments(getattr(node, f)) for f in fields)
+
+    found = []
+
+    def reset(node):
+        if is_moments(node):
+            found.append(True)
+            return jax.tree_util.tree_map(lambda m, c: jnp.where(c, jnp.zeros_like(m), m), node, changed)
+        if with_count(node):
+            fields = {f: reset(getattr(node, f)) for f in node._fields if f != "count"}
+            if reset_count:
+                fields["count"] = jnp.where(any_changed, jnp.zeros_like(node.count), node.count)
+            return node._replace(**fields)
+        return node
+
+    new_state = jax.tree_util.tree_map(reset, opt_state, is_leaf=lambda n: is_moments(n) or with_count(n))
+    if not found and any(jnp.ndim(x) > 0 for x in jax.tree_util.tree_leaves(opt_state)):
+        raise ValueError(
+            "reset_opt_state: no part of opt_state has the structure and shapes of the parameters; "
+            "pass the same tree the optimizer was initialized with (the params collection, or the nnx State)"
+        )
+    return new_state
+
+
+def update(model, steps: int = 5, *, include=None, exclude=None, layouts=None, method: str = "fire", scale="fire"):
+    """FIRE on an nnx Module in place (its ``nnx.Param`` kernels); returns the :class:`fire_core.Report`.
+
+    Shorthand for ``new = apply(nnx.state(model, nnx.Param), ...)``,
+    ``nnx.update(model, new)`` and :func:`report`. A failure leaves the model
+    as it was. Eager only (the report reads values).
+    """
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"update expects an nnx.Module, got {type(model).__name__}; use apply() for parameter trees")
+    before = nnx.state(model, nnx.Param)
+    kw = dict(include=include, exclude=exclude, layouts=layouts)
+    after = apply(before, steps, method=method, scale=scale, **kw)
+    rep = report(before, after, scale=scale, method=method, steps=steps, **kw)
+    nnx.update(model, after)
+    return rep
+
+
+# --- mapping the tree onto (name, array, layout) -------------------------------------------------
+
+
+def _project(items, out: dict, steps, method, scale) -> None:
+    reinit_many(items, steps=steps, method=method, scale=scale, write=out.__setitem__, report=False)
+
+
+def _sharding_group(x):
+    """How a leaf keeps its sharding: ("explicit", mesh), ("concrete", mesh) or None (nothing to keep)."""
+    try:
+        mesh = jax.typeof(x).sharding.mesh
+    except Exception:
+        mesh = None
+    explicit = getattr(jax.sharding.AxisType, "Explicit", None)
+    if mesh is not None and explicit is not None and explicit in getattr(mesh, "axis_types", ()):
+        return ("explicit", mesh)
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and len(x.sharding.device_set) > 1:
+        return ("concrete", getattr(x.sharding, "mesh", None) or tuple(sorted(d.id for d in x.sharding.device_set)))
+    return None
+
+
+def _gathered(x):
+    """A sharded ``x`` gathered whole to the host (measuring needs whole matrices), else ``x``."""
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and len(x.sharding.device_set) > 1:
+        wide = x.dtype in (jnp.float32, jnp.float64)
+        return np.asarray(x) if wide else np.asarray(x, dtype=np.float32)  # the core measures narrow floats in f32
+    return x
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _flatten(tree):
+    """Leaves (nnx Variables kept whole) with their key paths, and the tree definition."""
+    pairs, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)
+    return [leaf for _, leaf in pairs], treedef
+
+
+def _value(leaf):
+    return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _is_variables_dict(tree) -> bool:
+    return isinstance(tree, Mapping) and not isinstance(tree, nnx.State) and "params" in tree
+
+
+def _params_only(tree):
+    return tree["params"] if _is_variables_dict(tree) else tree
+
+
+def _names(tree) -> list[tuple[str, ...] | None]:
+    """Per flattened leaf: its path as names (relative to ``params``), or None if not a parameter."""
+    pairs, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)
+    variables = _is_variables_dict(tree)
+    out = []
+    for path, leaf in pairs:
+        names = tuple(_key_name(k) for k in path)
+        if isinstance(leaf, nnx.Variable) and not isinstance(leaf, nnx.Param):
+            names = None
+        elif variables:
+            names = names[1:] if names[:1] == ("params",) else None
+        if names and isinstance(path[-1], jax.tree_util.GetAttrKey) and names[-1] == "value":
+            names = names[:-1]  # old nnx VariableState leaves end in `.value`
+        out.append(names)
+    return out
+
+
+def _default_layout(names: tuple[str, ...], shape: tuple[int, ...], siblings: dict) -> str | None:
+    ndim = len(shape)
+    if names[-1] != "kernel":
+        return None
+    parent = names[-2] if len(names) >= 2 else ""
+    if ndim == 2:
+        return "io"
+    if ndim == 3 and parent in _ATTENTION and _ATTENTION <= siblings.get(names[:-2], set()):
+        return "iio" if parent == "out" else "ioo"
+    if ndim >= 3 and parent.startswith(("DenseGeneral_", "LinearGeneral_")):
+        return "i" + "o" * (ndim - 1)
+    if 3 <= ndim <= 5:
+        return "dhw"[5 - ndim :] + "io"
+    path = "/".join(names)
+    raise ValueError(
+        f"{path}: a kernel of shape {shape} has no default layout; "
+        f"pass layouts={{{path!r}: ...}} or exclude={path!r}"
+    )
+
+
+def _patterns(arg, what: str):
+    if arg is None or callable(arg):
+        return arg
+    if isinstance(arg, str):
+        return [arg]
+    arg = list(arg)
+    if not all(isinstance(p, str) for p in arg):
+        raise TypeError(f"{what} must be a glob pattern, a list of them or a callable, got {arg!r}")
+    return arg
+
+
+def _matches(pattern: str, names: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase("/".join(names[:k]), pattern) for k in range(1, len(names) + 1))
+
+
+def _layout_matches(pattern: str, names: tuple[str, ...]) -> bool:
+    """A ``layouts`` pattern names a leaf by its full path, or a module whose ``kernel`` it means."""
+    if fnmatch.fnmatchcase("/".join(names), pattern):
+        return True
+    return names[-1] == "kernel" and _matches(pattern, names[:-1])
+
+
+def _selected(rule, names) -> bool:
+    if callable(rule):
+        return bool(rule("/".join(names)))
+    return any(_matches(p, names) for p in rule)
+
+
+def _plan(tree, include, exclude, layouts):
+    """Flatten ``tree`` and choose the leaves to project, validating the selection arguments."""
+    include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
+    if layouts is not None and not isinstance(layouts, Mapping):
+        raise TypeError(f"layouts must be a mapping of glob patterns to layout strings, got {type(layouts).__name__}")
+    leaves, treedef = _flatten(tree)
+    all_names = _names(tree)
+    siblings: dict[tuple, set] = {}
+    for names in all_names:
+        if names and len(names) >= 2:
+            siblings.setdefault(names[:-2], set()).add(names[-2])
+    chosen = []
+    for index, (leaf, names) in enumerate(zip(leaves, all_names)):
+        if not names:
+            continue
+        array = _value(leaf)
+        if not hasattr(array, "ndim"):
+            continue
+        if include is not None and not _selected(include, names):
+            continue
+        if exclude is not None and _selected(exclude, names):
+            continue
+        layout = next((lay for pat, lay in (layouts or {}).items() if _layout_matches(pat, names)), False)
+        if layout is False:
+            layout = _default_layout(names, tuple(array.shape), siblings)
+        if layout is None:
+            continue
+        chosen.append(_Leaf(index, "/".join(names), array, layout))
+    if include is not None and not callable(include):
+        for pat in include:
+            if not any(_matches(pat, tuple(leaf.path.split("/"))) for leaf in chosen):
+                raise ValueError(f"include pattern {pat!r} matches no projectable weight")
+    return leaves, treedef, chosen
