@@ -38,7 +38,7 @@ Paths are the tree's keys joined by ``/`` (``Dense_0/kernel``,
 relative to its ``params`` collection, and nnx's ``Variable`` wrapper adds no
 entry. ``include``/``exclude`` take glob patterns, matched against the full
 path and each of its prefixes (so ``Dense_1`` selects that module's kernel),
-or a callable ``path -> bool``.
+or a callable ``(path, array) -> bool`` (as the torch adapter's).
 """
 
 from __future__ import annotations
@@ -344,9 +344,9 @@ def _layout_matches(pattern: str, names: tuple[str, ...]) -> bool:
     return names[-1] == "kernel" and _matches(pattern, names[:-1])
 
 
-def _selected(rule, names) -> bool:
+def _selected(rule, names, array) -> bool:
     if callable(rule):
-        return bool(rule("/".join(names)))
+        return bool(rule("/".join(names), array))
     return any(_matches(p, names) for p in rule)
 
 
@@ -368,9 +368,9 @@ def _plan(tree, include, exclude, layouts):
         array = _value(leaf)
         if not hasattr(array, "ndim"):
             continue
-        if include is not None and not _selected(include, names):
+        if include is not None and not _selected(include, names, array):
             continue
-        if exclude is not None and _selected(exclude, names):
+        if exclude is not None and _selected(exclude, names, array):
             continue
         layout = next((lay for pat, lay in (layouts or {}).items() if _layout_matches(pat, names)), False)
         if layout is False:

@@ -281,8 +281,8 @@ def test_scale_and_method_pass_through():
         (["Dense_0", "Dense_2/*"], None, {"Dense_0/kernel", "Dense_2/kernel"}),
         (None, "Dense_[01]", {"Dense_2/kernel"}),
         ("Dense_*", "*/Dense_1/*", {"Dense_0/kernel", "Dense_1/kernel", "Dense_2/kernel"}),
-        (lambda path: path.startswith("Dense_2"), None, {"Dense_2/kernel"}),
-        (None, lambda path: path != "Dense_0/kernel", {"Dense_0/kernel"}),
+        (lambda path, w: path.startswith("Dense_2"), None, {"Dense_2/kernel"}),
+        (None, lambda path, w: w.shape != (7, 24), {"Dense_0/kernel"}),
     ],
 )
 def test_include_exclude(include, exclude, expected):
