@@ -1,0 +1,82 @@
+"""benchmarks/plasticity.py: its baselines follow their published rules, and one tiny run is well formed."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+from fire_core.demo import accuracy, digits, make_mlp  # noqa: E402
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "plasticity.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("plasticity_benchmark", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def grown(model, factor=3.0):
+    """The network with every parameter scaled up, as if training had grown its weights."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(factor).add_(0.05)
+    return model
+
+
+def test_swr_moves_each_weight_norm_a_fraction_lambda_back_to_its_initial_norm(bench):
+    model = make_mlp(0, hidden=16)
+    initial = [float(np.linalg.norm(m.weight.detach().numpy())) for m in bench.linears(model)]
+    hook = bench.SoftWeightRescaling(model, 0.1)
+    grown(model)
+    norms = [float(np.linalg.norm(m.weight.detach().numpy())) for m in bench.linears(model)]
+    hook(model)
+    after = [float(np.linalg.norm(m.weight.detach().numpy())) for m in bench.linears(model)]
+    np.testing.assert_allclose(after, [0.1 * n0 + 0.9 * n for n0, n in zip(initial, norms)], rtol=1e-5)
+
+
+def test_swr_keeps_the_network_proportional(bench):
+    # Oh et al. 2025, Theorem 1: biases scaled by the cumulative product keep f(x) up to a positive factor.
+    model = grown(make_mlp(1, hidden=16)).double()
+    hook = bench.SoftWeightRescaling(make_mlp(1, hidden=16), 0.3)
+    x = torch.rand(50, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+        hook(model)
+        after = model(x)
+    k = float(torch.sum(after * before) / torch.sum(before * before))  # least-squares factor
+    assert 0 < k < 1  # the grown network is scaled down
+    torch.testing.assert_close(after, k * before, rtol=1e-9, atol=1e-9 * float(before.abs().max()))
+
+
+def test_shrink_perturb_blends_toward_the_initial_parameters(bench):
+    model = make_mlp(2, hidden=8)
+    initial = [p.detach().clone() for p in model.parameters()]
+    grown(model)
+    trained = [p.detach().clone() for p in model.parameters()]
+    bench.shrink_perturb(model, initial, 0.8)
+    for p, p0, p1 in zip(model.parameters(), initial, trained):
+        torch.testing.assert_close(p.detach(), 0.2 * p1 + 0.8 * p0)
+
+
+def test_tiny_run_reports_every_method(bench):
+    cfg = dict(hidden=8, epochs1=1, epochs2=2, swr_lambda=1e-3, methods=list(bench.METHODS))
+    out = bench.run_seed("random-labels", 0, cfg)
+    assert set(out) == {"phase1", *bench.METHODS}
+    for method in bench.METHODS:
+        row = out[method]
+        assert len(row["curve"]) == 3 and row["final"] == row["curve"][-1]
+        assert 0.0 <= row["dormant_after"] <= 1.0 and 1 <= row["srank_after"] <= 8
+    assert out["none"]["sfe"] == 0.0 and out["none"]["dfi"] == pytest.approx(out["phase1"]["dfi"])
+    assert out["FIRE-svd"]["dfi"] < 1e-9 < out["FIRE-10"]["dfi"]
+    # "reset" puts back the network's initialization: right after it, the untrained network's accuracy
+    _, _, x_test, y_test = digits()
+    assert out["reset"]["curve"][0] == accuracy(make_mlp(0, hidden=8), x_test, y_test)
