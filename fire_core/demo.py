@@ -213,12 +213,14 @@ def main(argv=None) -> int:
             print(f"  {name:<26}{100 * accuracy(m, x_train, shuffled):>19.1f}%{rank:>16d}{dormant:>15.1f}%")
 
         marks = sorted({c for c in CHECKPOINTS if c <= args.epochs2} | {args.epochs2})
-        curves = {name: {0: accuracy(m, x_test, y_test)} for name, (m, _) in runs.items()}
-        for k, (name, (m, o)) in enumerate(runs.items()):
-            train(
-                m, o, x_train, y_train, args.epochs2, seed=10 * args.seed + 1,
-                after_epoch=lambda epoch, mm, name=name: curves[name].__setitem__(epoch, accuracy(mm, x_test, y_test)),
-            )
+        curves = {}
+        for name, (m, o) in runs.items():
+            curve = curves[name] = {0: accuracy(m, x_test, y_test)}
+
+            def record(epoch, trained, curve=curve):
+                curve[epoch] = accuracy(trained, x_test, y_test)
+
+            train(m, o, x_train, y_train, args.epochs2, seed=10 * args.seed + 1, after_epoch=record)
 
         print(f"\nphase 2: {args.epochs2} epochs on the true labels; test accuracy (%)")
         print("  epoch" + "".join(f"{name:>18}" for name in runs))
