@@ -27,10 +27,12 @@ under a module named ``DenseGeneral_*`` /             ``"i"`` then ``"o"`` for e
 3, 4, 5 axes otherwise (Conv 1-D, 2-D, 3-D)           ``"wio"``, ``"hwio"``, ``"dhwio"``
 ====================================================  ==========================
 
-Anything else (a 1-D kernel, a DenseGeneral contracting several input axes,
-a weight not called ``kernel``) takes ``layouts={"glob": "layout"}``, whose
-first matching pattern wins over the rule above (``None`` skips the leaf). A
-pattern matching a leaf's full path applies to that leaf (any name); one
+The rules are :mod:`fire_core.conventions`' ``"flax"`` convention, shared with
+the ``fire-core`` command. A kernel with fewer than 2 axes is skipped; one
+with more than 5 that no rule covers is a ValueError naming it. Anything
+else (a DenseGeneral contracting several input axes, a weight not called
+``kernel``) takes ``layouts={"glob": "layout"}``, whose first matching
+pattern wins over the rules (``None`` skips the leaf). A pattern matching a leaf's full path applies to that leaf (any name); one
 matching a module path (``"proj"``, ``"blocks/*/mlp"``) to its ``kernel``.
 
 Paths are the tree's keys joined by ``/`` (``Dense_0/kernel``,
@@ -52,12 +54,10 @@ import numpy as np
 from flax import nnx
 
 from ._array import check_finite
+from .conventions import _default_flax
 from .plan import measure, reinit_many
 
 __all__ = ["apply", "report", "reset_opt_state", "update", "select"]
-
-_ATTENTION = frozenset({"query", "key", "value", "out"})
-
 
 class _Leaf:
     """One selected weight: its position in the flattened tree, name, array and layout."""
@@ -302,26 +302,6 @@ def _names(tree) -> list[tuple[str, ...] | None]:
     return out
 
 
-def _default_layout(names: tuple[str, ...], shape: tuple[int, ...], siblings: dict) -> str | None:
-    ndim = len(shape)
-    if names[-1] != "kernel":
-        return None
-    parent = names[-2] if len(names) >= 2 else ""
-    if ndim == 2:
-        return "io"
-    if ndim == 3 and parent in _ATTENTION and _ATTENTION <= siblings.get(names[:-2], set()):
-        return "iio" if parent == "out" else "ioo"
-    if ndim >= 3 and parent.startswith(("DenseGeneral_", "LinearGeneral_")):
-        return "i" + "o" * (ndim - 1)
-    if 3 <= ndim <= 5:
-        return "dhw"[5 - ndim :] + "io"
-    path = "/".join(names)
-    raise ValueError(
-        f"{path}: a kernel of shape {shape} has no default layout; "
-        f"pass layouts={{{path!r}: ...}} or exclude={path!r}"
-    )
-
-
 def _patterns(arg, what: str):
     if arg is None or callable(arg):
         return arg
@@ -373,8 +353,9 @@ def _plan(tree, include, exclude, layouts):
         if exclude is not None and _selected(exclude, names, array):
             continue
         layout = next((lay for pat, lay in (layouts or {}).items() if _layout_matches(pat, names)), False)
-        if layout is False:
-            layout = _default_layout(names, tuple(array.shape), siblings)
+        if layout is False:  # the Flax naming rules, shared with fire_core.conventions
+            rule = _default_flax("/".join(names), tuple(array.shape), siblings)
+            layout = rule[0] if rule else None
         if layout is None:
             continue
         chosen.append(_Leaf(index, "/".join(names), array, layout))

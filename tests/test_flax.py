@@ -310,13 +310,19 @@ def test_layouts_override_default_rule():
     assert_close(new["proj"]["kernel"], fire_loop(params["proj"]["kernel"], "attn_out"))
 
 
+def test_one_axis_kernel_is_skipped():
+    assert ff.select({"odd": {"kernel": jnp.ones((4,))}, "Dense_0": {"kernel": jnp.ones((3, 4))}}) == {
+        "Dense_0/kernel": "io"
+    }
+
+
 def test_layouts_none_skips_a_leaf():
     params = mlp_params()
     assert "Dense_0/kernel" not in ff.select(params, layouts={"Dense_0": None})
 
 
 def test_kernel_without_default_layout_is_an_error_naming_it():
-    params = {"odd": {"kernel": jnp.ones((4,))}, "Dense_0": {"kernel": jnp.ones((3, 4))}}
+    params = {"odd": {"kernel": jnp.ones((2, 1, 1, 1, 3, 4))}, "Dense_0": {"kernel": jnp.ones((3, 4))}}
     with pytest.raises(ValueError, match="odd/kernel"):
         ff.apply(params)
     assert set(ff.select(params, exclude="odd")) == {"Dense_0/kernel"}
