@@ -157,7 +157,8 @@ def reset_opt_state(opt_state, before, after, *, reset_count: bool = True):
     Every part of ``opt_state`` shaped like the parameter tree (Adam's ``mu``
     and ``nu``, SGD's momentum ``trace``, ...) gets zeros at the leaves whose
     values differ between ``before`` and ``after`` and keeps the rest. Works
-    under ``jax.jit``.
+    under ``jax.jit``, on optax states and on an nnx Optimizer's
+    (``opt.opt_state = reset_opt_state(opt.opt_state, before, after)``).
 
     Adam-like optimizers keep one step ``count`` for the whole tree and divide
     by ``1 - beta**count`` (bias correction). Zeroed moments with a large
@@ -171,7 +172,7 @@ def reset_opt_state(opt_state, before, after, *, reset_count: bool = True):
     correction wears off. Other counts (learning-rate schedules) are kept.
     ``reset_count=False`` keeps every count.
     """
-    before, after = _params_only(before), _params_only(after)
+    before, after = _values(_params_only(before)), _values(_params_only(after))
     ref = jax.tree_util.tree_structure(before)
     if jax.tree_util.tree_structure(after) != ref:
         raise ValueError("reset_opt_state: before and after are different trees")
@@ -179,12 +180,13 @@ def reset_opt_state(opt_state, before, after, *, reset_count: bool = True):
     changed = jax.tree_util.tree_map(lambda b, a: jnp.any(b != a), before, after)
     any_changed = jnp.any(jnp.stack(jax.tree_util.tree_leaves(changed))) if shapes else jnp.asarray(False)
 
-    def is_moments(node) -> bool:
+    def is_moments(node) -> bool:  # a tree like the parameters (nnx Variables unwrapped)
+        node = _values(node)
         if jax.tree_util.tree_structure(node) != ref:
             return False
         return [jnp.shape(x) for x in jax.tree_util.tree_leaves(node)] == shapes
 
-    def with_count(node) -> bool:
+    def with_count(node) -> bool:  # an optimizer state holding moments and their step count
         fields = getattr(node, "_fields", None)
         return bool(fields) and "count" in fields and any(is_moments(getattr(node, f)) for f in fields)
 
@@ -193,21 +195,28 @@ def reset_opt_state(opt_state, before, after, *, reset_count: bool = True):
     def reset(node):
         if is_moments(node):
             found.append(True)
-            return jax.tree_util.tree_map(lambda m, c: jnp.where(c, jnp.zeros_like(m), m), node, changed)
+            return jax.tree_util.tree_map(_zero_where, changed, node)
         if with_count(node):
             fields = {f: reset(getattr(node, f)) for f in node._fields if f != "count"}
             if reset_count:
-                fields["count"] = jnp.where(any_changed, jnp.zeros_like(node.count), node.count)
+                fields["count"] = _zero_where(any_changed, node.count)
             return node._replace(**fields)
         return node
 
     new_state = jax.tree_util.tree_map(reset, opt_state, is_leaf=lambda n: is_moments(n) or with_count(n))
-    if not found and any(jnp.ndim(x) > 0 for x in jax.tree_util.tree_leaves(opt_state)):
+    if not found and any(jnp.ndim(_value(x)) > 0 for x in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_variable)):
         raise ValueError(
             "reset_opt_state: no part of opt_state has the structure and shapes of the parameters; "
             "pass the same tree the optimizer was initialized with (the params collection, or the nnx State)"
         )
     return new_state
+
+
+def _zero_where(condition, x):
+    """``x`` with its value replaced by zeros where ``condition`` (an nnx Variable stays a Variable)."""
+    value = _value(x)
+    new = jnp.where(condition, jnp.zeros_like(value), value)
+    return x.replace(new) if isinstance(x, nnx.Variable) else new
 
 
 def update(model, steps: int = 5, *, include=None, exclude=None, layouts=None, method: str = "fire", scale="fire"):
@@ -268,6 +277,11 @@ def _flatten(tree):
 
 def _value(leaf):
     return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+
+
+def _values(tree):
+    """``tree`` with every nnx Variable replaced by its value."""
+    return jax.tree_util.tree_map(_value, tree, is_leaf=_is_variable)
 
 
 def _key_name(key) -> str:

@@ -483,6 +483,21 @@ def test_reset_opt_state_under_jit_and_for_nnx_state():
     assert np.array_equal(reset[0].mu["conv"]["kernel"][...], opt[0].mu["conv"]["kernel"][...])
 
 
+def test_reset_opt_state_of_an_nnx_optimizer():
+    model = nnx_model()
+    opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+    grads = jax.tree_util.tree_map(jnp.ones_like, nnx.state(model, nnx.Param))
+    opt.update(model, grads)
+    before = nnx.state(model, nnx.Param)
+    after = ff.apply(before, include="head")
+    old_conv = np.asarray(opt.opt_state[0].mu["conv"]["kernel"][...])
+    opt.opt_state = ff.reset_opt_state(opt.opt_state, before, after)
+    adam = opt.opt_state[0]
+    assert not np.any(adam.mu["head"]["kernel"][...]) and not np.any(adam.nu["head"]["kernel"][...])
+    assert np.array_equal(adam.mu["conv"]["kernel"][...], old_conv)
+    assert int(adam.count[...]) == 0
+
+
 def test_reset_with_a_mismatched_tree_is_an_error():
     params = mlp_params()
     state, _ = adam_after_steps(params, optax.adam(1e-3))
