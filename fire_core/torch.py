@@ -25,7 +25,9 @@ Embeddings, norms, biases and every other parameter are left alone unless a
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
@@ -106,46 +108,10 @@ def apply(
     model = _unwrap(model)
     targets, notes = _select(model, include, exclude, split or {}, layouts or {})
 
-    # Parametrized weights are projected first into buffers: the values their
-    # parametrizations must store are worked out (and checked) before anything
-    # is written, so a parametrization that cannot hold the result fails cleanly.
-    staged = [t for t in targets if t.plist is not None]
-    plain = [t for t in targets if t.plist is None]
-    rows, pending = [], []
-    if staged:
-        buffers = {id(t.plist): t.tensor.detach().clone() for t in staged}
-
-        def stage(name, new):
-            t = by_name[name]
-            buffers[id(t.plist)][t.index].copy_(new)
-
-        by_name = {t.name: t for t in staged}
+    with _sharded(targets):
+        rows, pending = _project(targets, steps, method, scale, dry_run, report)
+    if not dry_run:
         with torch.no_grad():
-            rep = reinit_many(
-                ((t.name, t.tensor.detach()[t.index], t.layout) for t in staged),
-                steps=steps, method=method, scale=scale, write=stage, report=report,
-            )
-        rows += rep.rows if report else []
-        done = set()
-        for t in staged:
-            if id(t.plist) not in done:
-                done.add(id(t.plist))
-                pending.append((t, _originals_for(t, buffers[id(t.plist)])))
-
-    by_name = {t.name: t for t in plain}
-
-    def write(name, new):
-        if not dry_run:
-            t = by_name[name]
-            t.param.detach()[t.index].copy_(new)
-
-    with torch.no_grad():
-        rep = reinit_many(
-            ((t.name, t.param.detach()[t.index], t.layout) for t in plain),
-            steps=steps, method=method, scale=scale, write=write, report=report,
-        )
-        rows += rep.rows if report else []
-        if not dry_run:
             for t, values in pending:
                 for original, value in zip(t.originals, values):
                     original.detach().copy_(value)
@@ -162,6 +128,68 @@ def apply(
                 written[id(p)] = p
         reset_optimizer_state(optimizer, written.values())
     return result
+
+
+def _project(targets, steps, method, scale, dry_run, report):
+    """Project everything; write the plain weights, return the values parametrizations must store.
+
+    Parametrized weights are projected first, into buffers: what their
+    parametrizations must store is worked out (and checked) before anything
+    is written, so a parametrization that cannot hold the result fails cleanly.
+    """
+    staged = [t for t in targets if t.plist is not None]
+    plain = [t for t in targets if t.plist is None]
+    rows, pending = [], []
+    if staged:
+        buffers = {id(t.plist): t.tensor.detach().clone() for t in staged}
+
+        staged_by_name = {t.name: t for t in staged}
+
+        def stage(name, new):
+            t = staged_by_name[name]
+            buffers[id(t.plist)][t.index].copy_(new)
+
+        with torch.no_grad():
+            rep = reinit_many(
+                ((t.name, t.tensor.detach()[t.index], t.layout) for t in staged),
+                steps=steps, method=method, scale=scale, write=stage, report=report,
+            )
+        rows += rep.rows if report else []
+        done = set()
+        for t in staged:
+            if id(t.plist) not in done:
+                done.add(id(t.plist))
+                pending.append((t, _originals_for(t, buffers[id(t.plist)])))
+
+    plain_by_name = {t.name: t for t in plain}
+
+    def write(name, new):
+        if not dry_run:
+            t = plain_by_name[name]
+            t.param.detach()[t.index].copy_(new)
+
+    with torch.no_grad():
+        rep = reinit_many(
+            ((t.name, t.param.detach()[t.index], t.layout) for t in plain),
+            steps=steps, method=method, scale=scale, write=write, report=report,
+        )
+        rows += rep.rows if report else []
+    return rows, pending
+
+
+def _sharded(targets):
+    """DTensor (FSDP2) weights: let the core's plain constants act as replicated DTensors.
+
+    The core's matmuls then run on whole matrices through DTensor's sharded
+    ops (never shard by shard), and every rank gets the same result.
+    """
+    if "torch.distributed.tensor" in sys.modules:
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor.experimental import implicit_replication
+
+        if any(isinstance(t.tensor, DTensor) for t in targets):
+            return implicit_replication()
+    return contextlib.nullcontext()
 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> int:

@@ -422,6 +422,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_distributed_data_parallel_wrapper_is_unwrapped():
     out = subprocess.run([sys.executable, "-c", DDP_SCRIPT], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -629,3 +630,43 @@ def test_report_false_projects_the_same_and_measures_nothing():
 def test_dry_run_without_report_is_refused():
     with pytest.raises(ValueError, match="dry_run"):
         ft.apply(nn.Linear(2, 2), dry_run=True, report=False)
+
+
+FSDP2_SCRIPT = r"""
+import sys, tempfile, numpy as np, torch, torch.distributed as dist, torch.multiprocessing as mp
+from torch import nn
+
+def run(rank, path, out):
+    dist.init_process_group("gloo", init_method="file://" + path, rank=rank, world_size=2)
+    from torch.distributed.fsdp import fully_shard
+    import fire_core.torch as ft
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Conv1d(8, 4, 3)).double()
+    old = [model[0].weight.detach().numpy().copy(), model[1].weight.detach().numpy().copy()]
+    for m in model:
+        fully_shard(m)
+    fully_shard(model)
+    before = [(p.placements, p.to_local().data_ptr(), tuple(p.to_local().shape)) for p in model.parameters()]
+    report = ft.apply(model)
+    after = [(p.placements, p.to_local().data_ptr(), tuple(p.to_local().shape)) for p in model.parameters()]
+    full = [model[0].weight.full_tensor().detach().numpy(), model[1].weight.full_tensor().detach().numpy()]
+    np.save(f"{out}-{rank}.npy", np.array([before == after, report.names == ["0.weight", "1.weight"]]))
+    np.savez(f"{out}-{rank}.npz", old0=old[0], old1=old[1], new0=full[0], new1=full[1])
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(run, args=(tempfile.mktemp(), sys.argv[1]), nprocs=2)
+"""
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_weights_are_projected_whole_and_stay_sharded(tmp_path):
+    script = tmp_path / "fsdp2.py"
+    script.write_text(FSDP2_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "r")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for rank in range(2):
+        assert np.load(tmp_path / f"r-{rank}.npy").all()  # same placements, local storage, shapes; names
+        got = np.load(tmp_path / f"r-{rank}.npz")
+        np.testing.assert_allclose(got["new0"], fire_loop(got["old0"], 5), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(got["new1"], fire_loop(got["old1"], 5), rtol=0, atol=1e-12)
