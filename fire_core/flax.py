@@ -59,6 +59,7 @@ from .plan import measure, reinit_many
 
 __all__ = ["apply", "report", "reset_opt_state", "update", "select"]
 
+
 class _Leaf:
     """One selected weight: its position in the flattened tree, name, array and layout."""
 
@@ -92,18 +93,18 @@ def apply(params, steps: int = 5, *, include=None, exclude=None, layouts=None, m
     skipped. See the module docstring for which leaves are selected.
     """
     leaves, treedef, chosen = _plan(params, include, exclude, layouts)
-    items = [(leaf.path, leaf.array, leaf.layout) for leaf in chosen]
-    for name, array, _ in items:  # auto_axes traces, so check values here, before any work
-        check_finite(array, jnp, name)
-    new = {}
     # Sharded leaves come back in their own shardings. With Explicit mesh axes (shardings in the
     # types, the default of jax.make_mesh) the core's sharded matmuls would need an output sharding
     # it cannot name, so those leaves run in auto mode; concrete leaves sharded over an Auto mesh
     # run in one jit with their shardings as output shardings. Either way XLA partitions the
     # whole-matrix products (Gram matrices are all-reduced): nothing is projected per shard.
-    groups: dict[object, list] = {}
-    for item in items:
-        groups.setdefault(_sharding_group(item[1]), []).append(item)
+    groups: dict[object, list] = {None: []}
+    for leaf in chosen:
+        key = _sharding_group(leaf.array)
+        groups.setdefault(key, []).append((leaf.path, leaf.array, leaf.layout))
+        if key is not None:  # these are projected while traced: check their values here, first
+            check_finite(leaf.array, jnp, leaf.path)
+    new = {}
     for group_key, group in groups.items():
         if group_key is None:
             _project(group, new, steps, method, scale)

@@ -542,6 +542,14 @@ SHARDED = textwrap.dedent(
                 assert np.max(np.abs(np.asarray(a) - np.asarray(b))) <= 1e-12, (mode, how, path)
         rep = ff.report(ps, runs["jit"])
         assert rep.names == ["a/kernel", "b/kernel", "c/kernel"]
+        nan = params["c"]["kernel"].copy()
+        nan[0, 0, 0, 0] = np.nan
+        bad = dict(ps, c={"kernel": jax.device_put(nan, shard["c"]["kernel"])})
+        try:
+            ff.apply(bad)
+            raise AssertionError("a sharded NaN weight was projected")
+        except ValueError as e:
+            assert "c/kernel" in str(e)
     # no per-shard projection: each Gram matrix of the sharded side is all-reduced
     hlo = jax.jit(ff.apply).lower(ps).compile().as_text()
     assert "all-reduce" in hlo and "all-gather" not in hlo, hlo
@@ -554,3 +562,15 @@ def test_sharded_params_keep_sharding_and_equal_unsharded():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     res = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def test_benchmark_script_quick_mode(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "flax_apply.py")
+    out = tmp_path / "flax.md"
+    res = subprocess.run(
+        [sys.executable, script, "--quick", "--out", str(out)], capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = out.read_text()
+    assert "| fire | 5 |" in text and "| 10000 |" in text
