@@ -215,10 +215,12 @@ def test_nnx_update_module_in_place_with_report():
     assert len(rep) == 6
 
 
-def test_jit_equals_eager():
-    params = to64(cnn_variables()["params"])
+@pytest.mark.parametrize("tree", ["linen", "nnx"])
+def test_jit_equals_eager(tree):
+    params = to64(cnn_variables()["params"]) if tree == "linen" else nnx.state(nnx_model())
     eager = ff.apply(params, 5, method="fast")
     jitted = jax.jit(lambda p: ff.apply(p, 5, method="fast"))(params)
+    assert jax.tree_util.tree_structure(jitted) == jax.tree_util.tree_structure(params)
     for a, b in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted)):
         assert_close(b, a)
 
