@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import time
 from pathlib import Path
 
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 
 import fire_core.torch as ft
+from speed import machine  # benchmarks/speed.py: the machine line of every results file
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -214,21 +214,6 @@ def markdown_table(quick: bool = False, device: str = "cpu", repeat: int | None 
             f"{100 * (r['apply'] / r['apply_noreport'] - 1):+.0f}% | {r['err']:.1e} |"
         )
     return lines
-
-
-def machine(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"CPU: {cpu}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-    if device.startswith("cuda"):
-        text += f", GPU: {torch.cuda.get_device_name()}"
-    return text
 
 
 def main(argv=None) -> None:

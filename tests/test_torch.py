@@ -393,18 +393,11 @@ def test_reset_optimizer_state_rejects_non_optimizers():
 
 # torch.compile imports torch.utils.mkldnn, which uses torch.jit.script_method (deprecated in torch itself)
 @pytest.mark.filterwarnings("ignore:.torch.jit.script_method. is deprecated:DeprecationWarning")
-def test_torch_compile_wrapper_is_unwrapped():
+@pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel], ids=["compile", "DataParallel"])
+def test_wrappers_are_unwrapped(wrap):
     model = seeded(TinyResNet)
     expected = expected_state(model, 5)
-    report = ft.apply(torch.compile(model))
-    assert report.names[0] == "stem.weight"
-    assert_state(model, expected)
-
-
-def test_data_parallel_wrapper_is_unwrapped():
-    model = seeded(TinyResNet)
-    expected = expected_state(model, 5)
-    report = ft.apply(nn.DataParallel(model))
+    report = ft.apply(wrap(model))
     assert report.names[0] == "stem.weight"
     assert_state(model, expected)
 
