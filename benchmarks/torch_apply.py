@@ -155,10 +155,15 @@ def time_all(fns: dict, repeat: int, device: str, restore) -> dict[str, float]:
     return {k: v * 1e3 for k, v in best.items()}
 
 
-def models(quick: bool):
+def models(quick: bool, only=None):
     if quick:
-        return [("ResNet-18 shape, width/4", lambda: resnet18(16, 100), None), ("GPT shape, 2 blocks, d=256", lambda: gpt(256, 2), {"*.c_attn": 3})]
-    return [("ResNet-18", resnet18, None), ("GPT-small (12 x d=768)", gpt, {"*.c_attn": 3})]
+        found = [
+            ("resnet", "ResNet-18 shape, width/4", lambda: resnet18(16, 100), None),
+            ("gpt", "GPT shape, 2 blocks, d=256", lambda: gpt(256, 2), {"*.c_attn": 3}),
+        ]
+    else:
+        found = [("resnet", "ResNet-18", resnet18, None), ("gpt", "GPT-small (12 x d=768)", gpt, {"*.c_attn": 3})]
+    return [(label, make, split) for key, label, make, split in found if only is None or key in only]
 
 
 def check_agreement(make, split, steps: int, device: str) -> float:
@@ -172,9 +177,9 @@ def check_agreement(make, split, steps: int, device: str) -> float:
     return max(float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters()))
 
 
-def rows(quick: bool, device: str, repeat: int) -> list[dict]:
+def rows(quick: bool, device: str, repeat: int, only=None) -> list[dict]:
     out = []
-    for label, make, split in models(quick):
+    for label, make, split in models(quick, only):
         torch.manual_seed(0)
         model = make().to(device)
         saved = [p.detach().clone() for p in model.parameters()]
@@ -200,14 +205,14 @@ def rows(quick: bool, device: str, repeat: int) -> list[dict]:
     return out
 
 
-def markdown_table(quick: bool = False, device: str = "cpu", repeat: int | None = None) -> list[str]:
+def markdown_table(quick: bool = False, device: str = "cpu", repeat: int | None = None, only=None) -> list[str]:
     repeat = repeat or (3 if quick else 5)
     lines = [
         "| model | steps | reference loop (ms) | apply (ms) | apply, report=False (ms) | speed-up (with report) | "
         "speed-up (no report) | report cost | max abs diff vs loop |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows(quick, device, repeat):
+    for r in rows(quick, device, repeat, only):
         lines.append(
             f"| {r['model']} | {r['steps']} | {r['reference']:.1f} | {r['apply']:.1f} | {r['apply_noreport']:.1f} | "
             f"{r['reference'] / r['apply']:.2f}x | {r['reference'] / r['apply_noreport']:.2f}x | "
@@ -221,9 +226,11 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller models, fewer repeats")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=None)
+    parser.add_argument("--models", default=None, help="comma-separated subset of: resnet, gpt")
     parser.add_argument("--out", default=None, help="results file (default benchmarks/results/torch_apply-<device>.md)")
     args = parser.parse_args(argv)
-    table = markdown_table(args.quick, args.device, args.repeat)
+    only = args.models.split(",") if args.models else None
+    table = markdown_table(args.quick, args.device, args.repeat, only)
     kind = args.device.split(":")[0]
     text = "\n".join(
         [
