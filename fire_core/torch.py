@@ -29,7 +29,7 @@ import contextlib
 import fnmatch
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -44,7 +44,6 @@ _SPATIAL = {1: "w", 2: "hw", 3: "dhw"}
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _MHA_BLOCKS = ("q", "k", "v")
-
 
 
 def apply(
@@ -317,9 +316,18 @@ def _select(model, include, exclude, split, layouts):
         key = id(plist if plist is not None else tensor)
         if key in seen:
             continue  # tied: projected once, under its first name
+        originals = ()
         if plist is not None:
-            with torch.no_grad():  # refusals first: computing the weight may update buffers
-                _check_parametrization(plist, param_name)
+            # Refusals first (computing a spectral-normed weight updates its buffers),
+            # and only for a selected weight; the stored tensor stands in for it here.
+            stored = _stored_tensors(plist)
+            problem = _parametrization_problem(plist, param_name)
+            if problem:
+                if _selected(inc, exc, param_name, param_name, stored[-1]):
+                    raise ValueError(problem)
+                continue
+            originals = stored
+            with torch.no_grad():
                 tensor = getattr(mod, attr)  # the weight the module computes
         chosen = []
         for name, index in _blocks(param_name, tensor, layout, blocks):
@@ -330,7 +338,6 @@ def _select(model, include, exclude, split, layouts):
             continue
         seen.add(key)
         _refuse_hooks(mod, param_name)
-        originals = _check_parametrization(plist, param_name) if plist is not None else ()
         for name, index in chosen:
             param = tensor if plist is None else None
             targets.append(_Target(name, param_name, tensor, layout, index, param, plist, originals))
@@ -446,20 +453,26 @@ def _refuse_hooks(mod: nn.Module, param_name: str) -> None:
             )
 
 
-def _check_parametrization(plist, param_name: str) -> tuple:
+def _parametrization_problem(plist, param_name: str) -> str | None:
+    """Why FIRE cannot write through this parametrization, or None."""
     for p in plist:
         kind = type(p).__name__
         if kind == "_SpectralNorm":
-            raise ValueError(
+            return (
                 f"{param_name}: is parametrized with spectral_norm, which divides the weight by its top singular "
                 "value and so would undo FIRE's scale; remove the parametrization "
                 "(torch.nn.utils.parametrize.remove_parametrizations) or exclude the layer"
             )
         if not hasattr(p, "right_inverse"):
-            raise ValueError(
+            return (
                 f"{param_name}: parametrization {kind} has no right_inverse, so FIRE cannot write the new weight "
                 "through it; add right_inverse, remove the parametrization, or exclude the layer"
             )
+    return None
+
+
+def _stored_tensors(plist) -> tuple:
+    """The tensors a ParametrizationList stores: ``original``, or ``original0``, ``original1``..."""
     if plist.is_tensor:
         return (plist.original,)
     count = 0

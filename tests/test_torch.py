@@ -490,6 +490,17 @@ def test_unsupported_parametrizations_are_refused_and_nothing_changes(make, mess
     assert_same(before, snapshot(model, opt))
 
 
+def test_an_excluded_spectral_norm_layer_is_left_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 5), nn.Linear(5, 5)).double()
+    nn.utils.parametrizations.spectral_norm(model[1])
+    u = model[1].parametrizations.weight[0]._u.clone()
+    w = model[0].weight.detach().numpy().copy()
+    assert ft.apply(model, exclude="1").names == ["0.weight"]
+    np.testing.assert_allclose(model[0].weight.detach().numpy(), fire_loop(w, 5), atol=1e-12)
+    assert torch.equal(model[1].parametrizations.weight[0]._u, u)
+
+
 def test_hook_weight_norm_is_refused_with_the_alternative_named():
     lin = nn.Linear(4, 4)
     with pytest.warns(FutureWarning):
