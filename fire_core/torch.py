@@ -20,7 +20,8 @@ Default selection (what ``apply`` projects without ``include``):
   ``out_proj`` is a Linear.
 
 Embeddings, norms, biases and every other parameter are left alone unless a
-``layouts`` pattern names them.
+``layouts`` pattern names them. FSDP2 (DTensor) weights are projected whole
+through DTensor's sharded ops and written back into their own shards.
 """
 
 from __future__ import annotations
