@@ -55,9 +55,10 @@ from flax import nnx
 
 from ._array import check_finite
 from .conventions import _default_flax
+from .metrics import drift
 from .plan import measure, reinit_many
 
-__all__ = ["apply", "report", "reset_opt_state", "update", "select"]
+__all__ = ["apply", "report", "reset_opt_state", "update", "select", "refresh_batch_stats"]
 
 
 class _Leaf:
@@ -130,7 +131,9 @@ def apply(params, steps: int = 5, *, include=None, exclude=None, layouts=None, m
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def report(before, after, *, include=None, exclude=None, layouts=None, scale="fire", method=None, steps=None):
+def report(
+    before, after, *, include=None, exclude=None, layouts=None, scale="fire", method=None, steps=None, probe=None
+):
     """A :class:`fire_core.Report` of what :func:`apply` did, from the trees before and after.
 
     Pass the same ``include``/``exclude``/``layouts`` and ``scale`` as to
@@ -139,15 +142,104 @@ def report(before, after, *, include=None, exclude=None, layouts=None, scale="fi
     dfi_before, dfi_after), with ``dfi_after`` the DfI of the new weight
     divided by the factor ``scale`` applied (see :func:`fire_core.plan.measure`
     for ``scale="norm"``). Needs concrete arrays: call it outside ``jax.jit``.
+
+    ``probe=(fn, *args)``: ``fn(before, *args)`` and ``fn(after, *args)``
+    are run and the relative change of their outputs (all leaves of the
+    output tree together), ``||f_after - f_before||_F / ||f_before||_F``,
+    is ``Report.drift``. ``fn`` takes the trees as given here::
+
+        new = fire_core.flax.apply(variables)
+        rep = fire_core.flax.report(variables, new, probe=(functools.partial(model.apply, train=False), x))
+
+    A variables dict (or nnx State) that carries BatchNorm statistics
+    (``batch_stats``, ``nnx.BatchStat``) gets a note naming them: they were
+    measured with the old weights (see ``docs/stability.md`` to refresh them).
     """
     leaves_b, treedef_b, chosen = _plan(before, include, exclude, layouts)
     leaves_a, treedef_a = _flatten(after)
     if treedef_a != treedef_b:
         raise ValueError(f"before and after are different trees:\n{treedef_b}\nvs\n{treedef_a}")
+    if probe is not None and (not isinstance(probe, tuple) or not probe or not callable(probe[0])):
+        raise TypeError(f"probe must be a tuple (fn, *args) with fn(tree, *args) -> outputs, got {type(probe).__name__}")
     pairs = (  # a generator: at most one gathered weight at a time
         (leaf.path, _gathered(leaf.array), _gathered(_value(leaves_a[leaf.index])), leaf.layout) for leaf in chosen
     )
-    return measure(pairs, scale=scale, method=method, steps=steps)
+    rep = measure(pairs, scale=scale, method=method, steps=steps)
+    if probe is not None:
+        fn, *args = probe
+        rep.drift = _drift(fn(before, *args), fn(after, *args))
+    stats = _batch_stat_modules(before)
+    if stats and rep.rows:
+        rep.notes.append(_stale_stats_note(stats))
+    return rep
+
+
+def refresh_batch_stats(model, variables, batches, *, momentum: float = 0.99, **apply_kwargs):
+    """A linen variables dict with its ``batch_stats`` re-estimated on ``batches``; returns a new dict.
+
+    After FIRE the BatchNorm running statistics describe the old weights'
+    activations. This is the Flax counterpart of torch's
+    ``torch.optim.swa_utils.update_bn``: each BatchNorm's running mean and
+    variance become the average, over ``batches``, of each batch's own mean
+    and variance, measured in train mode with the new weights::
+
+        new = fire_core.flax.apply(variables)
+        new = fire_core.flax.refresh_batch_stats(model, new, batches, train=True)
+
+    ``batches``: inputs (an array, or a tuple of positional inputs, each);
+    ``apply_kwargs`` go to ``model.apply`` and must put the BatchNorm layers
+    in train mode (``train=True``, or whatever the model's flag is).
+    ``momentum`` must be the BatchNorm layers' ``momentum`` (Flax's default
+    0.99): each batch is run from zero statistics, after which a train-mode
+    pass holds ``(1 - momentum)`` times that batch's statistics, so no layer
+    keeps any of the stale ones (plain extra passes would need about
+    ``1 / (1 - momentum)`` batches to wash them out).
+    """
+    if not _is_variables_dict(variables) or "batch_stats" not in variables:
+        raise ValueError("refresh_batch_stats expects a variables dict with 'params' and 'batch_stats' collections")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, variables["batch_stats"])
+    total, count = zeros, 0
+    for batch in batches:
+        args = batch if isinstance(batch, tuple) else (batch,)
+        _, updates = model.apply({**variables, "batch_stats": zeros}, *args, mutable=["batch_stats"], **apply_kwargs)
+        total = jax.tree_util.tree_map(jnp.add, total, updates["batch_stats"])
+        count += 1
+    if count == 0:
+        raise ValueError("refresh_batch_stats: batches is empty")
+    factor = 1.0 / (count * (1.0 - momentum))
+    return {**variables, "batch_stats": jax.tree_util.tree_map(lambda t: t * factor, total)}
+
+
+def _drift(out_before, out_after) -> float:
+    """Relative change of two output trees (all leaves together), by the core's measure."""
+    b, a = jax.tree_util.tree_leaves(_values(out_before)), jax.tree_util.tree_leaves(_values(out_after))
+    if len(b) != len(a):
+        raise ValueError(f"probe: the outputs before and after are different trees ({len(b)} vs {len(a)} leaves)")
+    return drift([_gathered(x) for x in b], [_gathered(x) for x in a])
+
+
+def _batch_stat_modules(tree) -> list[str]:
+    """Modules holding BatchNorm running statistics in ``tree`` (a variables dict's ``batch_stats``, nnx BatchStat)."""
+    if isinstance(tree, Mapping) and not isinstance(tree, nnx.State) and "batch_stats" in tree:
+        pairs = jax.tree_util.tree_flatten_with_path(tree["batch_stats"], is_leaf=_is_variable)[0]
+        names = [tuple(_key_name(k) for k in path) for path, _ in pairs]
+    elif isinstance(tree, nnx.State):
+        pairs = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)[0]
+        names = [tuple(_key_name(k) for k in path) for path, leaf in pairs if isinstance(leaf, nnx.BatchStat)]
+    else:
+        return []
+    return list(dict.fromkeys("/".join(n[:-1]) or n[0] for n in names if n))
+
+
+def _stale_stats_note(modules: list[str]) -> str:
+    shown = ", ".join(modules[:4]) + (f" and {len(modules) - 4} more" if len(modules) > 4 else "")
+    return (
+        f"note: BatchNorm running statistics ({shown}) were measured with the old weights and no longer match; "
+        "re-estimate them with train-mode passes over data before evaluating with running averages "
+        "(docs/stability.md)"
+    )
 
 
 def reset_opt_state(opt_state, before, after, *, reset_count: bool = True):
@@ -224,12 +316,20 @@ def _zero_where(condition, x):
     return x.replace(new) if isinstance(x, nnx.Variable) else new
 
 
-def update(model, steps: int = 5, *, include=None, exclude=None, layouts=None, method: str = "fire", scale="fire"):
+def update(
+    model, steps: int = 5, *, include=None, exclude=None, layouts=None, method: str = "fire", scale="fire", probe=None
+):
     """FIRE on an nnx Module in place (its ``nnx.Param`` kernels); returns the :class:`fire_core.Report`.
 
     Shorthand for ``new = apply(nnx.state(model, nnx.Param), ...)``,
     ``nnx.update(model, new)`` and :func:`report`. A failure leaves the model
     as it was. Eager only (the report reads values).
+
+    ``probe``: an input (or a tuple of positional inputs) the model is called
+    on before and after, in its current mode, on a copy of its state (a
+    BatchNorm in train mode or a dropout RNG stream of ``model`` is not
+    advanced); ``Report.drift`` is the relative change of the outputs. A
+    model with ``nnx.BatchStat`` variables gets a note naming them.
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"update expects an nnx.Module, got {type(model).__name__}; use apply() for parameter trees")
@@ -237,6 +337,17 @@ def update(model, steps: int = 5, *, include=None, exclude=None, layouts=None, m
     kw = dict(include=include, exclude=exclude, layouts=layouts)
     after = apply(before, steps, method=method, scale=scale, **kw)
     rep = report(before, after, scale=scale, method=method, steps=steps, **kw)
+    if probe is not None:
+        args = probe if isinstance(probe, tuple) else (probe,)
+        def run(p):  # on a copy (arrays shared, Variables new): calling it mutates nothing of `model`
+            twin = nnx.clone(model)
+            nnx.update(twin, p)
+            return twin(*args)
+
+        rep.drift = _drift(run(before), run(after))
+    stats = _batch_stat_modules(nnx.state(model, nnx.BatchStat))
+    if stats and rep.rows:
+        rep.notes.append(_stale_stats_note(stats))
     nnx.update(model, after)
     return rep
 

@@ -4,13 +4,17 @@
 * ``dfi(x) = ||G - I||_F^2`` with ``G`` the Gram matrix of the smaller side
   (``x^T x`` when ``m >= n``, ``x x^T`` otherwise): how far from an isometry
   (plasticity). Zero exactly for (semi-)orthogonal matrices.
+* ``drift(before, after) = ||after - before||_F / ||before||_F``: how much a
+  model's outputs on a probe batch changed (stability of the function).
 """
 
 from __future__ import annotations
 
-from ._array import array_namespace, device_of, work_dtype
+import math
 
-__all__ = ["sfe", "dfi", "gram_dfi", "small_gram"]
+from ._array import array_namespace, device_of, to_floats, work_dtype
+
+__all__ = ["sfe", "dfi", "drift", "gram_dfi", "small_gram"]
 
 
 def sfe(a, b, /):
@@ -46,3 +50,31 @@ def dfi(x, /):
     dtype = work_dtype(x, xp, "dfi")
     return gram_dfi(small_gram(xp.astype(x, dtype, copy=False), xp), xp)
 
+
+
+def drift(before, after, /) -> float:
+    """Relative change ``||after - before||_F / ||before||_F`` of a function's outputs, as a Python float.
+
+    ``before`` and ``after`` are the outputs of a model on the same probe
+    inputs, before and after an intervention: two arrays of one shape, or two
+    equal-length sequences of arrays (a model with several outputs), whose
+    norms are then taken over all elements together. 0 means the function is
+    unchanged on the probe, 1 that the change is as large as the output.
+    Computed in the outputs' precision (float16/bfloat16 in float32). A zero
+    ``before`` gives 0 if ``after`` is zero too, else ``inf``.
+    """
+    single = hasattr(before, "shape")
+    pairs = [(before, after)] if single else list(zip(before, after, strict=True))
+    num = den = 0.0
+    for b, a in pairs:
+        xp = array_namespace(b, a)
+        if tuple(b.shape) != tuple(a.shape):
+            raise ValueError(f"drift: output shapes differ, {tuple(b.shape)} vs {tuple(a.shape)}")
+        dtype = work_dtype(b, xp, "drift")
+        b, a = xp.astype(b, dtype), xp.astype(a, dtype)
+        d = a - b
+        values = to_floats(xp.stack([xp.sum(d * d), xp.sum(b * b)]))
+        num, den = num + values[0], den + values[1]
+    if den == 0:
+        return 0.0 if num == 0 else math.inf
+    return math.sqrt(num / den)

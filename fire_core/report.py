@@ -16,6 +16,7 @@ _COLUMNS = (
     ("dfi_before", "DfI before", "{:.4g}"),
     ("dfi_after", "DfI after", "{:.4g}"),
     ("iso_after", "DfI/n after", "{:.3g}"),
+    ("drift", "drift", "{:.3g}"),  # shown only when the rows have it (a probe with per-layer drift)
 )
 
 
@@ -31,6 +32,14 @@ class Report:
     and ``dfi_after`` (DfI of the projected matrices before scaling: how close
     the projection came to isometry). DfI is summed over a weight's taps;
     divide by ``taps * n`` for a per-direction figure (``iso_after``).
+
+    ``drift`` (None unless a probe was given): the relative change of the
+    model's outputs on the probe, ``||f_after(x) - f_before(x)||_F /
+    ||f_before(x)||_F`` (:func:`fire_core.metrics.drift`), the function-level
+    counterpart of SFE. Adapters that measure it per layer add a ``drift``
+    key to the rows: the same ratio for the output of the module owning the
+    weight. ``notes`` are lines printed under the table (selection notes,
+    normalization statistics that went stale).
     """
 
     method: str
@@ -39,6 +48,7 @@ class Report:
     rows: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     applied: bool = True
+    drift: float | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -68,16 +78,19 @@ class Report:
             "steps": self.steps,
             "scale": self.scale,
             "applied": self.applied,
+            "drift": self.drift,
             "rows": [dict(row, shape=list(row["shape"])) for row in self.rows],
             "notes": list(self.notes),
         }
 
     def __str__(self) -> str:
-        cells = [[h for _, h, _ in _COLUMNS]]
+        per_layer = any("drift" in row for row in self.rows)
+        columns = [c for c in _COLUMNS if per_layer or c[0] != "drift"]
+        cells = [[h for _, h, _ in columns]]
         for row in self.rows:
             r = dict(row, shape="x".join(map(str, row["shape"])), iso_after=row["dfi_after"] / (row["taps"] * row["n"]))
-            cells.append([fmt.format(r[key]) for key, _, fmt in _COLUMNS])
-        widths = [max(len(line[k]) for line in cells) for k in range(len(_COLUMNS))]
+            cells.append(["-" if r.get(key) is None else fmt.format(r[key]) for key, _, fmt in columns])
+        widths = [max(len(line[k]) for line in cells) for k in range(len(columns))]
         lines = []
         for j, line in enumerate(cells):
             text = "  ".join(c.ljust(w) if k < 3 else c.rjust(w) for k, (c, w) in enumerate(zip(line, widths)))
@@ -90,6 +103,8 @@ class Report:
             f"FIRE method={self.method}{steps}, scale={self.scale!r}: {verb} {len(self.rows)} weights, "
             f"total SFE {self.total('sfe'):.4g}"
         )
+        if self.drift is not None:
+            lines.append(f"function drift on the probe: {self.drift:.4g} (||f_after(x) - f_before(x)|| / ||f_before(x)||)")
         lines.extend(self.notes)
         return "\n".join(lines)
 
