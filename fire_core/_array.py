@@ -78,6 +78,13 @@ def check_finite(x, xp, what: str = "input") -> None:
     """ValueError if ``x`` holds NaN or Inf. Skipped (no host sync possible) under tracing."""
     if is_tracing(x):
         return
+    # One reduction instead of an elementwise test and a second reduction: a NaN
+    # or Inf anywhere makes the sum NaN or Inf. Only a non-finite sum (which a
+    # finite array can also give, by overflow) is checked element by element.
+    with np.errstate(over="ignore", invalid="ignore"):  # NumPy would warn on Inf - Inf and overflow
+        total = xp.sum(x)
+    if bool(xp.isfinite(total)):
+        return
     if not bool(xp.all(xp.isfinite(x))):
         raise ValueError(f"{what}: contains NaN or Inf (shape {tuple(x.shape)})")
 
@@ -87,6 +94,8 @@ def to_floats(x) -> list[float]:
     if is_cupy_array(x):
         return x.get().astype(np.float64).tolist()
     if is_torch_array(x):
+        if callable(getattr(x, "full_tensor", None)):  # a DTensor: gather the (short) vector first
+            x = x.full_tensor()
         return x.detach().to("cpu", dtype=sys.modules["torch"].float64).tolist()
     try:
         return np.asarray(x, dtype=np.float64).tolist()

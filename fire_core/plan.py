@@ -8,11 +8,12 @@ which
    failure names the layer and nothing has been written;
 2. groups the matrices by (namespace, matrix shape, dtype, device), so conv
    taps and same-shaped layers share one batched projection;
-3. projects each group in chunks of whole layers of at most ``chunk_bytes``
-   (peak extra memory is bounded by a chunk, not by the model);
+3. projects each group in chunks of at most ``chunk_bytes`` of matrices (a
+   conv layer's taps may span chunks; peak extra memory is bounded by a
+   chunk and the largest layer, not by the model);
 4. hands each new weight, in its own layout and dtype, to ``write`` as soon
-   as its chunk is done, and measures SFE and DfI from the Gram matrices the
-   iteration already formed.
+   as its last matrix is done, and measures SFE and DfI from the Gram
+   matrices the iteration already formed.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .report import Report
 
 __all__ = ["reinit", "reinit_many", "CHUNK_BYTES"]
 
-CHUNK_BYTES = 64 * 2**20  # matrices projected in one batched call, in the compute dtype
+CHUNK_BYTES = 4 * 2**20  # matrices projected in one batched call, in the compute dtype (see _chunks)
 
 
 def reinit(w, /, layout: str = "oi", *, steps: int = 5, method: str = "fire", scale="fire"):
@@ -69,8 +70,9 @@ def reinit_many(
     check_scale(scale)
     entries = _validate(weights)
     rep = Report(method=method, steps=int(steps), scale=scale) if report else None
-    for chunk in _chunks(entries, chunk_bytes):
-        rows = _run_chunk(chunk, steps, method, scale, write, report)
+    pending = {"pieces": {}, "sums": {}}  # layers whose taps span chunks, until their last tap is done
+    for chunk in _chunks(entries, chunk_bytes, split_layers=scale != "norm"):
+        rows = _run_chunk(chunk, steps, method, scale, write, report, pending)
         if report:
             rep.rows.extend(rows)
     if report:
@@ -103,73 +105,194 @@ def _validate(weights) -> list[_Entry]:
     return entries
 
 
-def _chunks(entries: list[_Entry], chunk_bytes: int):
-    """Whole layers of one group, up to ``chunk_bytes`` each (a bigger layer is its own chunk)."""
+def _chunks(entries: list[_Entry], chunk_bytes: int, split_layers: bool = True):
+    """Pieces ``(entry, first tap, last tap + 1)`` of one group, up to ``chunk_bytes`` a chunk.
+
+    Small matrices (conv taps, small layers) batch by the hundred; big ones
+    go a few at a time, which on a CPU keeps each batch in cache (one huge
+    batched matmul is slower there than several cache-sized ones). With
+    ``split_layers`` a layer's taps may span chunks (at least one matrix a
+    chunk); without it (``scale="norm"`` needs whole layers) a bigger layer
+    is its own chunk.
+    """
     groups: dict[tuple, list[_Entry]] = {}
     for e in entries:
         groups.setdefault(e.key, []).append(e)
     for group in groups.values():
         chunk, size = [], 0
         for e in group:
-            if chunk and size + e.nbytes > chunk_bytes:
-                yield chunk
-                chunk, size = [], 0
-            chunk.append(e)
-            size += e.nbytes
+            taps, each = e.layout.taps, e.nbytes // e.layout.taps
+            start = 0
+            while start < taps:
+                room = (chunk_bytes - size) // each
+                if chunk and room < (1 if split_layers else taps):
+                    yield chunk
+                    chunk, size = [], 0
+                    continue
+                stop = taps if not split_layers else min(taps, start + max(room, 1))
+                chunk.append((e, start, stop))
+                size += (stop - start) * each
+                start = stop
         if chunk:
             yield chunk
 
 
-def _run_chunk(chunk: list[_Entry], steps, method, scale, write, report) -> list[dict]:
-    xp, work = chunk[0].xp, chunk[0].work
-    mats = [xp.astype(to_matrices(e.array, e.layout.text), work, copy=False) for e in chunk]
+def _run_chunk(chunk, steps, method, scale, write, report, pending) -> list[dict]:
+    """Project one chunk of pieces; write (and measure) every layer whose last piece it holds."""
+    xp, work = chunk[0][0].xp, chunk[0][0].work
+    dtype, dev = chunk[0][0].array.dtype, device_of(chunk[0][0].array)
+    mats = []
+    for e, lo, hi in chunk:
+        m = xp.astype(to_matrices(e.array, e.layout.text), work, copy=False)
+        mats.append(m if hi - lo == e.layout.taps else m[lo:hi, ...])
     batch = mats[0] if len(mats) == 1 else xp.concat(mats, axis=0)
     res = polar(batch, steps, method, xp, with_gram=report)
-    stats, start = [], 0
-    for e, old in zip(chunk, mats):
-        lay, stop = e.layout, start + e.layout.taps
-        p = res.p[start:stop, ...]
-        factor = scale_factor(scale, lay)
-        if factor is None:  # "norm": keep the layer's Frobenius norm
-            pn = xp.linalg.vector_norm(p)
+    # One factor per layer, spread over its taps: the whole chunk is scaled in one pass.
+    factors = [scale_factor(scale, e.layout) for e, _, _ in chunk]
+    if any(f is None for f in factors):  # "norm": keep each layer's Frobenius norm (whole layers here)
+        cols, start = [], 0
+        for (e, lo, hi), old in zip(chunk, mats):
+            stop = start + hi - lo
+            pn = xp.linalg.vector_norm(res.p[start:stop, ...])
             ok = pn > 0
-            factor = xp.where(ok, xp.linalg.vector_norm(old) / xp.where(ok, pn, xp.ones_like(pn)), xp.zeros_like(pn))
-        new = xp.astype(from_matrices(p * factor, lay.text, lay.shape), e.array.dtype, copy=False)
-        if report:
-            stats.append(_layer_stats(xp, res, start, stop, old, new, e, factor))
-        write(e.name, new)
+            f = xp.where(ok, xp.linalg.vector_norm(old) / xp.where(ok, pn, xp.ones_like(pn)), xp.zeros_like(pn))
+            cols.append(xp.broadcast_to(xp.reshape(f, (1, 1, 1)), (hi - lo, 1, 1)))
+            start = stop
+        column = xp.concat(cols, axis=0)
+    else:
+        column = _per_matrix(xp, factors, chunk, work, dev)
+    scaled = res.p * column
+    # Measures first: ``batch`` may be a view of a weight that ``write`` overwrites in place.
+    values = _measures(xp, res, batch, scaled, column, factors, chunk, dtype, work, dev) if report else None
+    done, start = [], 0
+    for e, lo, hi in chunk:
+        stop = start + hi - lo
+        piece, complete = scaled[start:stop, ...], True
+        if hi - lo < e.layout.taps:  # part of a layer: kept until the layer is complete
+            pieces = pending["pieces"].setdefault(e.name, [])
+            pieces.append(piece)
+            complete = hi == e.layout.taps
+            if complete:
+                piece = xp.concat(pending["pieces"].pop(e.name), axis=0)
+        if complete:
+            lay = e.layout
+            write(e.name, xp.astype(from_matrices(piece, lay.text, lay.shape), dtype, copy=False))
+        done.append((e, complete, start, stop))
         start = stop
     if not report:
         return []
-    values = to_floats(xp.reshape(xp.stack(stats), (-1,)))
+    values = to_floats(values)
+    total = int(batch.shape[0])
     rows = []
-    for k, e in enumerate(chunk):
-        scale_used, sfe, before, after = values[4 * k : 4 * k + 4]
+    for (e, complete, start, stop), factor in zip(done, factors):
+        sums = pending["sums"].setdefault(e.name, ([], [], []))
+        for k in range(3):  # SFE, DfI before, DfI after of each matrix of the piece
+            sums[k].extend(values[k * total + start : k * total + stop])
+        if not complete:
+            continue
+        del pending["sums"][e.name]
         lay = e.layout
+        if factor is None:
+            factor = values[3 * total + start]
+        sfe, before, after = (math.fsum(v) for v in sums)
         rows.append(
             dict(
                 name=e.name, shape=lay.shape, layout=lay.text, taps=lay.taps, n=min(lay.d_out, lay.d_in),
-                scale=scale_used, sfe=sfe, dfi_before=before, dfi_after=after,
+                scale=float(factor), sfe=sfe, dfi_before=before, dfi_after=after,
             )
         )
     return rows
 
 
-def _layer_stats(xp, res, start, stop, old, new, e, factor):
-    """(scale, SFE, DfI before, DfI after) of one layer as a float array of length 4."""
-    lay, work = e.layout, old.dtype
-    ref = scale_factor("fire", lay)
-    if res.gram0 is not None:  # the iteration formed the Gram of old / ||old|| already
-        nrm = res.norm[start:stop, ...]
-        gram_old = res.gram0[start:stop, ...] * (nrm * nrm)
+def _measures(xp, res, batch, scaled, column, factors, chunk, dtype, work, dev):
+    """SFE, DfI before and DfI after of every matrix of the chunk (and the "norm" factors), flat.
+
+    SFE compares the weight as written (rounded to its dtype) with the old
+    one; DfI before is taken of the old matrices over the reference scale, from
+    the Gram matrix the iteration formed; DfI after of the bare projection.
+    """
+    written = scaled if dtype == work else xp.astype(xp.astype(scaled, dtype), work)
+    diff = written - batch
+    ref = _per_matrix(xp, [scale_factor("fire", e.layout) for e, _, _ in chunk], chunk, work, dev)
+    if res.gram0 is not None:  # the iteration formed the Gram of batch / ||batch|| already
+        gram_old = res.gram0 * ((res.norm / ref) ** 2)
     else:
-        gram_old = small_gram(old, xp)
-    diff = xp.astype(to_matrices(new, lay.text), work) - old
-    return xp.stack(
-        [
-            xp.asarray(factor, dtype=work, device=device_of(old)),
+        gram_old = small_gram(batch / ref, xp)
+    eye = xp.eye(gram_old.shape[-1], dtype=work, device=dev)
+    per_matrix = [  # squared Frobenius norms, each one fused pass over its matrices
+        xp.linalg.vector_norm(diff, axis=(-2, -1)) ** 2,
+        xp.linalg.vector_norm(gram_old - eye, axis=(-2, -1)) ** 2,
+        xp.linalg.vector_norm(res.gram - eye, axis=(-2, -1)) ** 2,
+    ]
+    if factors[0] is None:
+        per_matrix.append(xp.reshape(column, (-1,)))
+    return xp.reshape(xp.stack(per_matrix), (-1,))
+
+
+def _per_matrix(xp, factors, chunk, work, dev):
+    """Per-layer numbers -> a ``(matrices in chunk, 1, 1)`` column, each repeated over its piece's taps."""
+    values = [float(f) for f, (_, lo, hi) in zip(factors, chunk) for _ in range(hi - lo)]
+    return xp.reshape(xp.asarray(values, dtype=work, device=dev), (-1, 1, 1))
+
+
+def measure(pairs: Iterable[tuple[str, object, object, str]], *, scale="fire", method=None, steps=None) -> Report:
+    """The rows of a FIRE :class:`Report` from ``(name, before, after, layout)`` pairs.
+
+    For a caller that holds the old and the new weights but not the projection
+    itself (a pure transform under ``jax.jit``, a checkpoint diff). ``scale``
+    must be the rule the new weights were made with; ``method`` and ``steps``
+    only label the report. The rows match those :func:`reinit_many` returns:
+
+    * ``sfe``: ``||after - before||_F^2``;
+    * ``dfi_before``: DfI of the old matrices divided by the reference scale
+      ``sqrt(d_out / d_in) / taps``;
+    * ``scale`` and ``dfi_after``: ``after`` is divided by the factor the
+      rule applied, and DfI is taken of what is left, i.e. of the bare
+      projection. For ``scale="norm"`` the factor depends on the projection,
+      which is not known here; the factor is then taken as the root mean
+      square singular value of ``after``, ``||after||_F / sqrt(taps * n)``,
+      so that ``dfi_after`` is the DfI of ``after`` rescaled to mean squared
+      singular value 1. That equals the row of :func:`reinit_many` whenever
+      the projection is an isometry (``method="svd"``, or ``"fast"`` once
+      converged) and reads 0 exactly then. A zero factor (a zero weight, or
+      ``scale=0``) is replaced by 1.
+
+    DfI is summed over a weight's taps. Values are Python floats: this needs
+    concrete arrays (one host transfer per weight), not tracers.
+    """
+    check_scale(scale)
+    rep = Report(method=method, steps=steps, scale=scale)
+    for name, before, after, layout in pairs:
+        xp = array_namespace(before, after)
+        work = work_dtype(before, xp, name)
+        work_dtype(after, xp, name)
+        if tuple(before.shape) != tuple(after.shape):
+            raise ValueError(f"{name}: before and after differ in shape, {tuple(before.shape)} vs {tuple(after.shape)}")
+        lay = parse_layout(layout, before.shape, name)
+        old = xp.astype(to_matrices(before, layout), work)
+        new = xp.astype(to_matrices(after, layout), work)
+        n = min(lay.d_out, lay.d_in)
+        factor = applied = scale_factor(scale, lay)
+        if factor is None:  # "norm": the RMS singular value of `after`
+            rms = xp.linalg.vector_norm(new) / math.sqrt(lay.taps * n)
+            factor = applied = xp.where(rms != 0, rms, xp.ones_like(rms))
+        elif factor == 0:
+            factor = 1.0
+        ref = scale_factor("fire", lay)
+        diff = new - old
+        stats = [
             xp.sum(diff * diff),
-            xp.sum(gram_dfi(gram_old / (ref * ref), xp)),
-            xp.sum(gram_dfi(res.gram[start:stop, ...], xp)),
+            xp.sum(gram_dfi(small_gram(old / ref, xp), xp)),
+            xp.sum(gram_dfi(small_gram(new / factor, xp), xp)),
         ]
-    )
+        if not isinstance(factor, float):
+            stats.append(factor)
+        values = to_floats(xp.stack(stats))
+        values = [values[3] if len(values) > 3 else applied] + values[:3]
+        rep.rows.append(
+            dict(
+                name=name, shape=lay.shape, layout=lay.text, taps=lay.taps, n=n,
+                scale=values[0], sfe=values[1], dfi_before=values[2], dfi_after=values[3],
+            )
+        )
+    return rep
