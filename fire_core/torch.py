@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .metrics import drift
 from .plan import reinit_many
 from .report import Report
 
@@ -60,6 +61,7 @@ def apply(
     layouts: Mapping[str, str] | None = None,
     dry_run: bool = False,
     report: bool = True,
+    probe=None,
 ) -> Report:
     """Re-initialize ``model``'s layer weights with FIRE, in place; returns the :class:`Report`.
 
@@ -95,6 +97,23 @@ def apply(
     change nothing. ``report=False`` measures nothing (no extra Gram matrix,
     no host sync): the returned Report then has no rows.
 
+    ``probe``: inputs to run the model on before and after (a tensor, a tuple
+    of positional inputs, or a dict of keyword inputs), under ``no_grad`` in
+    the model's current mode. ``Report.drift`` is the relative change of its
+    outputs, ``||f_after(x) - f_before(x)||_F / ||f_before(x)||_F``, and each
+    row's ``drift`` the same for the output of the module owning the weight
+    (the stability of the function, next to SFE, the stability of the
+    weights). Buffers (train-mode BatchNorm statistics) are restored after
+    each run and both runs draw the same random numbers (dropout masks)
+    without advancing the caller's generator. The first run comes before
+    anything is written, so a probe that does not fit the model fails with
+    nothing changed. With ``dry_run`` the new weights are written for the
+    second run and the old ones copied back bit for bit.
+
+    A model with running statistics (BatchNorm) gets a note in
+    ``Report.notes``: they describe the old weights; refresh them with
+    ``torch.optim.swa_utils.update_bn(loader, model)`` (docs/stability.md).
+
     Every selected weight is checked before any is written; on an error
     (NaN/Inf weight, bad option, unsupported parametrization, uninitialized
     lazy module) the model and the optimizer are left exactly as they were.
@@ -107,27 +126,51 @@ def apply(
         raise ValueError("dry_run=True computes the report only; it cannot be combined with report=False")
     model = _unwrap(model)
     targets, notes = _select(model, include, exclude, split or {}, layouts or {})
+    stats = _stats_note(model) if targets else None
+    if stats:
+        notes.append(stats)
+    if probe is not None:  # first, so that a probe that does not fit fails before anything is written
+        owners = _owners(model, targets)
+        probed = _run_probe(model, probe, owners)
+        saved = [(p, p.detach().clone()) for p in _written(targets)] if dry_run else []
+    write = not dry_run or probe is not None  # a dry run with a probe writes, measures and restores
 
     with _sharded(targets):
-        rows, pending = _project(targets, steps, method, scale, dry_run, report)
-    if not dry_run:
+        rows, pending = _project(targets, steps, method, scale, not write, report)
+    if write:
         with torch.no_grad():
             for t, values in pending:
                 for original, value in zip(t.originals, values):
                     original.detach().copy_(value)
+    drift = None
+    if probe is not None:
+        try:
+            after = _run_probe(model, probe, owners)
+        finally:
+            with torch.no_grad():
+                for p, old in saved:
+                    p.detach().copy_(old)
+        drift = _drifts(probed, after, rows)
 
     order = {t.name: k for k, t in enumerate(targets)}
     rows.sort(key=lambda row: order[row["name"]])
     if not report:
         notes.append(f"report=False: {len(targets)} weights projected, nothing measured")
-    result = Report(method=method, steps=int(steps), scale=scale, rows=rows, notes=notes, applied=not dry_run)
+    result = Report(
+        method=method, steps=int(steps), scale=scale, rows=rows, notes=notes, applied=not dry_run, drift=drift
+    )
     if optimizer is not None and not dry_run:
-        written = {}
-        for t in targets:
-            for p in t.originals if t.plist is not None else (t.param,):
-                written[id(p)] = p
-        reset_optimizer_state(optimizer, written.values())
+        reset_optimizer_state(optimizer, _written(targets))
     return result
+
+
+def _written(targets) -> list[torch.Tensor]:
+    """The tensors FIRE writes: each plain weight, or a parametrized weight's stored tensors, once."""
+    written = {}
+    for t in targets:
+        for p in t.originals if t.plist is not None else (t.param,):
+            written[id(p)] = p
+    return list(written.values())
 
 
 def _project(targets, steps, method, scale, dry_run, report):
@@ -514,3 +557,92 @@ def _check_optimizer(optimizer) -> None:
     state = getattr(optimizer, "state", None)
     if not hasattr(state, "pop") or not hasattr(optimizer, "param_groups"):
         raise TypeError(f"expected a torch.optim.Optimizer (with .state keyed by parameter), got {type(optimizer).__name__}")
+
+
+# --- probe (function drift) and normalization statistics -------------------------------
+
+
+def _probe_args(probe) -> tuple[tuple, dict]:
+    """``probe`` -> (args, kwargs) for ``model(*args, **kwargs)``: a tensor, a tuple of inputs, or a dict of keyword inputs."""
+    if isinstance(probe, torch.Tensor):
+        return (probe,), {}
+    if isinstance(probe, tuple):
+        return probe, {}
+    if isinstance(probe, Mapping):
+        return (), dict(probe)
+    raise TypeError(f"probe must be a tensor, a tuple of inputs or a dict of keyword inputs, got {type(probe).__name__}")
+
+
+def _float_tensors(out) -> list[torch.Tensor]:
+    """The floating-point tensors in a module's output (a tensor, or nested tuples, lists and dicts of them)."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _float_tensors(o)]
+    if isinstance(out, Mapping):
+        return [t for o in out.values() for t in _float_tensors(o)]
+    return []
+
+
+def _owners(model: nn.Module, targets) -> dict[str, nn.Module]:
+    """Report name -> the module that owns the weight (whose output the per-layer drift compares)."""
+    out = {}
+    for t in targets:
+        prefix = t.param_name.rpartition(".")[0]
+        out[t.name] = model.get_submodule(prefix) if prefix else model
+    return out
+
+
+def _run_probe(model: nn.Module, probe, owners: dict[str, nn.Module]):
+    """The model's outputs on the probe and each owner module's outputs, leaving no trace.
+
+    Runs under ``no_grad`` in the model's current mode. Buffers (BatchNorm
+    running statistics in train mode) are restored afterwards and the random
+    number generators are forked, so two calls see the same dropout masks
+    and the caller's RNG state is not advanced.
+    """
+    args, kwargs = _probe_args(probe)
+    modules = {id(m): m for m in owners.values()}
+    captured: dict[int, list] = {k: [] for k in modules}
+
+    def hook(mod, inputs, output):  # cloned: a later in-place op (ReLU(inplace=True)) must not change it
+        captured[id(mod)].extend(t.detach().clone() for t in _float_tensors(output))
+
+    handles = [m.register_forward_hook(hook) for m in modules.values()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            out = [t.detach().clone() for t in _float_tensors(model(*args, **kwargs))]
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    return out, {name: captured[id(m)] for name, m in owners.items()}
+
+
+def _stats_note(model: nn.Module) -> str | None:
+    """A note naming the modules with running statistics (BatchNorm), which FIRE leaves stale."""
+    names = [
+        name or type(mod).__name__
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats and mod.running_mean is not None
+    ]
+    if not names:
+        return None
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return (
+        f"note: running statistics of {shown} were measured with the old weights and no longer match; refresh them "
+        "with torch.optim.swa_utils.update_bn(loader, model) before evaluating in eval mode (docs/stability.md)"
+    )
+
+
+def _drifts(before, after, rows) -> float:
+    """The model's output drift; each row gets the drift of its owning module's output (None if it never ran)."""
+    (out_before, layers_before), (out_after, layers_after) = before, after
+    for row in rows:
+        b, a = layers_before.get(row["name"]), layers_after.get(row["name"])
+        row["drift"] = drift(b, a) if b and len(a) == len(b) else None
+    return drift(out_before, out_after)

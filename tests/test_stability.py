@@ -473,3 +473,162 @@ def test_nnx_update_notes_batch_stat_variables(x64):
 
     rep = ff.update(_nnx_model(nnx))
     assert any("BatchNorm running statistics (bn)" in n for n in rep.notes)
+
+
+# --- torch: probe, per-layer drift, running statistics ------------------------------------------------
+
+
+def _torch():
+    return pytest.importorskip("torch")
+
+
+def _mlp_with_dropout(torch, p=0.0):
+    torch.manual_seed(0)
+    nn = torch.nn
+    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Dropout(p), nn.Linear(7, 3)).double()
+
+
+def _cnn_with_bn(torch):
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3)).double()
+    model.train()
+    for _ in range(3):  # running statistics that have seen some data
+        model(torch.randn(8, 2, 4, 4, dtype=torch.float64))
+    return model
+
+
+def _relative(before, after):
+    return float(np.linalg.norm(after - before) / np.linalg.norm(before))
+
+
+def test_torch_probe_drift_equals_the_direct_computation():
+    torch = _torch()
+    import fire_core.torch as ft
+
+    model = _cnn_with_bn(torch).eval()
+    x = torch.randn(6, 2, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        f0 = model(x).numpy()
+    rep = ft.apply(model, probe=x)
+    with torch.no_grad():
+        f1 = model(x).numpy()
+    assert rep.drift == pytest.approx(_relative(f0, f1), rel=1e-12)
+    assert "function drift on the probe" in str(rep)
+
+
+def test_torch_probe_per_layer_drift_is_each_owning_modules_output_change():
+    torch = _torch()
+    import fire_core.torch as ft
+
+    model = _mlp_with_dropout(torch)
+    x = torch.randn(9, 5, dtype=torch.float64)
+    with torch.no_grad():
+        h0 = model[0](x)
+        outs0 = (h0.numpy().copy(), model[3](torch.relu(h0)).numpy())
+    rep = ft.apply(model, probe=x)
+    with torch.no_grad():
+        h1 = model[0](x)
+        outs1 = (h1.numpy().copy(), model[3](torch.relu(h1)).numpy())
+    assert rep["0.weight"]["drift"] == pytest.approx(_relative(outs0[0], outs1[0]), rel=1e-12)
+    assert rep["3.weight"]["drift"] == pytest.approx(_relative(outs0[1], outs1[1]), rel=1e-12)
+    assert rep.drift == pytest.approx(rep["3.weight"]["drift"], rel=1e-12)  # the last layer is the output
+    assert str(rep).splitlines()[0].split()[-1] == "drift"
+
+
+def test_torch_probe_in_train_mode_keeps_buffers_and_rng_and_sees_one_dropout_mask():
+    torch = _torch()
+    import fire_core.torch as ft
+
+    model = _mlp_with_dropout(torch, p=0.5).train()
+    x = torch.randn(9, 5, dtype=torch.float64)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        f0 = model(x).numpy()
+    torch.set_rng_state(state)
+    rep = ft.apply(model, probe=x)
+    assert torch.equal(torch.get_rng_state(), state)  # the probe did not advance the caller's RNG
+    with torch.no_grad():
+        f1 = model(x).numpy()  # the same mask as f0: drawn from the same RNG state
+    assert rep.drift == pytest.approx(_relative(f0, f1), rel=1e-12)
+
+
+def test_torch_probe_in_train_mode_leaves_batchnorm_statistics_alone():
+    torch = _torch()
+    import fire_core.torch as ft
+
+    model = _cnn_with_bn(torch)  # train mode: a forward pass would update the running statistics
+    twin = _cnn_with_bn(torch)
+    ft.apply(model, probe=torch.randn(5, 2, 4, 4, dtype=torch.float64))
+    ft.apply(twin)
+    for (name, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_torch_dry_run_with_probe_restores_every_weight_bit_for_bit():
+    torch = _torch()
+    import fire_core.torch as ft
+
+    model = _cnn_with_bn(torch).eval()
+    x = torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dry = ft.apply(model, probe=x, dry_run=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    real = ft.apply(model, probe=x)
+    assert not dry.applied and dry.drift == real.drift
+    assert [r["drift"] for r in dry] == [r["drift"] for r in real]
+
+
+def test_torch_probe_takes_a_tuple_of_inputs_and_attention_outputs():
+    torch = _torch()
+    import fire_core.torch as ft
+
+    torch.manual_seed(0)
+    attn = torch.nn.MultiheadAttention(8, 2, batch_first=True).double().eval()
+    q, kv = torch.randn(3, 4, 8, dtype=torch.float64), torch.randn(3, 5, 8, dtype=torch.float64)
+    with torch.no_grad():
+        o0, w0 = (t.numpy().copy() for t in attn(q, kv, kv))
+    rep = ft.apply(attn, probe=(q, kv, kv))
+    with torch.no_grad():
+        o1, w1 = (t.numpy() for t in attn(q, kv, kv))
+    both = math.sqrt((np.sum((o1 - o0) ** 2) + np.sum((w1 - w0) ** 2)) / (np.sum(o0**2) + np.sum(w0**2)))
+    assert rep.drift == pytest.approx(both, rel=1e-12)
+    assert rep["in_proj_weight[q]"]["drift"] == pytest.approx(both, rel=1e-12)  # the owner is the model itself
+
+
+def test_torch_bad_probe_is_a_type_error_and_changes_nothing():
+    torch = _torch()
+    import fire_core.torch as ft
+
+    model = _mlp_with_dropout(torch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match="probe"):
+        ft.apply(model, probe=[1, 2])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_torch_report_notes_stale_batchnorm_statistics():
+    torch = _torch()
+    import fire_core.torch as ft
+
+    rep = ft.apply(_cnn_with_bn(torch))
+    assert any("running statistics of 1" in n and "update_bn" in n for n in rep.notes)  # module "1": the BatchNorm
+    assert not any("running statistics" in n for n in ft.apply(_mlp_with_dropout(torch)).notes)
+
+
+def test_torch_update_bn_after_fire_refreshes_the_statistics_to_the_new_weights():
+    torch = _torch()
+    import fire_core.torch as ft
+    from torch.optim.swa_utils import update_bn
+
+    model = _cnn_with_bn(torch)
+    ft.apply(model)
+    batches = [torch.randn(8, 2, 4, 4, dtype=torch.float64) for _ in range(3)]
+    update_bn(batches, model)
+    with torch.no_grad():
+        h = torch.cat([model[0](b) for b in batches])  # the BatchNorm's inputs, with the new conv weight
+    bn = model[1]
+    np.testing.assert_allclose(bn.running_mean.numpy(), h.mean(dim=(0, 2, 3)).numpy(), rtol=1e-10)
