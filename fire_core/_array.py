@@ -32,7 +32,19 @@ __all__ = [
 
 
 def device_of(x):
-    """The array's device, or None where it has none to report (a JAX tracer)."""
+    """The array's device, or None where it has none to report (a JAX tracer, a JAX array on several devices).
+
+    A JAX array sharded over several devices reports its sharding as its
+    device, which cannot place a new array of another shape; new arrays made
+    next to it (``asarray(..., device=None)``) go to the default device and
+    JAX moves them as the sharded computation needs.
+    """
+    if is_jax_array(x):
+        try:
+            if len(x.sharding.device_set) > 1:
+                return None
+        except Exception:  # tracers have no concrete sharding
+            return None
     try:
         return device(x)
     except Exception:  # tracers and exotic wrappers

@@ -62,6 +62,7 @@ def apply(
     dry_run: bool = False,
     report: bool = True,
     probe=None,
+    distributed: str = "owner",
 ) -> Report:
     """Re-initialize ``model``'s layer weights with FIRE, in place; returns the :class:`Report`.
 
@@ -97,6 +98,16 @@ def apply(
     change nothing. ``report=False`` measures nothing (no extra Gram matrix,
     no host sync): the returned Report then has no rows.
 
+    ``distributed``: how DTensor (FSDP2) weights are projected; every rank
+    must call ``apply`` with the same arguments. ``"owner"`` (the default):
+    each weight is gathered whole to one owner rank (owners balanced by
+    cost), projected there, and its shards are sent back, so each rank
+    projects about ``1/world`` of the model; ``"replicate"``: every rank runs
+    the core on the DTensors themselves, through DTensor's sharded ops. Both
+    give the unsharded result and the complete report on every rank; see
+    ``docs/distributed.md`` (and :mod:`fire_core._distributed_torch` for the
+    placements the owner path takes; others go the ``"replicate"`` way).
+
     ``probe``: inputs to run the model on before and after (a tensor, a tuple
     of positional inputs, or a dict of keyword inputs), under ``no_grad`` in
     the model's current mode. ``Report.drift`` is the relative change of its
@@ -124,6 +135,8 @@ def apply(
         _check_optimizer(optimizer)
     if dry_run and not report:
         raise ValueError("dry_run=True computes the report only; it cannot be combined with report=False")
+    if distributed not in ("owner", "replicate"):
+        raise ValueError(f"distributed must be 'owner' or 'replicate', got {distributed!r}")
     model = _unwrap(model)
     targets, notes = _select(model, include, exclude, split or {}, layouts or {})
     stats = _stats_note(model) if targets else None
@@ -136,7 +149,7 @@ def apply(
     write = not dry_run or probe is not None  # a dry run with a probe writes, measures and restores
 
     with _sharded(targets):
-        rows, pending = _project(targets, steps, method, scale, not write, report)
+        rows, pending = _project(targets, steps, method, scale, not write, report, distributed)
     if write:
         with torch.no_grad():
             for t, values in pending:
@@ -173,12 +186,14 @@ def _written(targets) -> list[torch.Tensor]:
     return list(written.values())
 
 
-def _project(targets, steps, method, scale, dry_run, report):
+def _project(targets, steps, method, scale, dry_run, report, distributed="owner"):
     """Project everything; write the plain weights, return the values parametrizations must store.
 
     Parametrized weights are projected first, into buffers: what their
     parametrizations must store is worked out (and checked) before anything
     is written, so a parametrization that cannot hold the result fails cleanly.
+    DTensor weights for owner ranks are projected (and checked on every rank)
+    before the plain weights and written after them.
     """
     staged = [t for t in targets if t.plist is not None]
     plain = [t for t in targets if t.plist is None]
@@ -204,12 +219,24 @@ def _project(targets, steps, method, scale, dry_run, report):
                 done.add(id(t.plist))
                 pending.append((t, _originals_for(t, buffers[id(t.plist)])))
 
+    owner_runs = []
+    if distributed == "owner" and "torch.distributed.tensor" in sys.modules:
+        from . import _distributed_torch as owners
+
+        plain, meshes = owners.split_owned(plain)
+        for mesh, on_mesh in meshes.items():
+            run = owners.project_owned(
+                on_mesh, mesh, steps=steps, method=method, scale=scale, dry_run=dry_run, report=report
+            )
+            owner_runs.append(run)
+            rows += run.rows
+
     plain_by_name = {t.name: t for t in plain}
 
     def write(name, new):
         if not dry_run:
             t = plain_by_name[name]
-            t.param.detach()[t.index].copy_(new)
+            _write_block(t.param.detach(), t.index, new)
 
     with torch.no_grad():
         rep = reinit_many(
@@ -217,7 +244,32 @@ def _project(targets, steps, method, scale, dry_run, report):
             steps=steps, method=method, scale=scale, write=write, report=report,
         )
         rows += rep.rows if report else []
+    for run in owner_runs:
+        run.commit()
     return rows, pending
+
+
+def _write_block(weight, index, new) -> None:
+    """``weight[index] = new`` in place, also for a DTensor weight (``distributed="replicate"``).
+
+    A slice of a DTensor along a sharded axis is a new, redistributed
+    tensor, not a view, so a block (a q/k/v part) of a sharded weight is
+    written into a replicated copy of the whole weight, which is then copied
+    back in the weight's own placements; and DTensors copy in place only
+    between equal placements.
+    """
+    placements = getattr(weight, "placements", None)
+    if placements is None:
+        weight[index].copy_(new)
+        return
+    from torch.distributed.tensor import Replicate
+
+    mesh = weight.device_mesh
+    if index:
+        whole = weight.redistribute(mesh, [Replicate()] * mesh.ndim)
+        whole[index].copy_(new.redistribute(mesh, whole.placements) if new.placements != whole.placements else new)
+        new, index = whole, ()
+    weight.copy_(new.redistribute(mesh, placements) if new.placements != placements else new)
 
 
 def _sharded(targets):

@@ -1,0 +1,285 @@
+"""FIRE on DTensor (FSDP2) weights by owner ranks: each whole matrix is projected once, on one rank.
+
+The torch adapter hands this module its selected weights whose parameters are
+DTensors. Each parameter is given to one *owner* rank of its device mesh, the
+owners balanced by projection cost (greedy, largest first, as distributed
+Muon implementations assign their matrices). Then, per owner, one
+``torch.distributed.gather`` brings the owner the local shards of its
+parameters (padded to the size of ``torch.chunk``'s first chunk, so uneven
+shards travel in one buffer); the owner puts its weights together and
+projects them whole, batched, through :func:`fire_core.plan.reinit_many`;
+and, once every rank knows that every owner succeeded, one
+``torch.distributed.scatter`` per owner sends each rank its shard of the
+result, which is copied into the parameter's local storage. A rank thus holds
+about ``1/world`` of the model whole at a time, never all of it, and never
+runs Newton–Schulz on a shard. The report rows are exchanged with
+``all_gather_object``, so every rank returns the complete report.
+
+Handled here: DTensors on a one-dimensional mesh whose placement is
+``Shard(dim)`` with ``torch.chunk``'s split (what ``fully_shard`` makes) or
+``Replicate()`` (every rank already holds the whole weight and projects it
+itself, with no communication). Anything else (multi-dimensional meshes such
+as HSDP or FSDP + TP, strided or partial placements) is left to the caller,
+which projects it through DTensor ops (``distributed="replicate"``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from .layout import parse_layout
+from .plan import reinit_many
+
+__all__ = ["split_owned", "project_owned", "assign_owners", "matrix_cost", "OwnerRun", "last_stats"]
+
+#: Communication and work of the last owner-strategy call on this rank (for benchmarks and tests):
+#: ``sent``/``received`` bytes, ``weights`` projected here, ``cost`` of them, ``owners`` per parameter.
+last_stats: dict = {}
+
+
+def assign_owners(costs: list[float], world: int) -> list[int]:
+    """Owner rank of each item: largest cost first, each to the least loaded rank (lowest rank on ties).
+
+    Greedy longest-processing-time scheduling: the most loaded rank ends at most
+    4/3 of the optimum; with many matrices the ranks end nearly equal.
+    """
+    if world < 1:
+        raise ValueError(f"world size must be at least 1, got {world}")
+    load = [0.0] * world
+    owners = [0] * len(costs)
+    for k in sorted(range(len(costs)), key=lambda k: (-costs[k], k)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owners[k] = r
+        load[r] += costs[k]
+    return owners
+
+
+def matrix_cost(shape, layout: str) -> int:
+    """Work of projecting one weight: ``taps * d_out * d_in * min(d_out, d_in)`` (its matmuls' flops / steps)."""
+    lay = parse_layout(layout, shape)
+    return lay.taps * lay.d_out * lay.d_in * min(lay.d_out, lay.d_in)
+
+
+def owned(tensor) -> bool:
+    """True for a DTensor this module can project by owner ranks (see the module docstring)."""
+    if not isinstance(tensor, DTensor) or tensor.device_mesh.ndim != 1:
+        return False
+    (placement,) = tensor.placements
+    if type(placement) is Replicate:
+        return True
+    if type(placement) is not Shard:  # _StridedShard and Partial are not chunk-split
+        return False
+    mesh = tensor.device_mesh
+    return tuple(tensor.to_local().shape) == _piece_shape(tensor.shape, placement.dim, mesh.size(), mesh.get_local_rank())
+
+
+def split_owned(targets) -> tuple[list, dict]:
+    """``targets`` -> (those left to the caller, {device mesh: targets projected here by owner ranks})."""
+    rest, meshes = [], {}
+    for t in targets:
+        if owned(t.param):
+            meshes.setdefault(t.param.device_mesh, []).append(t)
+        else:
+            rest.append(t)
+    return rest, meshes
+
+
+def _piece_shape(shape, dim: int, world: int, r: int) -> tuple:
+    size = shape[dim]
+    chunk = -(-size // world)
+    out = list(shape)
+    out[dim] = max(0, min(chunk, size - r * chunk))
+    return tuple(out)
+
+
+@dataclass(eq=False)
+class _Param:
+    """One DTensor parameter and the blocks of it to project."""
+
+    param: DTensor
+    blocks: list  # (report name, index into the weight, layout)
+    owner: int = 0
+    full: torch.Tensor | None = None  # the whole weight, on its owner
+    new: torch.Tensor | None = None  # the projected whole weight, on its owner
+
+    @property
+    def dim(self) -> int:
+        return self.param.placements[0].dim
+
+
+@dataclass(eq=False)
+class OwnerRun:
+    """The projection done and checked on every rank; :meth:`commit` sends the results to the shards."""
+
+    params: list
+    mesh: object
+    rows: list = field(default_factory=list)
+    dry_run: bool = False
+
+    def commit(self) -> None:
+        if self.dry_run:
+            return
+        world, me = self.mesh.size(), self.mesh.get_local_rank()
+        group = self.mesh.get_group()
+        with torch.no_grad():
+            for p in self.params:
+                if isinstance(p.param.placements[0], Replicate):
+                    p.param.to_local().copy_(p.new)
+            sharded = [p for p in self.params if not isinstance(p.param.placements[0], Replicate)]
+            for owner in range(world):
+                mine = [p for p in sharded if p.owner == owner]
+                if not mine:
+                    continue
+                recv = torch.empty(sum(_padded_numel(p) for p in mine), **_like(mine[0]))
+                pieces = None
+                if me == owner:
+                    pieces = [torch.cat([_padded_piece(p.new, p, r) for p in mine]) for r in range(world)]
+                    last_stats["sent"] += sum(x.numel() * x.element_size() for r, x in enumerate(pieces) if r != me)
+                else:
+                    last_stats["received"] += recv.numel() * recv.element_size()
+                dist.scatter(recv, pieces, src=dist.get_global_rank(group, owner), group=group)
+                start = 0
+                for p in mine:
+                    n = _padded_numel(p)
+                    _unpad_into(p.param.to_local(), recv[start : start + n], p)
+                    start += n
+
+
+def project_owned(targets, mesh, *, steps, method, scale, dry_run, report) -> OwnerRun:
+    """Gather, project and check the weights of ``targets`` (``_Target``s on ``mesh``); nothing is written.
+
+    Collective: every rank of ``mesh`` must call it with the same targets in the
+    same order (as ``apply`` does on an FSDP2 model). An error on any owner
+    (a NaN weight, a bad option) is raised on every rank, before any write.
+    """
+    world, me = mesh.size(), mesh.get_local_rank()
+    group = mesh.get_group()
+    params: dict[int, _Param] = {}
+    for t in targets:
+        params.setdefault(id(t.param), _Param(t.param, [])).blocks.append((t.name, t.index, t.layout))
+    params = list(params.values())
+    costs = [
+        sum(matrix_cost(torch.empty(p.param.shape, device="meta")[index].shape, lay) for _, index, lay in p.blocks)
+        for p in params
+    ]
+    for p, owner in zip(params, assign_owners(costs, world)):
+        p.owner = owner
+    last_stats.clear()
+    last_stats.update(sent=0, received=0, weights=0, cost=0, world=world, owners=[p.owner for p in params])
+
+    # 1. Each owner gathers the shards of its weights (replicated weights are whole everywhere).
+    sharded = [p for p in params if not isinstance(p.param.placements[0], Replicate)]
+    with torch.no_grad():
+        for p in params:
+            if isinstance(p.param.placements[0], Replicate):
+                p.full = p.param.to_local()
+        for owner in range(world):
+            mine = [p for p in sharded if p.owner == owner]
+            if not mine:
+                continue
+            send = torch.cat([_padded_piece(p.param.to_local(), p, me, local=True) for p in mine])
+            bufs = [torch.empty_like(send) for _ in range(world)] if me == owner else None
+            if me == owner:
+                last_stats["received"] += (world - 1) * send.numel() * send.element_size()
+            else:
+                last_stats["sent"] += send.numel() * send.element_size()
+            dist.gather(send, bufs, dst=dist.get_global_rank(group, owner), group=group)
+            if me == owner:
+                start = 0
+                for p in mine:
+                    n = _padded_numel(p)
+                    p.full = _assemble([b[start : start + n] for b in bufs], p, world)
+                    start += n
+
+    # 2. Each owner projects its weights (replicated ones: every rank), batched; errors are collected.
+    here = [p for p in params if p.full is not None]
+    rows, error = [], None
+    try:
+        for p in here:
+            p.new = p.full.clone()
+        by_name = {}
+        items = []
+        for p in here:
+            for name, index, lay in p.blocks:
+                by_name[name] = (p, index)
+                items.append((name, p.full[index], lay))
+
+        def write(name, value):
+            p, index = by_name[name]
+            p.new[index].copy_(value)
+
+        with torch.no_grad():
+            rep = reinit_many(items, steps=steps, method=method, scale=scale, write=write, report=report)
+        if report:
+            # replicated weights are projected on every rank; their rows are reported by their owner
+            keep = {name for p in here if p.owner == me for name, _, _ in p.blocks}
+            rows = [row for row in rep.rows if row["name"] in keep]
+        last_stats["weights"] = sum(len(p.blocks) for p in here if p.owner == me)
+        last_stats["cost"] = sum(c for p, c in zip(params, costs) if p.owner == me)
+    except Exception as err:  # raised on every rank below, so that no rank waits in a collective
+        error = (type(err).__name__, str(err))
+        failure = err
+
+    # 3. Every rank learns every owner's rows and errors; then nothing or everything is written.
+    everything = [None] * world
+    dist.all_gather_object(everything, (error, rows), group=group)
+    if error is not None:
+        raise failure
+    for err, _ in everything:
+        if err is not None:
+            kind, message = err
+            raise {"TypeError": TypeError, "ValueError": ValueError}.get(kind, RuntimeError)(message)
+    all_rows = [row for _, part in everything for row in part]
+    return OwnerRun(params, mesh, all_rows, dry_run)
+
+
+# --- padding: each rank's piece of a weight travels as its mesh coordinate's torch.chunk, padded -------
+
+
+def _like(p: _Param) -> dict:
+    local = p.param.to_local()
+    return dict(dtype=local.dtype, device=local.device)
+
+
+def _padded_numel(p: _Param) -> int:
+    shape = list(p.param.shape)
+    world = p.param.device_mesh.size()
+    shape[p.dim] = -(-shape[p.dim] // world)
+    return math.prod(shape)
+
+
+def _padded_piece(x: torch.Tensor, p: _Param, r: int, local: bool = False) -> torch.Tensor:
+    """Rank ``r``'s chunk of the whole weight ``x`` (or ``x`` itself if ``local``), padded and flat."""
+    world = p.param.device_mesh.size()
+    size = p.param.shape[p.dim]
+    chunk = -(-size // world)
+    front = x.movedim(p.dim, 0)
+    if not local:
+        front = front[r * chunk : min((r + 1) * chunk, size)]
+    out = torch.zeros((chunk,) + tuple(front.shape[1:]), dtype=x.dtype, device=x.device)
+    out[: front.shape[0]] = front
+    return out.reshape(-1)
+
+
+def _assemble(flat_pieces, p: _Param, world: int) -> torch.Tensor:
+    """The whole weight from every rank's padded flat piece."""
+    shape = list(p.param.shape)
+    size = shape[p.dim]
+    chunk = -(-size // world)
+    rest = shape[: p.dim] + shape[p.dim + 1 :]
+    parts = []
+    for r, flat in enumerate(flat_pieces):
+        keep = max(0, min(chunk, size - r * chunk))
+        parts.append(flat.reshape([chunk] + rest)[:keep])
+    return torch.cat(parts).movedim(0, p.dim)
+
+
+def _unpad_into(local: torch.Tensor, flat: torch.Tensor, p: _Param) -> None:
+    front = local.movedim(p.dim, 0)
+    chunk = -(-p.param.shape[p.dim] // p.param.device_mesh.size())
+    front.copy_(flat.reshape((chunk,) + tuple(front.shape[1:]))[: front.shape[0]])

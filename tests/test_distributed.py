@@ -1,0 +1,268 @@
+"""Distributed FIRE: FSDP2 (DTensor) models on 2 gloo ranks, and sharded JAX arrays on 4 host devices.
+
+Each distributed case runs in a subprocess (ranks are spawned there; JAX's
+device count is fixed before jax is imported). The FSDP2 results are compared
+with the unsharded ``fire_core.torch.apply`` on the same weights, computed in
+this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torch.distributed.fsdp")
+from torch import nn  # noqa: E402
+
+import fire_core.torch as ft  # noqa: E402
+from fire_core._distributed_torch import assign_owners, matrix_cost  # noqa: E402
+
+# --- owner assignment --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
+def test_owner_assignment_covers_each_matrix_once_and_is_balanced(world):
+    rng = random.Random(world)
+    costs = [rng.choice([1, 3, 9, 27]) * rng.randint(1, 50) for _ in range(40)]
+    owners = assign_owners(costs, world)
+    assert len(owners) == len(costs) and all(0 <= r < world for r in owners)  # each matrix exactly one owner
+    loads = [sum(c for c, r in zip(costs, owners) if r == rank) for rank in range(world)]
+    assert sum(loads) == sum(costs)
+    # greedy largest-first: no rank ends more than the biggest single matrix above the mean
+    assert max(loads) <= sum(costs) / world + max(costs)
+    assert max(loads) <= 4 / 3 * max(sum(costs) / world, max(costs))  # LPT's bound against the optimum's lower bound
+
+
+def test_owner_assignment_of_equal_matrices_is_round_robin():
+    assert assign_owners([5] * 6, 3) == [0, 1, 2, 0, 1, 2]
+
+
+def test_matrix_cost_counts_taps_and_the_gram_side():
+    assert matrix_cost((8, 3), "oi") == 8 * 3 * 3
+    assert matrix_cost((4, 6, 3, 3), "oihw") == 9 * 4 * 6 * 4
+
+
+# --- FSDP2 on 2 gloo ranks ----------------------------------------------------------------------------
+
+MODEL = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):  # attention + MLP; 13 hidden units split 7 / 6 over 2 ranks
+        def __init__(self, d=10, heads=2, hidden=13):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+            self.norm = nn.LayerNorm(d)
+            self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+        def forward(self, x):
+            x = x + self.attn(x, x, x, need_weights=False)[0]
+            return x + self.fc2(torch.relu(self.fc1(self.norm(x))))
+
+    def transformer():  # the head's one row leaves rank 1 an empty shard
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 10), Block(), Block(), nn.Linear(10, 1)).double()
+    """
+)
+
+FSDP2_SCRIPT = MODEL + textwrap.dedent(
+    """
+    import json, sys, numpy as np, torch.distributed as dist, torch.multiprocessing as mp
+
+    def run(rank, port, out):
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        import fire_core.torch as ft
+        from fire_core import _distributed_torch as fd
+
+        mesh = init_device_mesh("cpu", (2,))
+        model, twin = transformer(), transformer()
+        for m in (model, twin):
+            for block in m[1:3]:
+                fully_shard(block, mesh=mesh)
+            fully_shard(m, mesh=mesh)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        torch.manual_seed(1)
+        model(torch.randn(3, 4, 5, dtype=torch.float64)).square().mean().backward()
+        opt.step()  # every parameter now has Adam state
+        with torch.no_grad():
+            for p, q in zip(twin.parameters(), model.parameters()):
+                p.to_local().copy_(q.to_local())
+        names = [n for n, _ in model.named_parameters()]
+        old = {n: p.full_tensor().detach().numpy().copy() for n, p in model.named_parameters()}
+        storage = [(p.placements, p.to_local().data_ptr(), tuple(p.to_local().shape)) for p in model.parameters()]
+        local = {n: p.to_local().detach().clone() for n, p in model.named_parameters()}
+
+        # a NaN on this rank's shard of a weight owned by the other rank: every rank fails, nothing changes
+        fd.last_stats.clear()
+        ft.apply(model, dry_run=True)
+        owners = fd.last_stats["owners"]
+        bad = "1.fc2.weight"
+        failed = []
+        with torch.no_grad():
+            shard = dict(model.named_parameters())[bad].to_local()
+            keep = shard[0, 0].item()
+            if rank == 0:
+                shard[0, 0] = float("nan")
+            try:
+                ft.apply(model, optimizer=opt)
+            except ValueError as err:
+                failed.append(str(err))
+            shard[0, 0] = keep
+        unchanged = all(torch.equal(p.to_local(), local[n]) for n, p in model.named_parameters())
+        states = sum(1 for p in model.parameters() if p in opt.state)
+
+        report = ft.apply(model, optimizer=opt)
+        stats = dict(fd.last_stats)
+        replicated = ft.apply(twin, distributed="replicate")
+        after = [(p.placements, p.to_local().data_ptr(), tuple(p.to_local().shape)) for p in model.parameters()]
+        new = {n: p.full_tensor().detach().numpy() for n, p in model.named_parameters()}
+        twin_new = {n: p.full_tensor().detach().numpy() for n, p in twin.named_parameters()}
+        kept_state = sorted(n for n, p in model.named_parameters() if p in opt.state)
+        np.savez(f"{out}-{rank}.npz", **{"old/" + n: v for n, v in old.items()}, **{"new/" + n: v for n, v in new.items()},
+                 **{"twin/" + n: v for n, v in twin_new.items()})
+        with open(f"{out}-{rank}.json", "w") as f:
+            json.dump(dict(report=report.to_dict(), replicated=replicated.to_dict(), stats=stats, owners=owners,
+                           storage_kept=storage == after, failed=failed, unchanged=unchanged, states=states,
+                           n_params=len(names), kept_state=kept_state), f)
+        dist.barrier()  # no rank tears gloo down while the other still talks
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        mp.spawn(run, args=(int(sys.argv[1]), sys.argv[2]), nprocs=2)
+    """
+)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory):
+    """Run the 2-rank FSDP2 script once; its per-rank outputs and the unsharded model's, for the tests below."""
+    tmp = tmp_path_factory.mktemp("fsdp2")
+    script = tmp / "fsdp2.py"
+    script.write_text(FSDP2_SCRIPT)
+    out = subprocess.run(
+        [sys.executable, str(script), str(_free_port()), str(tmp / "r")], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    ranks = []
+    for rank in range(2):
+        with np.load(tmp / f"r-{rank}.npz") as arrays:
+            tensors = {k: arrays[k] for k in arrays.files}
+        ranks.append((tensors, json.loads((tmp / f"r-{rank}.json").read_text())))
+    namespace = {}
+    exec(MODEL, namespace)
+    plain = namespace["transformer"]()
+    old = {k[len("old/") :]: v for k, v in ranks[0][0].items() if k.startswith("old/")}
+    plain.load_state_dict({k: torch.from_numpy(v) for k, v in old.items()})
+    report = ft.apply(plain)
+    return ranks, plain, report
+
+
+def test_fsdp2_owner_result_equals_unsharded_apply(fsdp2_run):
+    ranks, plain, _ = fsdp2_run
+    for tensors, _ in ranks:
+        for name, p in plain.named_parameters():
+            np.testing.assert_allclose(tensors["new/" + name], p.detach().numpy(), rtol=0, atol=1e-10, err_msg=name)
+
+
+def test_fsdp2_replicate_strategy_equals_unsharded_apply(fsdp2_run):
+    ranks, plain, _ = fsdp2_run
+    for tensors, info in ranks:
+        for name, p in plain.named_parameters():
+            np.testing.assert_allclose(tensors["twin/" + name], p.detach().numpy(), rtol=0, atol=1e-10, err_msg=name)
+
+
+def test_fsdp2_report_is_complete_and_equal_on_every_rank(fsdp2_run):
+    ranks, _, report = fsdp2_run
+    first = ranks[0][1]["report"]
+    assert ranks[1][1]["report"] == first
+    assert [row["name"] for row in first["rows"]] == report.names
+    for got, want in zip(first["rows"], report.rows):
+        for key in ("scale", "sfe", "dfi_before", "dfi_after"):
+            assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), (got["name"], key)
+    assert [row["name"] for row in ranks[0][1]["replicated"]["rows"]] == report.names
+
+
+def test_fsdp2_weights_stay_sharded_in_their_own_storage(fsdp2_run):
+    ranks, _, _ = fsdp2_run
+    assert all(info["storage_kept"] for _, info in ranks)  # placements, local data_ptr and shard shapes
+
+
+def test_fsdp2_optimizer_state_dropped_for_projected_weights_only(fsdp2_run):
+    ranks, plain, report = fsdp2_run
+    projected = {name.split("[")[0] for name in report.names}
+    others = sorted(n for n, _ in plain.named_parameters() if n not in projected)
+    for _, info in ranks:
+        assert info["states"] == info["n_params"]  # the failed call dropped nothing
+        assert info["kept_state"] == others
+
+
+def test_fsdp2_failure_on_one_rank_fails_every_rank_and_changes_nothing(fsdp2_run):
+    ranks, _, _ = fsdp2_run
+    for _, info in ranks:
+        assert len(info["failed"]) == 1 and "1.fc2.weight" in info["failed"][0] and "NaN" in info["failed"][0]
+        assert info["unchanged"]
+
+
+def test_fsdp2_work_is_split_over_owners(fsdp2_run):
+    ranks, _, report = fsdp2_run
+    stats = [info["stats"] for _, info in ranks]
+    assert stats[0]["owners"] == stats[1]["owners"]  # every rank agrees on the assignment
+    assert sorted(set(stats[0]["owners"])) == [0, 1]
+    assert stats[0]["weights"] + stats[1]["weights"] == len(report)  # each matrix projected on one rank
+    total = stats[0]["cost"] + stats[1]["cost"]
+    assert max(s["cost"] for s in stats) <= 0.6 * total
+    # no rank receives the whole model: what a rank receives is about the other rank's shards of its half
+    for s in stats:
+        assert 0 < s["received"] and 0 < s["sent"]
+
+
+# --- JAX arrays sharded over 4 host devices -----------------------------------------------------------------
+
+JAX_SCRIPT = textwrap.dedent(
+    """
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    import fire_core
+    jax.config.update("jax_enable_x64", True)
+    mesh = jax.make_mesh((4,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(64, 24))
+    k = rng.normal(size=(3, 3, 8, 12))
+    ws = jax.device_put(w, NamedSharding(mesh, P("x", None)))
+    ks = jax.device_put(k, NamedSharding(mesh, P(None, None, None, "x")))
+    assert np.max(np.abs(np.asarray(fire_core.reinit(ws, "io")) - np.asarray(fire_core.reinit(w, "io")))) <= 1e-12
+    got = {}
+    rep = fire_core.reinit_many([("w", ws, "io"), ("k", ks, "hwio")], write=got.__setitem__)
+    assert np.max(np.abs(np.asarray(got["k"]) - np.asarray(fire_core.reinit(k, "hwio")))) <= 1e-12
+    assert rep.names == ["w", "k"] and rep["k"]["taps"] == 9
+    print("OK")
+    """
+)
+
+
+def test_reinit_on_sharded_jax_arrays_outside_jit():
+    pytest.importorskip("jax")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-c", JAX_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
