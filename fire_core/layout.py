@@ -115,6 +115,20 @@ def scale_factor(scale, lay: Layout) -> float | None:
     variance of a conv layer's output. ``None``: 1 (the bare polar factor).
     A number: that number. ``"norm"`` keeps each layer's Frobenius norm and so
     depends on the data; the caller computes it.
+
+    When to use which. For weights with one matrix (Linear, attention:
+    ``taps = 1``) ``"fire"`` and ``"variance"`` coincide. They differ for conv
+    kernels: dividing each of ``k x k`` taps by ``k^2`` shrinks a conv
+    layer's output by about ``k`` against a variance-preserving orthogonal
+    conv, once per layer, so a CNN without normalization comes out of
+    ``"fire"`` with a much smaller output scale. ``"norm"`` changes only each
+    layer's direction, so the network's function moves least (highest
+    old-task accuracy right after FIRE); it also keeps weight norms that
+    training grew. ``None`` gives every singular value 1 (once converged).
+    BatchNorm after a layer cancels its scale in train mode, but its running
+    statistics go stale whatever the rule (refresh them). Measured effects
+    per architecture: ``docs/stability.md`` and
+    ``benchmarks/results/stability.md``.
     """
     check_scale(scale)
     if scale == "fire":

@@ -632,3 +632,15 @@ def test_torch_update_bn_after_fire_refreshes_the_statistics_to_the_new_weights(
         h = torch.cat([model[0](b) for b in batches])  # the BatchNorm's inputs, with the new conv weight
     bn = model[1]
     np.testing.assert_allclose(bn.running_mean.numpy(), h.mean(dim=(0, 2, 3)).numpy(), rtol=1e-10)
+
+
+def test_flax_report_notes_batch_stat_variables_of_a_whole_nnx_state(x64):
+    from flax import nnx
+
+    import fire_core.flax as ff
+
+    state = nnx.state(_nnx_model(nnx))
+    rep = ff.report(state, ff.apply(state))
+    assert any("BatchNorm running statistics (bn)" in n for n in rep.notes)
+    params = nnx.state(_nnx_model(nnx), nnx.Param)
+    assert not any("BatchNorm" in n for n in ff.report(params, ff.apply(params)).notes)
