@@ -53,7 +53,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._array import array_namespace, check_finite, is_torch_namespace, work_dtype
+from ._array import array_namespace, check_finite, device_of, is_torch_namespace, work_dtype
 
 __all__ = ["project", "METHODS", "fast_schedule"]
 
@@ -65,6 +65,11 @@ FIRE_STEP = (1.5, -0.5)
 # Design parameters of the "fast" schedule (see the module docstring).
 FAST_LOWER = 3e-4  # smallest singular value (relative to the largest) the schedule is built for
 FAST_SAFETY = 1.01  # Polar Express's margin: design on [l, 1.01 u] while l is small
+
+# The cubic runs on the small Gram side for matrices at least this many times
+# taller than wide (break-even is about 1.9), restarting every block of steps.
+GRAM_SIDE_RATIO = 3
+GRAM_SIDE_BLOCK = 5
 
 
 def check_method(method, steps) -> None:
@@ -125,13 +130,16 @@ def polar(x, steps: int, method: str, xp, *, with_gram: bool = False) -> Polar:
     norm = xp.linalg.vector_norm(x, axis=(-2, -1), keepdims=True)
     nonzero = norm > 0
     safe = xp.where(nonzero, norm, xp.ones_like(norm))  # exact guard: 0 -> 1, nothing else moves
-    gram0 = None
+    gram0 = gram = None
     if method == "svd":
         u, _, vh = xp.linalg.svd(x, full_matrices=False)
         p = xp.where(nonzero, u @ vh, xp.zeros_like(x))
+    elif method == "fire" and steps > 0 and max(m, n) >= GRAM_SIDE_RATIO * min(m, n):
+        p, gram0, gram = _newton_schulz_gram_side(x / safe, _schedule(method, steps), xp)
     else:
         p, gram0 = _newton_schulz(x / safe, _schedule(method, steps), xp, rebound=method == "fast")
-    gram = xp.matrix_transpose(p) @ p if with_gram else None
+    if with_gram and gram is None:
+        gram = xp.matrix_transpose(p) @ p
     if wide:
         p = xp.matrix_transpose(p)
     return Polar(p, norm, gram0, gram)
@@ -161,6 +169,38 @@ def _newton_schulz(x, schedule, xp, rebound: bool):
         else:  # quintic: a X + X (b A + c A^2), three matmuls
             x = _scaled_matmul_add(x, x, _scaled_matmul_add(a, a, a, coef[1], coef[2], xp), coef[0], 1.0, xp)
     return x, gram0
+
+
+def _newton_schulz_gram_side(x, schedule, xp):
+    """The cubic iteration of a tall ``m x n`` matrix run on its ``n x n`` side.
+
+    With ``B_k = a_k I + b_k A_k``, the step ``X_{k+1} = X_k B_k`` gives
+    ``X_k = X_0 Q_k`` with ``Q_k = B_0 ... B_{k-1}`` and, since ``B_k``
+    commutes with ``A_k``, ``A_{k+1} = X_{k+1}^T X_{k+1} = A_k B_k^2``. So a
+    step costs three ``n x n`` products instead of two ``m x n x n`` ones, plus
+    ``X_0^T X_0`` and ``X_0 Q`` once per block: 1.7x fewer flops at ``m = 4n``
+    over 5 steps. Unlike the direct iteration this recursion does not correct
+    its own rounding, so every ``GRAM_SIDE_BLOCK`` steps it restarts from the
+    actual ``X`` (which re-forms ``A`` from it); with that, float32 results are
+    as close to the float64 reference as the direct iteration's at 5 and 10
+    steps (about 3x its error at 20 steps with condition number 1e4), and
+    float64 results agree to 1e-15. Returns the result, the first Gram matrix
+    and the Gram matrix of the result (from the recursion, free).
+    """
+    n = x.shape[-1]
+    eye = xp.eye(n, dtype=x.dtype, device=device_of(x))
+    gram0 = None
+    for start in range(0, len(schedule), GRAM_SIDE_BLOCK):
+        a = xp.matrix_transpose(x) @ x
+        if gram0 is None:
+            gram0 = a
+        q = None
+        for beta, alpha in schedule[start : start + GRAM_SIDE_BLOCK]:
+            b = alpha * a + beta * eye
+            q = b if q is None else q @ b
+            a = (a @ b) @ b
+        x = x @ q
+    return x, gram0, a
 
 
 def _scaled_matmul_add(c, x, y, beta: float, alpha: float, xp):
