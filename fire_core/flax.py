@@ -56,6 +56,7 @@ from flax import nnx
 from ._array import check_finite
 from .conventions import _default_flax
 from .metrics import drift
+from .layout import parse_layout, scale_factor
 from .plan import measure, reinit_many
 
 __all__ = ["apply", "report", "reset_opt_state", "update", "select", "refresh_batch_stats"]
@@ -98,7 +99,9 @@ def apply(params, steps: int = 5, *, include=None, exclude=None, layouts=None, m
     # types, the default of jax.make_mesh) the core's sharded matmuls would need an output sharding
     # it cannot name, so those leaves run in auto mode; concrete leaves sharded over an Auto mesh
     # run in one jit with their shardings as output shardings. Either way XLA partitions the
-    # whole-matrix products (Gram matrices are all-reduced): nothing is projected per shard.
+    # whole-matrix products (Gram matrices are all-reduced), or, for at least one same-shaped leaf
+    # per device, each device projects whole leaves of a stack (_project_stacked): nothing is
+    # projected per shard.
     groups: dict[object, list] = {None: []}
     for leaf in chosen:
         key = _sharding_group(leaf.array)
@@ -112,9 +115,9 @@ def apply(params, steps: int = 5, *, include=None, exclude=None, layouts=None, m
             continue
         names = [name for name, _, _ in group]
 
-        def run(arrays, group=group, names=names):
+        def run(arrays, group=group, names=names, mesh=group_key[1]):
             out = {}
-            _project([(n, a, lay) for (n, _, lay), a in zip(group, arrays)], out, steps, method, scale)
+            _project_stacked([(n, a, lay) for (n, _, lay), a in zip(group, arrays)], out, steps, method, scale, mesh)
             return [out[n] for n in names]
 
         arrays = [array for _, array, _ in group]
@@ -357,6 +360,41 @@ def update(
 
 def _project(items, out: dict, steps, method, scale) -> None:
     reinit_many(items, steps=steps, method=method, scale=scale, write=out.__setitem__, report=False)
+
+
+def _project_stacked(items, out: dict, steps, method, scale, mesh) -> None:
+    """Sharded leaves, traced: same-shaped ones stacked on a new axis sharded over all of ``mesh``'s devices.
+
+    Each device then projects whole matrices of its part of the stack: the
+    weights move once each way (all-to-all) instead of every Gram product of
+    every step being all-reduced (measured in ``benchmarks/distributed.py``).
+    Only groups with at least one leaf per device are stacked (fewer would
+    leave devices idle); the rest, and ``scale="norm"`` (a factor per leaf),
+    go to XLA's sharded matmuls as they are.
+    """
+    devices = getattr(mesh, "size", 1)
+    if scale == "norm" or devices < 2 or not hasattr(mesh, "axis_names"):
+        return _project(items, out, steps, method, scale)
+    groups: dict[tuple, list] = {}
+    for name, array, layout in items:
+        groups.setdefault((tuple(array.shape), str(array.dtype), layout), []).append((name, array))
+    rest = []
+    for (shape, _, layout), members in groups.items():
+        if len(members) < devices:
+            rest += [(name, array, layout) for name, array in members]
+            continue
+        stack = jnp.stack([array for _, array in members])
+        spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
+        if isinstance(mesh, jax.sharding.Mesh):  # a concrete mesh (Auto axes); Explicit ones are the context's
+            spec = jax.sharding.NamedSharding(mesh, spec)
+        stack = jax.lax.with_sharding_constraint(stack, spec)
+        letter = next(c for c in "zyxwvutsrqpnmlkjhgfedcba" if c not in layout)  # the stack axis: one more tap axis
+        factor = scale_factor(scale, parse_layout(layout, shape))  # each leaf's own factor, not the stack's
+        new = {}
+        _project([("stack", stack, letter + layout)], new, steps, method, factor)
+        for k, (name, _) in enumerate(members):
+            out[name] = new["stack"][k]
+    _project(rest, out, steps, method, scale)
 
 
 def _sharding_group(x):

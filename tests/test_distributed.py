@@ -185,7 +185,7 @@ def test_fsdp2_owner_result_equals_unsharded_apply(fsdp2_run):
 
 def test_fsdp2_replicate_strategy_equals_unsharded_apply(fsdp2_run):
     ranks, plain, _ = fsdp2_run
-    for tensors, info in ranks:
+    for tensors, _ in ranks:
         for name, p in plain.named_parameters():
             np.testing.assert_allclose(tensors["twin/" + name], p.detach().numpy(), rtol=0, atol=1e-10, err_msg=name)
 
@@ -265,4 +265,50 @@ def test_reinit_on_sharded_jax_arrays_outside_jit():
     pytest.importorskip("jax")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     res = subprocess.run([sys.executable, "-c", JAX_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def test_unknown_distributed_strategy_is_refused_before_anything_is_written():
+    model = nn.Linear(3, 4)
+    before = model.weight.detach().clone()
+    with pytest.raises(ValueError, match="distributed"):
+        ft.apply(model, distributed="allgather")
+    assert torch.equal(model.weight, before)
+
+
+STACKED_SCRIPT = textwrap.dedent(
+    """
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    import fire_core.flax as ff
+    jax.config.update("jax_enable_x64", True)
+    rng = np.random.default_rng(0)
+    params = {f"layer{k}": {"kernel": rng.normal(size=(32, 24))} for k in range(5)}  # 5 same-shaped leaves
+    plain = ff.apply(jax.tree.map(jnp.asarray, params), scale="variance")
+    for mode in (AxisType.Explicit, AxisType.Auto):
+        mesh = jax.make_mesh((4,), ("x",), axis_types=(mode,))
+        shard = jax.tree.map(lambda a: NamedSharding(mesh, P("x", None)), params)
+        ps = jax.device_put(params, shard)
+        outs = [ff.apply(ps, scale="variance")]
+        if mode == AxisType.Explicit:
+            jitted = jax.jit(lambda p: ff.apply(p, scale="variance"))
+            outs.append(jitted(ps))
+            hlo = jitted.lower(ps).compile().as_text()
+            # each device projects whole matrices: weights move (all-to-all), no Gram product is all-reduced
+            assert "all-to-all" in hlo and "all-reduce" not in hlo, hlo
+        for out in outs:
+            for a, b, c in zip(jax.tree.leaves(out), jax.tree.leaves(plain), jax.tree.leaves(ps)):
+                assert a.sharding.is_equivalent_to(c.sharding, a.ndim), (mode, a.sharding, c.sharding)
+                assert np.max(np.abs(np.asarray(a) - np.asarray(b))) <= 1e-12, mode
+    print("OK")
+    """
+)
+
+
+def test_same_shaped_sharded_flax_leaves_are_projected_whole_per_device():
+    pytest.importorskip("flax")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-c", STACKED_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
