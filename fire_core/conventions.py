@@ -70,10 +70,9 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
-from ._array import array_namespace, device_of
-from .layout import check_scale, parse_layout
-from .plan import _validate, reinit_many
-from .polar import check_method
+from ._array import array_namespace
+from .layout import parse_layout
+from .plan import reinit_many
 from .report import Report
 
 __all__ = ["CONVENTIONS", "Target", "targets", "matches", "detect_convention", "is_real_float", "apply_inplace"]
@@ -355,16 +354,15 @@ def apply_inplace(
     is_array: Callable[[object], bool] | None = None,
     array_kind: str = "an array",
     context: Callable[[object], object] | None = None,
-    device: Callable[[object], object] = device_of,
 ) -> Report:
     """FIRE on a mapping of names to mutable arrays, written back in place.
 
     The shared driver of :func:`fire_core.cupy.apply` (and usable on a dict of
     NumPy arrays): targets by :func:`targets`, projected by
     :func:`fire_core.reinit_many`, each result written with
-    ``array[...] = new`` (or into its block). With ``context``, the weights
-    are handled one ``device(array)`` at a time inside ``context(array)``
-    (CuPy: make the arrays' device current, for the math and the writes).
+    ``array[...] = new`` (or into its block). ``context(array)`` is entered
+    around all work on that array's device (CuPy: make it current, for the
+    checks, the math and the writes; see :func:`fire_core.reinit_many`).
     Every weight, on every device, is validated before any is written.
     Non-floating arrays are left alone; a value that ``is_array`` rejects is a
     TypeError. The same array object under two names is projected once,
@@ -394,27 +392,6 @@ def apply_inplace(
     weights = [
         (t.name, floats[t.source_key] if t.index is None else floats[t.source_key][t.index], t.layout) for t in chosen
     ]
-    options = dict(steps=steps, method=method, scale=scale, write=write)
-    if context is None:
-        report = reinit_many(weights, **options)
-    else:
-        check_method(method, steps)
-        check_scale(scale)
-        _validate(weights)  # all devices checked before any is written
-        groups: dict[str, list] = {}
-        for w in weights:
-            groups.setdefault(str(device(w[1])), []).append(w)
-        report = None
-        for group in groups.values():
-            with context(group[0][1]):
-                part = reinit_many(group, **options)
-            if report is None:
-                report = part
-            else:
-                report.rows.extend(part.rows)
-        if report is None:
-            report = reinit_many([], **options)
-        order = {t.name: k for k, t in enumerate(chosen)}
-        report.rows.sort(key=lambda row: order[row["name"]])
+    report = reinit_many(weights, steps=steps, method=method, scale=scale, write=write, context=context)
     report.applied = not dry_run
     return report

@@ -18,8 +18,9 @@ which
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Iterable
+from typing import Callable, ContextManager, Iterable
 
 from ._array import array_namespace, check_finite, device_of, to_floats, work_dtype
 from .layout import check_scale, from_matrices, parse_layout, scale_factor, to_matrices
@@ -56,6 +57,7 @@ def reinit_many(
     write: Callable[[str, object], None],
     report: bool = True,
     chunk_bytes: int = CHUNK_BYTES,
+    context: Callable[[object], ContextManager] | None = None,
 ) -> Report | None:
     """FIRE on many named weights at once; ``write(name, new)`` receives each result.
 
@@ -65,20 +67,45 @@ def reinit_many(
     ``report`` (the default) a :class:`Report` is returned, which costs one
     host transfer per chunk; without it nothing leaves the device and the call
     traces under ``jax.jit``.
+
+    ``context(array)``, if given, is entered around all work on that array:
+    its validation, the batched projection of every chunk that holds it
+    (chunks never mix devices) and its write. CuPy makes the array's device
+    current this way.
     """
     check_method(method, steps)
     check_scale(scale)
-    entries = _validate(weights)
+    weights = list(weights)
+    if context is None:
+        context = _no_context
+    else:
+        write = _in_context(write, context, {name: w for name, w, _ in weights})
+    entries = _validate(weights, context)
     rep = Report(method=method, steps=int(steps), scale=scale) if report else None
     pending = {"pieces": {}, "sums": {}}  # layers whose taps span chunks, until their last tap is done
     for chunk in _chunks(entries, chunk_bytes, split_layers=scale != "norm"):
-        rows = _run_chunk(chunk, steps, method, scale, write, report, pending)
+        with context(chunk[0][0].array):
+            rows = _run_chunk(chunk, steps, method, scale, write, report, pending)
         if report:
             rep.rows.extend(rows)
     if report:
         order = {e.name: k for k, e in enumerate(entries)}
         rep.rows.sort(key=lambda row: order[row["name"]])
     return rep
+
+
+def _no_context(array):
+    return contextlib.nullcontext()
+
+
+def _in_context(write, context, arrays):
+    """``write`` wrapped to run inside ``context`` of the array it writes."""
+
+    def write_in_context(name, new):
+        with context(arrays[name]):
+            write(name, new)
+
+    return write_in_context
 
 
 class _Entry:
@@ -89,7 +116,7 @@ class _Entry:
         self.work, self.key, self.nbytes = work, key, nbytes
 
 
-def _validate(weights) -> list[_Entry]:
+def _validate(weights, context) -> list[_Entry]:
     entries, seen = [], set()
     for name, w, layout in weights:
         if name in seen:
@@ -98,7 +125,8 @@ def _validate(weights) -> list[_Entry]:
         xp = array_namespace(w)
         work = work_dtype(w, xp, name)
         lay = parse_layout(layout, w.shape, name)
-        check_finite(w, xp, name)
+        with context(w):
+            check_finite(w, xp, name)
         itemsize = 8 if work == xp.float64 else 4
         key = (id(xp), lay.d_out, lay.d_in, str(w.dtype), str(device_of(w)))
         entries.append(_Entry(name, w, lay, xp, work, key, math.prod(lay.matrix_shape) * itemsize))

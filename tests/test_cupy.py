@@ -174,7 +174,7 @@ def make_current(array):
 def test_each_device_is_current_for_its_own_arrays():
     arrays = on_devices(state())
     expected = expected_state(state(), steps=5)
-    apply_inplace(arrays, 5, context=make_current, device=lambda a: a.dev)
+    apply_inplace(arrays, 5, context=make_current)
     assert len(OnDevice.writes) == 6  # q, k, v blocks and three whole weights
     assert all(dev == current for dev, current in OnDevice.writes)
     for name in PROJECTED:
@@ -187,7 +187,7 @@ def test_bad_weight_on_one_device_stops_every_device():
     OnDevice.writes.clear()
     snapshot = {k: np.array(v, copy=True) for k, v in arrays.items()}
     with pytest.raises(ValueError, match=r"fc\.weight: contains NaN or Inf"):
-        apply_inplace(arrays, 5, context=make_current, device=lambda a: a.dev)
+        apply_inplace(arrays, 5, context=make_current)
     assert OnDevice.writes == []
     for name in arrays:
         np.testing.assert_array_equal(arrays[name], snapshot[name])
@@ -195,7 +195,7 @@ def test_bad_weight_on_one_device_stops_every_device():
 
 def test_report_rows_keep_the_names_order_across_devices():
     plain = apply_inplace(state(), 5)
-    split = apply_inplace(on_devices(state()), 5, context=make_current, device=lambda a: a.dev)
+    split = apply_inplace(on_devices(state()), 5, context=make_current)
     assert split.names == plain.names
     assert [r["sfe"] for r in split] == pytest.approx([r["sfe"] for r in plain], rel=1e-12)
 

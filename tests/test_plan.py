@@ -185,3 +185,32 @@ def test_import_fire_core_imports_no_framework():
     code = "import sys, fire_core; print(sorted(m for m in ('torch', 'jax', 'cupy', 'flax', 'jaxlib') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_weights_may_be_a_generator(rng):
+    weights = _model(rng)
+    out, rep = _run((w for w in weights), steps=3)
+    assert sorted(out) == sorted(n for n, _, _ in weights) and len(rep) == len(weights)
+
+
+def test_context_is_entered_around_each_arrays_checks_math_and_write(rng):
+    import contextlib
+
+    weights = _model(rng)
+    current, seen = [], []
+
+    @contextlib.contextmanager
+    def context(array):
+        current.append(id(array))
+        try:
+            yield
+        finally:
+            current.pop()
+
+    def write(name, new):
+        seen.append((name, current[-1] if current else None))
+
+    reinit_many(weights, steps=2, write=write, context=context)
+    ids = {n: id(w) for n, w, _ in weights}
+    assert sorted(n for n, _ in seen) == sorted(n for n, _, _ in weights)  # each weight written once
+    assert all(cur == ids[name] for name, cur in seen)
