@@ -392,8 +392,11 @@ def _project_stacked(items, out: dict, steps, method, scale, mesh) -> None:
         factor = scale_factor(scale, parse_layout(layout, shape))  # each leaf's own factor, not the stack's
         new = {}
         _project([("stack", stack, letter + layout)], new, steps, method, factor)
+        # the result pinned to the stack's sharding too: else XLA propagates the leaves' own
+        # shardings back into the iteration and all-gathers there (measured: 4x slower)
+        result = jax.lax.with_sharding_constraint(new["stack"], spec)
         for k, (name, _) in enumerate(members):
-            out[name] = new["stack"][k]
+            out[name] = result[k]
     _project(rest, out, steps, method, scale)
 
 

@@ -1,0 +1,318 @@
+"""FIRE on sharded models: communication and time per rank vs world size (CPU, gloo), and sharded JAX.
+
+Run from the repository root (needs the ``torch`` and ``jax`` extras):
+
+    python benchmarks/distributed.py           # writes benchmarks/results/distributed-cpu.md
+    python benchmarks/distributed.py --quick   # a small model, few repeats (smoke test of the script)
+
+PyTorch part: ``world`` CPU processes (1, 2, 4) join a gloo process group,
+each builds the same transformer-shaped model (float32; per block a
+``nn.MultiheadAttention`` with its fused ``in_proj_weight`` projected as q, k,
+v, and a 4x MLP; no embedding), shards it with FSDP2 (``fully_shard`` per
+block and at the root, on ``init_device_mesh("cpu", (world,))``) and times
+``fire_core.torch.apply`` (``report=True``, the default) on every rank. For
+the default ``distributed="owner"`` strategy the bytes each rank sent and
+received are counted by the implementation itself
+(``fire_core._distributed_torch.last_stats``: the payloads of its gathers and
+scatters, padding included, not the small ``all_gather_object`` of the report
+rows), with the share of the projection work (``taps * d_out * d_in * n``)
+each rank owned. ``distributed="replicate"`` (every rank runs the core on the
+DTensors, whose sharded matmuls communicate implicitly) is timed for
+comparison; its collectives are counted with ``CommDebugMode``.
+
+JAX part, in a subprocess with 4 host devices: the same kind of parameter
+tree as Flax kernels, every leaf sharded along its first axis
+(``P("x", None)``, FSDP style). ``jax.jit(fire_core.flax.apply)`` (XLA
+partitions each matrix's matmuls: the Gram products are all-reduced) is
+compared with stacking same-shaped leaves on a new leading axis sharded over
+the devices (each device then projects whole matrices; XLA moves the weights
+with all-to-all). The collectives of the compiled programs are read from the
+HLO text; wire bytes per device are estimated from each collective's result
+buffers (ring all-reduce ``2 (p-1)/p B``, all-gather and all-to-all
+``(p-1)/p B``). All times are the minimum over repeats, on a machine shared
+with other jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# --- PyTorch: FSDP2 on gloo ------------------------------------------------------------------------------
+
+
+def transformer(d: int, blocks: int):
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(d, max(1, d // 64), batch_first=True)
+            self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    torch.manual_seed(0)
+    return nn.Sequential(*(Block() for _ in range(blocks)))
+
+
+def _rank(rank, world, port, cfg, out):
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    import fire_core.torch as ft
+    from fire_core import _distributed_torch as fd
+
+    torch.set_num_threads(1)  # one core per rank, as ranks on one machine would be given
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    model = transformer(cfg["d"], cfg["blocks"])
+    for block in model:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    saved = [p.to_local().detach().clone() for p in model.parameters()]
+    result = {}
+    for strategy in ("owner", "replicate"):
+        times = []
+        for _ in range(cfg["repeats"]):
+            with torch.no_grad():
+                for p, s in zip(model.parameters(), saved):
+                    p.to_local().copy_(s)
+            dist.barrier()
+            t = time.perf_counter()
+            if strategy == "replicate" and not times:
+                with CommDebugMode() as comm:
+                    ft.apply(model, distributed=strategy)
+                counts = {str(k).split(".")[-1]: v for k, v in comm.get_comm_counts().items()}
+            else:
+                ft.apply(model, distributed=strategy)
+            times.append(time.perf_counter() - t)
+        entry = {"ms": 1e3 * min(times)}
+        if strategy == "owner":
+            stats = fd.last_stats
+            entry.update(sent=stats["sent"], received=stats["received"], weights=stats["weights"], cost=stats["cost"])
+        else:
+            entry.update(collectives=counts)
+        result[strategy] = entry
+    gathered = [None] * world
+    dist.all_gather_object(gathered, result)
+    if rank == 0:
+        Path(out).write_text(json.dumps(gathered))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torch_runs(cfg) -> dict[int, list[dict]]:
+    import torch.multiprocessing as mp
+
+    runs = {}
+    for world in cfg["worlds"]:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "ranks.json")
+            mp.spawn(_rank, args=(world, _free_port(), cfg, out), nprocs=world)
+            runs[world] = json.loads(Path(out).read_text())
+    return runs
+
+
+def model_facts(cfg) -> tuple[int, int]:
+    """(weights FIRE projects, their bytes in float32) of the benchmark model."""
+    import fire_core.torch as ft
+
+    model = transformer(cfg["d"], cfg["blocks"])
+    rep = ft.apply(model, dry_run=True)
+    return len(rep), sum(4 * r["taps"] * (r["shape"][0] * r["shape"][1]) for r in rep.rows)
+
+
+# --- JAX: current sharded path vs same-shaped leaves stacked over the devices --------------------------------
+
+JAX_CHILD = r"""
+import os, re, sys, json, time
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+import fire_core, fire_core.flax as ff
+from fire_core.layout import parse_layout, scale_factor
+
+cfg = json.loads(sys.argv[1])
+d, blocks, repeats = cfg["d"], cfg["blocks"], cfg["repeats"]
+mesh = jax.make_mesh((4,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+rng = np.random.default_rng(0)
+params = {f"block{k}": {name: {"kernel": rng.normal(size=shape).astype(np.float32)} for name, shape in
+          (("query", (d, d)), ("key", (d, d)), ("value", (d, d)), ("out", (d, d)), ("up", (d, 4 * d)), ("down", (4 * d, d)))}
+          for k in range(blocks)}
+shard = jax.tree.map(lambda a: NamedSharding(mesh, P("x", None)), params)
+ps = jax.device_put(params, shard)
+
+def stacked(tree, pin):
+    # same-shaped leaves on a new leading axis, sharded over the devices; each device projects whole matrices
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    groups = {}
+    for i, a in enumerate(leaves):
+        groups.setdefault((a.shape, str(a.dtype)), []).append(i)
+    out = list(leaves)
+    for (shape, _), idx in groups.items():
+        s = jax.lax.with_sharding_constraint(jnp.stack([leaves[i] for i in idx]), NamedSharding(mesh, P("x")))
+        new = fire_core.reinit(s, "zio", scale=scale_factor("fire", parse_layout("io", shape)))  # z: one tap per leaf
+        if pin:  # the result kept in the stack's sharding, as the adapter does
+            new = jax.lax.with_sharding_constraint(new, NamedSharding(mesh, P("x")))
+        for j, i in enumerate(idx):
+            out[i] = new[j]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+WIRE = {"all-reduce": lambda b: 2 * 3 / 4 * b, "all-gather": lambda b: 3 / 4 * b, "all-to-all": lambda b: 3 / 4 * b,
+        "reduce-scatter": lambda b: 3 * b, "collective-permute": lambda b: b}
+SIZE = {"f32": 4, "f64": 8, "bf16": 2, "f16": 2}
+
+def collectives(hlo):
+    counts, wire = {}, 0.0
+    for line in hlo.splitlines():
+        m = re.search(r"= (.*?) (all-reduce|all-gather|all-to-all|reduce-scatter|collective-permute)(-start)?\(", line)
+        if not m:
+            continue
+        counts[m.group(2)] = counts.get(m.group(2), 0) + 1
+        b = sum(SIZE[t] * int(np.prod([int(x) for x in dims.split(",") if x] or [1]))
+                for t, dims in re.findall(r"(f32|f64|bf16|f16)\[([\d,]*)\]", m.group(1)))
+        wire += WIRE[m.group(2)](b)
+    return counts, wire
+
+explicit = jax.make_mesh((4,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+ps_explicit = jax.device_put(params, jax.tree.map(lambda a: NamedSharding(explicit, P("x", None)), params))
+result = {}
+for name, f, args in (
+    ("current", jax.jit(ff.apply, out_shardings=shard), ps),
+    ("unpinned", jax.jit(lambda t: stacked(t, False), out_shardings=shard), ps),
+    ("stacked", jax.jit(lambda t: stacked(t, True), out_shardings=shard), ps),
+    ("adapter", jax.jit(ff.apply), ps_explicit),
+):
+    counts, wire = collectives(f.lower(args).compile().as_text())
+    out = jax.block_until_ready(f(args))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter(); jax.block_until_ready(f(args)); times.append(time.perf_counter() - t)
+    kept = all(a.sharding.is_equivalent_to(b.sharding, a.ndim) for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(args)))
+    result[name] = dict(collectives=counts, wire_mb=wire / 2**20, ms=1e3 * min(times), kept=kept, out=out)
+result["unpinned"].pop("out")
+a, b, c = (result[k].pop("out") for k in ("current", "stacked", "adapter"))
+result["max_diff"] = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+result["max_diff_adapter"] = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+                                 for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c)))
+print("RESULT " + json.dumps(result))
+"""
+
+
+def jax_run(cfg) -> dict:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    res = subprocess.run(
+        [sys.executable, "-c", JAX_CHILD, json.dumps(cfg)], capture_output=True, text=True, env=env, timeout=1800
+    )
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr[-3000:])
+    line = next(line for line in res.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
+
+
+# --- the report ------------------------------------------------------------------------------------------
+
+
+def render(cfg, facts, runs, jax_result, machine_line) -> str:
+    count, nbytes = facts
+    lines = [
+        "# FIRE on sharded models (CPU)",
+        "",
+        f"Machine: {machine_line}. Shared with other jobs; each torch rank runs one thread.",
+        "",
+        f"## PyTorch FSDP2, gloo: transformer d={cfg['d']}, {cfg['blocks']} blocks, float32",
+        "",
+        f"{count} weight matrices ({nbytes / 2**20:.1f} MiB) projected; steps=5, report on. "
+        f"Owner strategy (default): per-rank bytes counted by the implementation (gather + scatter payloads, "
+        f"padding included); replicate: collectives counted by `CommDebugMode` on its first call. "
+        f"Times: min over {cfg['repeats']} calls.",
+        "",
+        "| world | rank | owner: weights | owner: work share | owner: sent MiB | owner: received MiB | owner ms | replicate ms | replicate collectives |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for world, ranks in runs.items():
+        total = sum(r["owner"]["cost"] for r in ranks) or 1
+        for rank, r in enumerate(ranks):
+            o, rep = r["owner"], r["replicate"]
+            coll = ", ".join(f"{k} {v}" for k, v in sorted(rep["collectives"].items())) or "none"
+            lines.append(
+                f"| {world} | {rank} | {o['weights']} | {o['cost'] / total:.3f} | {o['sent'] / 2**20:.2f} | "
+                f"{o['received'] / 2**20:.2f} | {o['ms']:.0f} | {rep['ms']:.0f} | {coll} |"
+            )
+    lines += ["", "Slowest rank per world size (the call ends when the last rank is done):", ""]
+    lines += ["| world | owner ms | replicate ms |", "|---:|---:|---:|"]
+    for world, ranks in runs.items():
+        lines.append(
+            f"| {world} | {max(r['owner']['ms'] for r in ranks):.0f} | {max(r['replicate']['ms'] for r in ranks):.0f} |"
+        )
+    j = jax_result
+    lines += [
+        "",
+        f"## JAX, 4 host devices: {cfg['jax_blocks']} blocks of d={cfg['jax_d']} kernels "
+        f"(4 of d x d, d x 4d, 4d x d), float32, every leaf `P(\"x\", None)`",
+        "",
+        "| path | collectives in the compiled program | est. wire MiB per device | ms | shardings kept |",
+        "|---|---|---:|---:|---|",
+    ]
+    labels = {
+        "current": "`jax.jit(apply, out_shardings=...)`, Auto mesh: XLA's sharded matmuls",
+        "unpinned": "same-shaped leaves stacked, only the stack's input sharding constrained",
+        "stacked": "same-shaped leaves stacked, input and result constrained to the stack sharding",
+        "adapter": "`jax.jit(apply)`, Explicit mesh (the adapter stacks)",
+    }
+    for name in ("current", "unpinned", "stacked", "adapter"):
+        r = j[name]
+        coll = ", ".join(f"{k} {v}" for k, v in sorted(r["collectives"].items())) or "none"
+        lines.append(f"| {labels[name]} | {coll} | {r['wire_mb']:.2f} | {r['ms']:.0f} | {r['kept']} |")
+    lines += [
+        "",
+        f"Largest difference from the current path's results: stacked {j['max_diff']:.2g}, "
+        f"adapter {j['max_diff_adapter']:.2g} (float32).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a small model and few repeats (smoke test)")
+    ap.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/distributed-cpu.md)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        cfg = dict(d=64, blocks=2, repeats=2, worlds=(1, 2), jax_d=64, jax_blocks=4)
+    else:
+        cfg = dict(d=256, blocks=8, repeats=5, worlds=(1, 2, 4), jax_d=256, jax_blocks=8)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from speed import machine
+
+    runs = torch_runs(cfg)
+    jax_result = jax_run(dict(d=cfg["jax_d"], blocks=cfg["jax_blocks"], repeats=cfg["repeats"]))
+    text = render(cfg, model_facts(cfg), runs, jax_result, machine("cpu"))
+    out = args.out or RESULTS / ("distributed-cpu-quick.md" if args.quick else "distributed-cpu.md")
+    out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
