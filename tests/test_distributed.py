@@ -312,3 +312,18 @@ def test_same_shaped_sharded_flax_leaves_are_projected_whole_per_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     res = subprocess.run([sys.executable, "-c", STACKED_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_benchmark_script_quick_mode(tmp_path):
+    pytest.importorskip("jax")
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "distributed.py")
+    out = tmp_path / "distributed.md"
+    res = subprocess.run(
+        [sys.executable, script, "--quick", "--out", str(out)], capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = out.read_text()
+    assert "| 2 | 1 | 6 | 0.500 |" in text  # rank 1 of 2 owns half of the 12 matrices and half the work
+    assert "(the adapter stacks) | all-to-all" in text
