@@ -177,7 +177,7 @@ def project_owned(targets, mesh, *, steps, method, scale, dry_run, report) -> Ow
     with torch.no_grad():
         for p in params:
             if isinstance(p.param.placements[0], Replicate):
-                p.full = p.param.to_local()
+                p.full = p.param.to_local().detach()
         for owner in range(world):
             mine = [p for p in sharded if p.owner == owner]
             if not mine:
@@ -200,10 +200,7 @@ def project_owned(targets, mesh, *, steps, method, scale, dry_run, report) -> Ow
     here = [p for p in params if p.full is not None]
     rows, error = [], None
     try:
-        for p in here:
-            p.new = p.full.clone()
-        by_name = {}
-        items = []
+        by_name, items = {}, []
         for p in here:
             for name, index, lay in p.blocks:
                 by_name[name] = (p, index)
@@ -214,6 +211,8 @@ def project_owned(targets, mesh, *, steps, method, scale, dry_run, report) -> Ow
             p.new[index].copy_(value)
 
         with torch.no_grad():
+            for p in here:
+                p.new = p.full.detach().clone()
             rep = reinit_many(items, steps=steps, method=method, scale=scale, write=write, report=report)
         if report:
             # replicated weights are projected on every rank; their rows are reported by their owner

@@ -124,17 +124,24 @@ FSDP2_SCRIPT = MODEL + textwrap.dedent(
 
         report = ft.apply(model, optimizer=opt)
         stats = dict(fd.last_stats)
+        # a replicated DTensor weight: every rank projects it itself, no communication
+        from torch.distributed.tensor import Replicate, distribute_tensor
+        torch.manual_seed(2)
+        solo = nn.Linear(6, 4).double()
+        solo.weight = nn.Parameter(distribute_tensor(solo.weight.detach(), mesh, [Replicate()]))
+        solo_report = ft.apply(solo)
+        solo_new = solo.weight.to_local().detach().numpy()
         replicated = ft.apply(twin, distributed="replicate")
         after = [(p.placements, p.to_local().data_ptr(), tuple(p.to_local().shape)) for p in model.parameters()]
         new = {n: p.full_tensor().detach().numpy() for n, p in model.named_parameters()}
         twin_new = {n: p.full_tensor().detach().numpy() for n, p in twin.named_parameters()}
         kept_state = sorted(n for n, p in model.named_parameters() if p in opt.state)
         np.savez(f"{out}-{rank}.npz", **{"old/" + n: v for n, v in old.items()}, **{"new/" + n: v for n, v in new.items()},
-                 **{"twin/" + n: v for n, v in twin_new.items()})
+                 **{"twin/" + n: v for n, v in twin_new.items()}, solo=solo_new)
         with open(f"{out}-{rank}.json", "w") as f:
             json.dump(dict(report=report.to_dict(), replicated=replicated.to_dict(), stats=stats, owners=owners,
                            storage_kept=storage == after, failed=failed, unchanged=unchanged, states=states,
-                           n_params=len(names), kept_state=kept_state), f)
+                           n_params=len(names), kept_state=kept_state, solo_names=solo_report.names), f)
         dist.barrier()  # no rank tears gloo down while the other still talks
         dist.destroy_process_group()
 
@@ -199,6 +206,16 @@ def test_fsdp2_report_is_complete_and_equal_on_every_rank(fsdp2_run):
         for key in ("scale", "sfe", "dfi_before", "dfi_after"):
             assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), (got["name"], key)
     assert [row["name"] for row in ranks[0][1]["replicated"]["rows"]] == report.names
+
+
+def test_replicated_dtensor_weight_equals_unsharded_apply(fsdp2_run):
+    ranks, _, _ = fsdp2_run
+    torch.manual_seed(2)
+    solo = nn.Linear(6, 4).double()
+    ft.apply(solo)
+    for tensors, info in ranks:
+        np.testing.assert_allclose(tensors["solo"], solo.weight.detach().numpy(), rtol=0, atol=1e-12)
+        assert info["solo_names"] == ["weight"]
 
 
 def test_fsdp2_weights_stay_sharded_in_their_own_storage(fsdp2_run):
