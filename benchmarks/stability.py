@@ -44,7 +44,7 @@ training inputs (eval mode), and the test accuracy on the new task. Mean ±
 standard error over seeds, and the paired per-seed difference of the final
 accuracy to ``none``.
 
-    python benchmarks/stability.py            # full run (about 15 minutes on 2 cores)
+    python benchmarks/stability.py            # full run: 8 seeds, about 8 minutes on 2 cores
     python benchmarks/stability.py --quick    # < 1 minute, numbers not meaningful
 
 Writes ``benchmarks/results/stability.md``, ``stability.png`` and the raw
@@ -287,7 +287,7 @@ def write_markdown(results: dict, cfg: dict, path: Path, png: Path, seconds: flo
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="2 seeds, short phases: a smoke test under a minute")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per architecture (default 10; quick 2)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per architecture (default 8; quick 2)")
     p.add_argument("--archs", default=",".join(ARCHS), help=f"comma-separated subset of {ARCHS}")
     p.add_argument("--epochs1", type=int, default=None, help=f"phase-1 epochs (default per architecture {EPOCHS1}; quick 5)")
     p.add_argument("--epochs2", type=int, default=None, help="phase-2 epochs (default 10; quick 2)")
@@ -305,7 +305,7 @@ def main(argv=None) -> int:
     if bad or not archs:
         p.error(f"unknown architectures {bad}; choose from {ARCHS}")
     cfg = dict(
-        quick=a.quick, seeds=a.seeds or (2 if a.quick else 10), epochs1=a.epochs1 or (5 if a.quick else None),
+        quick=a.quick, seeds=a.seeds or (2 if a.quick else 8), epochs1=a.epochs1 or (5 if a.quick else None),
         epochs2=a.epochs2 or (2 if a.quick else 10), steps=a.steps, hidden=a.hidden, jobs=max(1, a.jobs),
         command=" ".join(["python benchmarks/stability.py", *(argv if argv is not None else sys.argv[1:])]),
     )
