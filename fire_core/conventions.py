@@ -115,7 +115,8 @@ def _candidates(name: str, sep: str, extra: str | None = None) -> list[str]:
     return out
 
 
-def _check_patterns(patterns, what: str):
+def check_patterns(patterns, what: str):
+    """An include/exclude argument as None, a callable or a list of glob strings (TypeError otherwise)."""
     if patterns is None or callable(patterns):
         return patterns
     if isinstance(patterns, str):
@@ -123,7 +124,7 @@ def _check_patterns(patterns, what: str):
     patterns = list(patterns)
     bad = [p for p in patterns if not isinstance(p, str)]
     if bad:
-        raise TypeError(f"{what}: expected glob pattern strings or a callable, got {bad!r}")
+        raise TypeError(f"{what}: expected glob strings or a callable (a glob pattern or a list of them), got {bad!r}")
     return patterns
 
 
@@ -261,8 +262,8 @@ def targets(
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown convention {convention!r}; expected one of {CONVENTIONS}")
-    include = _check_patterns(include, "include")
-    exclude = _check_patterns(exclude, "exclude")
+    include = check_patterns(include, "include")
+    exclude = check_patterns(exclude, "exclude")
     layouts = dict(layouts or {})
     for pattern, lay in layouts.items():
         if not isinstance(pattern, str) or not (lay is None or isinstance(lay, str)):

@@ -54,7 +54,7 @@ import numpy as np
 from flax import nnx
 
 from ._array import check_finite
-from .conventions import _default_flax
+from .conventions import _default_flax, check_patterns, matches
 from .metrics import drift
 from .layout import parse_layout, scale_factor
 from .plan import measure, reinit_many
@@ -473,37 +473,22 @@ def _names(tree) -> list[tuple[str, ...] | None]:
     return out
 
 
-def _patterns(arg, what: str):
-    if arg is None or callable(arg):
-        return arg
-    if isinstance(arg, str):
-        return [arg]
-    arg = list(arg)
-    if not all(isinstance(p, str) for p in arg):
-        raise TypeError(f"{what} must be a glob pattern, a list of them or a callable, got {arg!r}")
-    return arg
-
-
-def _matches(pattern: str, names: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase("/".join(names[:k]), pattern) for k in range(1, len(names) + 1))
-
-
 def _layout_matches(pattern: str, names: tuple[str, ...]) -> bool:
     """A ``layouts`` pattern names a leaf by its full path, or a module whose ``kernel`` it means."""
     if fnmatch.fnmatchcase("/".join(names), pattern):
         return True
-    return names[-1] == "kernel" and _matches(pattern, names[:-1])
+    return names[-1] == "kernel" and matches([pattern], "/".join(names[:-1]), "/")
 
 
 def _selected(rule, names, array) -> bool:
     if callable(rule):
         return bool(rule("/".join(names), array))
-    return any(_matches(p, names) for p in rule)
+    return matches(rule, "/".join(names), "/")
 
 
 def _plan(tree, include, exclude, layouts):
     """Flatten ``tree`` and choose the leaves to project, validating the selection arguments."""
-    include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
+    include, exclude = check_patterns(include, "include"), check_patterns(exclude, "exclude")
     if layouts is not None and not isinstance(layouts, Mapping):
         raise TypeError(f"layouts must be a mapping of glob patterns to layout strings, got {type(layouts).__name__}")
     leaves, treedef = _flatten(tree)
@@ -532,6 +517,6 @@ def _plan(tree, include, exclude, layouts):
         chosen.append(_Leaf(index, "/".join(names), array, layout))
     if include is not None and not callable(include):
         for pat in include:
-            if not any(_matches(pat, tuple(leaf.path.split("/"))) for leaf in chosen):
+            if not any(matches([pat], leaf.path, "/") for leaf in chosen):
                 raise ValueError(f"include pattern {pat!r} matches no projectable weight")
     return leaves, treedef, chosen

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .conventions import check_patterns, matches
 from .metrics import drift
 from .plan import reinit_many
 from .report import Report
@@ -350,30 +351,14 @@ def _default_weights(mod: nn.Module) -> dict[str, tuple[str, tuple | None]]:
     return {}
 
 
-def _prefixes(dotted: str) -> list[str]:
-    parts = dotted.split(".")
-    return [".".join(parts[: k + 1]) for k in range(len(parts))]
-
-
-def _matches(patterns: list[str], param_name: str, block_name: str) -> bool:
-    names = _prefixes(param_name)
-    for pat in patterns:
-        if pat == block_name or any(fnmatch.fnmatchcase(n, pat) for n in names + [block_name]):
-            return True
-    return False
-
-
 def _selector(spec, what: str):
     """include/exclude spec -> (callable(name, param_name, tensor) -> bool, patterns or None)."""
+    spec = check_patterns(spec, what)
     if spec is None:
         return None, None
     if callable(spec):
         return (lambda name, param_name, tensor: bool(spec(name, tensor))), None
-    patterns = [spec] if isinstance(spec, str) else list(spec)
-    for p in patterns:
-        if not isinstance(p, str):
-            raise TypeError(f"{what} must be glob strings or a callable, got {p!r}")
-    return (lambda name, param_name, tensor: _matches(patterns, param_name, name)), patterns
+    return (lambda name, param_name, tensor: matches(spec, param_name, target_name=name)), spec
 
 
 def _select(model, include, exclude, split, layouts):
@@ -393,7 +378,7 @@ def _select(model, include, exclude, split, layouts):
     used_layouts, used_splits, used_include = set(), set(), set()
     for param_name, mod, attr, layout, blocks in _candidates(model, layouts, used_layouts):
         for pat, spec in split.items():
-            if _matches([pat], param_name, param_name):
+            if matches([pat], param_name):
                 blocks = spec
                 used_splits.add(pat)
         plist = mod.parametrizations[attr] if parametrize.is_parametrized(mod, attr) else None
@@ -429,7 +414,7 @@ def _select(model, include, exclude, split, layouts):
         for name, index in _blocks(param_name, tensor, layout, blocks):
             if _selected(inc, exc, name, param_name, tensor):
                 chosen.append((name, index))
-                used_include.update(p for p in inc_patterns or () if _matches([p], param_name, name))
+                used_include.update(p for p in inc_patterns or () if matches([p], param_name, target_name=name))
         if not chosen:
             continue
         seen.add(key)
