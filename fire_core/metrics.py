@@ -14,7 +14,14 @@ import math
 
 from ._array import array_namespace, device_of, to_floats, work_dtype
 
-__all__ = ["sfe", "dfi", "drift", "gram_dfi", "small_gram"]
+# The plasticity diagnostics of activations (feature effective rank, dormant
+# units) live in fire_core.diagnostics and belong to the metrics API too.
+from .diagnostics import DORMANT_TAU, SRANK_DELTA, dormant_ratio, dormant_scores, srank
+
+__all__ = [
+    "sfe", "dfi", "drift", "gram_dfi", "small_gram",
+    "srank", "dormant_ratio", "dormant_scores", "SRANK_DELTA", "DORMANT_TAU",
+]
 
 
 def sfe(a, b, /):

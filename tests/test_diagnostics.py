@@ -216,3 +216,11 @@ def test_diagnostics_import_no_framework():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_diagnostics_are_part_of_fire_core_metrics():
+    import fire_core.diagnostics
+    import fire_core.metrics
+
+    for name in ("srank", "dormant_ratio", "dormant_scores"):
+        assert getattr(fire_core.metrics, name) is getattr(fire_core.diagnostics, name)
