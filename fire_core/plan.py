@@ -246,11 +246,10 @@ def _measures(xp, res, batch, scaled, column, factors, chunk, dtype, work, dev):
         gram_old = res.gram0 * ((res.norm / ref) ** 2)
     else:
         gram_old = small_gram(batch / ref, xp)
-    eye = xp.eye(gram_old.shape[-1], dtype=work, device=dev)
-    per_matrix = [  # squared Frobenius norms, each one fused pass over its matrices
-        xp.linalg.vector_norm(diff, axis=(-2, -1)) ** 2,
-        xp.linalg.vector_norm(gram_old - eye, axis=(-2, -1)) ** 2,
-        xp.linalg.vector_norm(res.gram - eye, axis=(-2, -1)) ** 2,
+    per_matrix = [
+        xp.linalg.vector_norm(diff, axis=(-2, -1)) ** 2,  # SFE in one pass
+        gram_dfi(gram_old, xp),
+        gram_dfi(res.gram, xp),
     ]
     if factors[0] is None:
         per_matrix.append(xp.reshape(column, (-1,)))
