@@ -25,6 +25,7 @@ __all__ = [
     "device_of",
     "is_tracing",
     "is_torch_namespace",
+    "is_plain_tensor",
     "check_finite",
     "work_dtype",
     "to_floats",
@@ -49,6 +50,15 @@ def device_of(x):
         return device(x)
     except Exception:  # tracers and exotic wrappers
         return None
+
+
+def is_plain_tensor(x) -> bool:
+    """A ``torch.Tensor`` itself: not a subclass (a DTensor, a FakeTensor while tracing).
+
+    Fast paths that write in place or pick kernels by device take only these.
+    """
+    torch = sys.modules.get("torch")
+    return torch is not None and type(x) is torch.Tensor
 
 
 def is_tracing(x) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from ._array import array_namespace, device_of, to_floats, work_dtype
+from ._array import array_namespace, device_of, is_plain_tensor, to_floats, work_dtype
 
 # The plasticity diagnostics of activations (feature effective rank, dormant
 # units) live in fire_core.diagnostics and belong to the metrics API too.
@@ -43,9 +43,18 @@ def small_gram(x, xp):
     return xt @ x if x.shape[-2] >= x.shape[-1] else x @ xt
 
 
-def gram_dfi(g, xp):
-    """``||g - I||_F^2`` over the last two axes of a batch of Gram matrices."""
-    d = g - xp.eye(g.shape[-1], dtype=g.dtype, device=device_of(g))
+def gram_dfi(g, xp, *, overwrite: bool = False):
+    """``||g - I||_F^2`` over the last two axes of a batch of Gram matrices.
+
+    With ``overwrite`` the caller hands ``g`` over: a PyTorch tensor then
+    has the identity subtracted from its diagonal in place, with no ``n x n``
+    temporary (those temporaries were a third of the report's time on a CPU).
+    """
+    if overwrite and is_plain_tensor(g):
+        g.diagonal(dim1=-2, dim2=-1).sub_(1)
+        d = g
+    else:
+        d = g - xp.eye(g.shape[-1], dtype=g.dtype, device=device_of(g))
     return xp.linalg.vector_norm(d, axis=(-2, -1)) ** 2  # one pass, no squared temporary
 
 

@@ -31,6 +31,7 @@ from .report import Report
 __all__ = ["reinit", "reinit_many", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 4 * 2**20  # matrices projected in one batched call, in the compute dtype (see _chunks)
+CHUNK_ALIGN = 2  # matrices a chunk holds a multiple of (see _chunks)
 
 
 def reinit(w, /, layout: str = "oi", *, steps: int = 5, method: str = "fire", scale="fire"):
@@ -133,36 +134,70 @@ def _validate(weights, context) -> list[_Entry]:
     return entries
 
 
-def _chunks(entries: list[_Entry], chunk_bytes: int, split_layers: bool = True):
+def _chunks(entries: list[_Entry], chunk_bytes: int, split_layers: bool = True, align: int = CHUNK_ALIGN):
     """Pieces ``(entry, first tap, last tap + 1)`` of one group, up to ``chunk_bytes`` a chunk.
 
     Small matrices (conv taps, small layers) batch by the hundred; big ones
     go a few at a time, which on a CPU keeps each batch in cache (one huge
     batched matmul is slower there than several cache-sized ones). With
-    ``split_layers`` a layer's taps may span chunks (at least one matrix a
-    chunk); without it (``scale="norm"`` needs whole layers) a bigger layer
-    is its own chunk.
+    ``split_layers`` a layer's taps may span chunks and every chunk holds a
+    multiple of ``align`` matrices (at least ``align``, even past
+    ``chunk_bytes``), except a group's last, which holds the remainder: a
+    batched matmul shares its batch among the threads, and an uneven share
+    (three matrices on two threads) idles one. Without ``split_layers``
+    (``scale="norm"`` needs whole layers) a bigger layer is its own chunk.
     """
     groups: dict[tuple, list[_Entry]] = {}
     for e in entries:
         groups.setdefault(e.key, []).append(e)
     for group in groups.values():
-        chunk, size = [], 0
+        if not split_layers:
+            yield from _whole_layer_chunks(group, chunk_bytes)
+            continue
+        each = group[0].nbytes // group[0].layout.taps
+        sizes = _chunk_sizes(sum(e.layout.taps for e in group), max(chunk_bytes // each, 1), align)
+        chunk, room = [], sizes.pop(0)
         for e in group:
-            taps, each = e.layout.taps, e.nbytes // e.layout.taps
-            start = 0
+            taps, start = e.layout.taps, 0
             while start < taps:
-                room = (chunk_bytes - size) // each
-                if chunk and room < (1 if split_layers else taps):
-                    yield chunk
-                    chunk, size = [], 0
-                    continue
-                stop = taps if not split_layers else min(taps, start + max(room, 1))
+                stop = min(taps, start + room)
                 chunk.append((e, start, stop))
-                size += (stop - start) * each
+                room -= stop - start
                 start = stop
-        if chunk:
+                if room == 0:
+                    yield chunk
+                    chunk, room = [], (sizes.pop(0) if sizes else 0)
+
+
+def _chunk_sizes(total: int, cap: int, align: int) -> list[int]:
+    """Matrices per chunk: ``cap`` rounded down to a multiple of ``align`` (at least ``align``), then the rest.
+
+    A small odd rest of big matrices (three on two threads, where one thread
+    would idle through the third) is cut into an aligned part and a last
+    chunk of its own, which the BLAS then spreads over all threads. For small
+    matrices (more than 64 to a chunk) another call costs more than it saves.
+    """
+    if cap > 1:
+        cap = max(cap - cap % align, align)
+    sizes = [cap] * (total // cap)
+    rest = total % cap
+    if rest % align and align < rest < 4 * align and cap <= 64:
+        sizes.append(rest - rest % align)
+        rest %= align
+    return sizes + ([rest] if rest else [])
+
+
+def _whole_layer_chunks(group: list[_Entry], chunk_bytes: int):
+    """Whole layers up to ``chunk_bytes`` a chunk; a bigger layer is its own chunk."""
+    chunk, size = [], 0
+    for e in group:
+        if chunk and size + e.nbytes > chunk_bytes:
             yield chunk
+            chunk, size = [], 0
+        chunk.append((e, 0, e.layout.taps))
+        size += e.nbytes
+    if chunk:
+        yield chunk
 
 
 def _run_chunk(chunk, steps, method, scale, write, report, pending) -> list[dict]:
@@ -174,7 +209,7 @@ def _run_chunk(chunk, steps, method, scale, write, report, pending) -> list[dict
         m = xp.astype(to_matrices(e.array, e.layout.text), work, copy=False)
         mats.append(m if hi - lo == e.layout.taps else m[lo:hi, ...])
     batch = mats[0] if len(mats) == 1 else xp.concat(mats, axis=0)
-    res = polar(batch, steps, method, xp, with_gram=report)
+    res = polar(batch, steps, method, xp, with_dfi=report)
     # One factor per layer, spread over its taps: the whole chunk is scaled in one pass.
     factors = [scale_factor(scale, e.layout) for e, _, _ in chunk]
     if any(f is None for f in factors):  # "norm": keep each layer's Frobenius norm (whole layers here)
@@ -242,14 +277,15 @@ def _measures(xp, res, batch, scaled, column, factors, chunk, dtype, work, dev):
     written = scaled if dtype == work else xp.astype(xp.astype(scaled, dtype), work)
     diff = written - batch
     ref = _per_matrix(xp, [scale_factor("fire", e.layout) for e, _, _ in chunk], chunk, work, dev)
-    if res.gram0 is not None:  # the iteration formed the Gram of batch / ||batch|| already
-        gram_old = res.gram0 * ((res.norm / ref) ** 2)
+    if res.gram0 is not None:  # the iteration formed the Gram of batch / ||batch|| already (ours now)
+        gram_old = res.gram0
+        gram_old *= (res.norm / ref) ** 2
     else:
         gram_old = small_gram(batch / ref, xp)
     per_matrix = [
         xp.linalg.vector_norm(diff, axis=(-2, -1)) ** 2,  # SFE in one pass
-        gram_dfi(gram_old, xp),
-        gram_dfi(res.gram, xp),
+        gram_dfi(gram_old, xp, overwrite=True),
+        res.dfi,
     ]
     if factors[0] is None:
         per_matrix.append(xp.reshape(column, (-1,)))

@@ -214,3 +214,30 @@ def test_context_is_entered_around_each_arrays_checks_math_and_write(rng):
     ids = {n: id(w) for n, w, _ in weights}
     assert sorted(n for n, _ in seen) == sorted(n for n, _, _ in weights)  # each weight written once
     assert all(cur == ids[name] for name, cur in seen)
+
+
+@pytest.mark.parametrize("total", [1, 2, 3, 7, 9, 27, 49, 100])
+@pytest.mark.parametrize("cap", [1, 2, 3, 4, 16, 1000])
+def test_chunk_sizes_share_out_evenly_over_two_threads(total, cap):
+    from fire_core.plan import _chunk_sizes
+
+    sizes = _chunk_sizes(total, cap, 2)
+    assert sum(sizes) == total and all(s > 0 for s in sizes)
+    aligned = max(cap - cap % 2, 2) if cap > 1 else 1
+    assert all(s <= aligned for s in sizes)
+    assert sizes[: total // aligned] == [aligned] * (total // aligned)  # full chunks first, then the rest
+    rest = sizes[total // aligned :]
+    if cap <= 64 and 2 < total % aligned < 8 and total % aligned % 2:
+        assert rest[-1] == 1 and rest[0] % 2 == 0  # 3 big matrices: a pair, then one alone
+    else:
+        assert len(rest) <= 1  # small matrices: the rest in one chunk, odd or not
+
+
+def test_a_layer_spanning_uneven_chunks_is_written_whole(rng):
+    """27 taps in chunks of 4 (and a pair and a single at the end): one write of the whole layer."""
+    w = rng.normal(size=(8, 8, 3, 3))
+    weights = [("a", w, "oihw"), ("b", rng.normal(size=(8, 8, 3, 3)), "oihw"), ("c", rng.normal(size=(8, 8, 3, 3)), "oihw")]
+    out, rep = _run(weights, steps=5, chunk_bytes=4 * 8 * 8 * 8)
+    for name, x, _ in weights:
+        np.testing.assert_allclose(out[name], reference_fire_conv(x, 5), rtol=0, atol=1e-12)
+    assert rep.names == ["a", "b", "c"]

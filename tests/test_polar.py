@@ -310,3 +310,51 @@ def test_torch_compile_equals_eager(rng, method, shape):
     w = torch.asarray(rng.normal(size=shape))
     compiled = torch.compile(lambda x: fire_core.project(x, 6, method=method), backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(w), fire_core.project(w, 6, method=method), rtol=0, atol=1e-12)
+
+
+# --- PyTorch CPU Gram matrices from column halves -------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(9, 9), (3, 20, 17), (2, 40, 16)])
+def test_gram_from_halves_equals_the_plain_product(rng, monkeypatch, shape):
+    """Thresholds lowered so small matrices take the halves path; odd widths split unevenly."""
+    torch = pytest.importorskip("torch")
+    import fire_core.polar as polar_mod
+    from fire_core._array import array_namespace
+
+    monkeypatch.setattr(polar_mod, "GRAM_HALVES_MIN", 2)
+    x = torch.asarray(rng.normal(size=shape))
+    g = polar_mod._gram(x, array_namespace(x))
+    torch.testing.assert_close(g, x.mT @ x, rtol=0, atol=1e-13)
+    assert torch.equal(g, g.mT)  # the lower block is the transpose of the upper one, exactly
+
+
+@pytest.mark.parametrize("shape", [(9, 9), (3, 20, 17), (2, 40, 16), (2, 600, 513)])
+def test_dfi_from_unassembled_halves_equals_the_gram_formula(rng, monkeypatch, shape):
+    torch = pytest.importorskip("torch")
+    import fire_core.polar as polar_mod
+    from fire_core._array import array_namespace
+
+    if shape[-1] < 512:
+        monkeypatch.setattr(polar_mod, "DFI_HALVES_MIN", 2)
+    p = rng.normal(size=shape)
+    p /= np.linalg.norm(p, axis=(-2, -1), keepdims=True) / np.sqrt(shape[-1])  # near DfI's natural scale
+    x = torch.asarray(p)
+    got = polar_mod._dfi(x, array_namespace(x)).numpy()
+    gram = np.swapaxes(p, -1, -2) @ p
+    want = np.sum((gram - np.eye(shape[-1])) ** 2, axis=(-2, -1))
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_large_torch_cpu_projection_through_halves_matches_numpy(rng):
+    """768 wide: every Gram of the iteration (and the report's DfI) goes through the halves."""
+    torch = pytest.importorskip("torch")
+    from fire_core.polar import GRAM_HALVES_MIN, polar
+    from fire_core._array import array_namespace
+
+    w = rng.normal(size=(GRAM_HALVES_MIN + 1, GRAM_HALVES_MIN))
+    x = torch.asarray(w)
+    got = polar(x, 5, "fire", array_namespace(x), with_dfi=True)
+    want = polar(w, 5, "fire", array_namespace(w), with_dfi=True)
+    np.testing.assert_allclose(got.p.numpy(), want.p, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(float(got.dfi), float(want.dfi), rtol=1e-12)
