@@ -24,13 +24,16 @@ Conv2d, one Newton–Schulz call per 2-D matrix (per spatial tap of a conv, per
 q/k/v block of ``c_attn``), then the ``sqrt(d_out/d_in)/taps`` scale. Both
 sides run the same number of steps; ``apply`` is timed with its report (SFE,
 DfI before/after per layer) and without (``report=False``). Times are the
-minimum over interleaved repeats, in milliseconds.
+minimum over interleaved rounds (15 by default), in milliseconds; the speed-up
+is also given as the median over rounds of each round's own ratio, which a
+slow spell of the machine moves less than it moves the minimum.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -132,8 +135,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_all(fns: dict, repeat: int, device: str, restore) -> dict[str, float]:
-    """Minimum wall time of each function in ms, repeats interleaved (fair under changing load).
+def time_all(fns: dict, repeat: int, device: str, restore) -> dict[str, list[float]]:
+    """Wall times of each function in ms, one per round, repeats interleaved (fair under changing load).
 
     ``restore()`` puts the original weights back before every call (untimed):
     FIRE applied over and over shrinks conv kernels by about 1/taps each time
@@ -143,7 +146,7 @@ def time_all(fns: dict, repeat: int, device: str, restore) -> dict[str, float]:
         restore()
         fn()
     _sync(device)
-    best = {k: float("inf") for k in fns}
+    times = {k: [] for k in fns}
     for _ in range(repeat):
         for k, fn in fns.items():
             restore()
@@ -151,8 +154,8 @@ def time_all(fns: dict, repeat: int, device: str, restore) -> dict[str, float]:
             t0 = time.perf_counter()
             fn()
             _sync(device)
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return {k: v * 1e3 for k, v in best.items()}
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
 def models(quick: bool, only=None):
@@ -196,26 +199,27 @@ def rows(quick: bool, device: str, repeat: int, only=None) -> list[dict]:
                 "apply_noreport": lambda: ft.apply(model, steps, split=split, report=False),
             }
             t = time_all(fns, repeat, device, restore)
+            paired = statistics.median(r / a for r, a in zip(t["reference"], t["apply"]))
             out.append(
                 dict(
-                    model=label, steps=steps, weights=sum(p.numel() for p in model.parameters() if p.ndim > 1), **t,
-                    err=check_agreement(make, split, steps, device),
+                    model=label, steps=steps, weights=sum(p.numel() for p in model.parameters() if p.ndim > 1),
+                    **{k: min(v) for k, v in t.items()}, paired=paired, err=check_agreement(make, split, steps, device),
                 )
             )
     return out
 
 
 def markdown_table(quick: bool = False, device: str = "cpu", repeat: int | None = None, only=None) -> list[str]:
-    repeat = repeat or (3 if quick else 5)
+    repeat = repeat or (3 if quick else 15)
     lines = [
         "| model | steps | reference loop (ms) | apply (ms) | apply, report=False (ms) | speed-up (with report) | "
-        "speed-up (no report) | report cost | max abs diff vs loop |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "same, median of rounds | speed-up (no report) | report cost | max abs diff vs loop |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows(quick, device, repeat, only):
         lines.append(
             f"| {r['model']} | {r['steps']} | {r['reference']:.1f} | {r['apply']:.1f} | {r['apply_noreport']:.1f} | "
-            f"{r['reference'] / r['apply']:.2f}x | {r['reference'] / r['apply_noreport']:.2f}x | "
+            f"{r['reference'] / r['apply']:.2f}x | {r['paired']:.2f}x | {r['reference'] / r['apply_noreport']:.2f}x | "
             f"{100 * (r['apply'] / r['apply_noreport'] - 1):+.0f}% | {r['err']:.1e} |"
         )
     return lines

@@ -26,6 +26,7 @@ __all__ = [
     "is_tracing",
     "is_torch_namespace",
     "is_plain_tensor",
+    "dense",
     "check_finite",
     "work_dtype",
     "to_floats",
@@ -109,6 +110,22 @@ def check_finite(x, xp, what: str = "input") -> None:
         return
     if not bool(xp.all(xp.isfinite(x))):
         raise ValueError(f"{what}: contains NaN or Inf (shape {tuple(x.shape)})")
+
+
+def dense(x, xp):
+    """``x`` in row-major order, copied only if it is not already.
+
+    A conv layer's taps are strided views of its kernel; everything done to
+    them elementwise (norms, scaling, differences) runs 3-4x faster on one
+    row-major copy. JAX arrays and array-api-strict's have no strides to fix.
+    """
+    if is_torch_array(x):
+        return x.contiguous()
+    if is_cupy_array(x):
+        return sys.modules["cupy"].ascontiguousarray(x)
+    if isinstance(x, np.ndarray):
+        return np.ascontiguousarray(x)
+    return x
 
 
 def to_floats(x) -> list[float]:

@@ -22,7 +22,7 @@ import contextlib
 import math
 from typing import Callable, ContextManager, Iterable
 
-from ._array import array_namespace, check_finite, device_of, to_floats, work_dtype
+from ._array import array_namespace, check_finite, dense, device_of, to_floats, work_dtype
 from .layout import check_scale, from_matrices, parse_layout, scale_factor, to_matrices
 from .metrics import gram_dfi, small_gram
 from .polar import check_method, polar
@@ -208,7 +208,7 @@ def _run_chunk(chunk, steps, method, scale, write, report, pending) -> list[dict
     for e, lo, hi in chunk:
         m = xp.astype(to_matrices(e.array, e.layout.text), work, copy=False)
         mats.append(m if hi - lo == e.layout.taps else m[lo:hi, ...])
-    batch = mats[0] if len(mats) == 1 else xp.concat(mats, axis=0)
+    batch = dense(mats[0], xp) if len(mats) == 1 else xp.concat(mats, axis=0)
     res = polar(batch, steps, method, xp, with_dfi=report)
     # One factor per layer, spread over its taps: the whole chunk is scaled in one pass.
     factors = [scale_factor(scale, e.layout) for e, _, _ in chunk]

@@ -374,7 +374,7 @@ def _select(model, include, exclude, split, layouts):
         _check_split(spec, pat)
     _refuse_wrappers(model)
 
-    targets, notes, seen = [], [], set()
+    targets, notes, seen, spans = [], [], set(), []
     used_layouts, used_splits, used_include = set(), set(), set()
     for param_name, mod, attr, layout, blocks in _candidates(model, layouts, used_layouts):
         for pat, spec in split.items():
@@ -397,6 +397,9 @@ def _select(model, include, exclude, split, layouts):
         key = id(plist if plist is not None else tensor)
         if key in seen:
             continue  # tied: projected once, under its first name
+        span = _span(tensor) if plist is None else None
+        if span is not None and _tied_by_memory(span, spans, param_name):
+            continue  # another Parameter viewing the same memory the same way: tied too
         originals = ()
         if plist is not None:
             # Refusals first (computing a spectral-normed weight updates its buffers),
@@ -418,6 +421,8 @@ def _select(model, include, exclude, split, layouts):
         if not chosen:
             continue
         seen.add(key)
+        if span is not None:
+            spans.append((*span, param_name))
         _refuse_hooks(mod, param_name)
         for name, index in chosen:
             param = tensor if plist is None else None
@@ -433,6 +438,40 @@ def _select(model, include, exclude, split, layouts):
         if pat not in used_include:
             notes.append(f"note: include pattern {pat!r} matched no weight")
     return targets, notes
+
+
+def _span(t: torch.Tensor):
+    """``(storage address, first byte, end byte, view)`` of a tensor's memory; None where there is none to see.
+
+    The bytes are the extent of the strided view, from its first element to
+    one past its last. Meta tensors and tensor subclasses without a storage
+    of their own (DTensor) report none.
+    """
+    try:
+        address = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    if address == 0 or t.numel() == 0:
+        return None
+    size = t.element_size()
+    start = t.storage_offset() * size
+    end = start + (1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))) * size
+    return address, start, end, (tuple(t.shape), t.stride(), t.dtype)
+
+
+def _tied_by_memory(span, spans, param_name: str) -> bool:
+    """True if an already chosen weight is the same view of the same memory; an error if it overlaps otherwise."""
+    address, start, end, view = span
+    for other_address, other_start, other_end, other_view, other_name in spans:
+        if other_address != address or end <= other_start or other_end <= start:
+            continue
+        if (start, view) == (other_start, other_view):
+            return True
+        raise ValueError(
+            f"{param_name}: shares memory with {other_name} without being the same weight "
+            "(an overlapping view); FIRE cannot project one without changing the other"
+        )
+    return False
 
 
 def _candidates(model, layouts, used_layouts):

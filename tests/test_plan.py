@@ -241,3 +241,24 @@ def test_a_layer_spanning_uneven_chunks_is_written_whole(rng):
     for name, x, _ in weights:
         np.testing.assert_allclose(out[name], reference_fire_conv(x, 5), rtol=0, atol=1e-12)
     assert rep.names == ["a", "b", "c"]
+
+
+def test_strided_taps_reach_the_projection_as_one_row_major_batch(rng, monkeypatch):
+    """A conv kernel's taps are strided views; the chunk is made row-major once (3-4x faster elementwise work)."""
+    torch = pytest.importorskip("torch")
+    import fire_core.plan as plan
+
+    seen = []
+    real = plan.polar
+
+    def spy(x, *args, **kw):
+        seen.append(x.is_contiguous())
+        return real(x, *args, **kw)
+
+    monkeypatch.setattr(plan, "polar", spy)
+    w = torch.asarray(rng.normal(size=(16, 8, 3, 3)))
+    before = w.clone()
+    out, rep = _run([("conv", w, "oihw")], steps=5, chunk_bytes=4 * 16 * 8 * 8)  # 4 taps a chunk: strided slices
+    assert seen and all(seen)
+    assert torch.equal(w, before)  # the copy is ours: the input is untouched
+    np.testing.assert_allclose(out["conv"].numpy(), reference_fire_conv(w.numpy(), 5), rtol=0, atol=1e-12)

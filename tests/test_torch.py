@@ -294,6 +294,34 @@ def test_tied_weight_is_projected_once():
     np.testing.assert_allclose(b.weight.detach().numpy(), fire_loop(w, 5), atol=1e-12)
 
 
+def test_distinct_parameters_sharing_storage_are_projected_once():
+    """``nn.Parameter(t)`` of another weight's tensor shares its storage: tied, though not the same object."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(6, 4).double(), nn.Linear(6, 4).double()
+    b.weight = nn.Parameter(a.weight.detach())
+    assert b.weight is not a.weight and b.weight.data_ptr() == a.weight.data_ptr()
+    w = a.weight.detach().numpy().copy()
+    report = ft.apply(nn.Sequential(a, b))
+    assert report.names == ["0.weight"]
+    np.testing.assert_allclose(a.weight.detach().numpy(), fire_loop(w, 5), atol=1e-12)
+    np.testing.assert_allclose(b.weight.detach().numpy(), fire_loop(w, 5), atol=1e-12)
+
+
+def test_overlapping_parameters_are_refused_and_nothing_changes():
+    torch.manual_seed(0)
+    flat = torch.randn(48, dtype=torch.float64)
+    a, b = nn.Linear(6, 4, bias=False).double(), nn.Linear(6, 4, bias=False).double()
+    a.weight = nn.Parameter(flat[:24].view(4, 6))
+    b.weight = nn.Parameter(flat[12:36].view(4, 6))  # rows 2-3 of a are rows 0-1 of b
+    before = flat.clone()
+    with pytest.raises(ValueError, match=r"1\.weight: shares memory with 0\.weight"):
+        ft.apply(nn.Sequential(a, b))
+    assert torch.equal(flat, before)
+    # Side by side in one buffer, without overlap, they are two weights.
+    b.weight = nn.Parameter(flat[24:].view(4, 6))
+    assert ft.apply(nn.Sequential(a, b)).names == ["0.weight", "1.weight"]
+
+
 def test_linear_head_tied_to_embedding_is_projected_once_under_the_head_name():
     model = seeded(Transformer)
     model.head.weight = model.embed.weight
