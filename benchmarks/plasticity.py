@@ -54,14 +54,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import platform
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +70,9 @@ import fire_core.torch
 from fire_core.demo import accuracy, digits, hidden_activations, make_mlp, make_optimizer, train
 from fire_core.diagnostics import dormant_ratio, srank
 from fire_core.layout import parse_layout, scale_factor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fmt, load_run, mean_se, save_run, seed_runner, write_outputs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("none", "reset", "S&P", "SWR", "FIRE-5", "FIRE-10", "FIRE-fast", "FIRE-svd")
@@ -200,16 +200,6 @@ def run_seed(setting: str, seed: int, cfg: dict) -> dict:
 
 
 # --- aggregation and output -------------------------------------------------------------
-
-
-def mean_se(values) -> tuple[float, float]:
-    v = np.asarray(values, dtype=float)
-    return float(v.mean()), (float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan"))
-
-
-def fmt(values, scale=1.0, digits=1) -> str:
-    m, s = mean_se(np.asarray(values) * scale)
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def fmt_g(values) -> str:
@@ -344,8 +334,7 @@ def main(argv=None) -> int:
     p.add_argument("--replot", type=Path, default=None, help="rewrite the .md and .png from a saved .json, run nothing")
     a = p.parse_args(argv)
     if a.replot is not None:
-        saved = json.loads(a.replot.read_text())
-        cfg, results, seconds = saved["cfg"], saved["results"], saved["seconds"]
+        cfg, results, seconds = load_run(a.replot)
         if "swr_sweep" in cfg:
             cfg["swr_sweep"] = {float(lam): v for lam, v in cfg["swr_sweep"].items()}
         return _write(results, cfg, a.replot.with_suffix(""), seconds)
@@ -362,9 +351,7 @@ def main(argv=None) -> int:
         command=" ".join(["python benchmarks/plasticity.py", *(argv if argv is not None else sys.argv[1:])]),
     )
     started = time.perf_counter()
-    pool = ProcessPoolExecutor(cfg["jobs"], mp_context=get_context("spawn")) if cfg["jobs"] > 1 else None
-    run_all = (lambda jobs: list(pool.map(run_seed, *zip(*jobs)))) if pool else (lambda jobs: [run_seed(*j) for j in jobs])
-    try:
+    with seed_runner(run_seed, cfg["jobs"]) as run_all:
         if "SWR" in methods and a.swr_lambda is None and not a.quick:
             # SWR's coefficient: the best of the grid on held-out seeds, in the setting that loses plasticity
             grid = [dict(cfg, methods=["SWR"], swr_lambda=lam) for lam in SWR_GRID]
@@ -374,25 +361,17 @@ def main(argv=None) -> int:
             cfg["swr_lambda"] = max(SWR_GRID, key=lambda lam: np.mean(cfg["swr_sweep"][lam]))
         jobs = [(s, seed, cfg) for s in settings for seed in range(cfg["seeds"])]
         done = run_all(jobs)
-    finally:
-        if pool:
-            pool.shutdown()
     results = {s: [r for (s2, _, _), r in zip(jobs, done) if s2 == s] for s in settings}
     seconds = time.perf_counter() - started
-
-    a.out.mkdir(parents=True, exist_ok=True)
     stem = a.out / ("plasticity-quick" if a.quick else "plasticity")
-    stem.with_suffix(".json").write_text(json.dumps({"cfg": cfg, "results": results, "seconds": seconds}))
+    save_run(stem, cfg, results, seconds)
     return _write(results, cfg, stem, seconds)
 
 
 def _write(results: dict, cfg: dict, stem: Path, seconds: float) -> int:
-    md, png = stem.with_suffix(".md"), stem.with_suffix(".png")
-    plot(results, cfg, png)
-    write_markdown(results, cfg, md, png, seconds)
-    print(md.read_text())
-    print(f"wrote {md} and {png} ({seconds:.0f} s of runs)", file=sys.stderr)
-    return 0
+    return write_outputs(
+        stem, lambda png: plot(results, cfg, png), lambda md, png: write_markdown(results, cfg, md, png, seconds), seconds
+    )
 
 
 if __name__ == "__main__":

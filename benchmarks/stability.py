@@ -55,17 +55,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import math
 import os
 import platform
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
@@ -74,7 +69,8 @@ import fire_core.torch
 from fire_core.demo import BATCH, accuracy, digits, make_mlp, make_optimizer, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plasticity import fmt, mean_se, phase1_task  # noqa: E402
+from common import fmt, load_run, mean_se, save_run, seed_runner, write_outputs  # noqa: E402
+from plasticity import phase1_task  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ARCHS = ("cnn", "cnn-bn", "mlp", "transformer")
@@ -298,8 +294,8 @@ def main(argv=None) -> int:
     p.add_argument("--replot", type=Path, default=None, help="rewrite the .md and .png from a saved .json")
     a = p.parse_args(argv)
     if a.replot is not None:
-        saved = json.loads(a.replot.read_text())
-        return _write(saved["results"], saved["cfg"], a.replot.with_suffix(""), saved["seconds"])
+        cfg, results, seconds = load_run(a.replot)
+        return _write(results, cfg, a.replot.with_suffix(""), seconds)
     archs = [s for s in a.archs.split(",") if s]
     bad = sorted(set(archs) - set(ARCHS))
     if bad or not archs:
@@ -311,26 +307,19 @@ def main(argv=None) -> int:
     )
     started = time.perf_counter()
     jobs = [(arch, seed, cfg) for arch in archs for seed in range(cfg["seeds"])]
-    if cfg["jobs"] > 1:
-        with ProcessPoolExecutor(cfg["jobs"], mp_context=get_context("spawn")) as pool:
-            done = list(pool.map(run_seed, *zip(*jobs)))
-    else:
-        done = [run_seed(*j) for j in jobs]
+    with seed_runner(run_seed, cfg["jobs"]) as run_all:
+        done = run_all(jobs)
     results = {arch: [r for (a2, _, _), r in zip(jobs, done) if a2 == arch] for arch in archs}
     seconds = time.perf_counter() - started
-    a.out.mkdir(parents=True, exist_ok=True)
     stem = a.out / ("stability-quick" if a.quick else "stability")
-    stem.with_suffix(".json").write_text(json.dumps({"cfg": cfg, "results": results, "seconds": seconds}))
+    save_run(stem, cfg, results, seconds)
     return _write(results, cfg, stem, seconds)
 
 
 def _write(results: dict, cfg: dict, stem: Path, seconds: float) -> int:
-    md, png = stem.with_suffix(".md"), stem.with_suffix(".png")
-    plot(results, png)
-    write_markdown(results, cfg, md, png, seconds)
-    print(md.read_text())
-    print(f"wrote {md} and {png} ({seconds:.0f} s of runs)", file=sys.stderr)
-    return 0
+    return write_outputs(
+        stem, lambda png: plot(results, png), lambda md, png: write_markdown(results, cfg, md, png, seconds), seconds
+    )
 
 
 if __name__ == "__main__":
