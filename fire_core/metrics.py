@@ -50,7 +50,7 @@ def gram_dfi(g, xp, *, overwrite: bool = False):
     has the identity subtracted from its diagonal in place, with no ``n x n``
     temporary (those temporaries were a third of the report's time on a CPU).
     """
-    if overwrite and is_plain_tensor(g):
+    if overwrite and is_plain_tensor(g) and not g.requires_grad:
         g.diagonal(dim1=-2, dim2=-1).sub_(1)
         d = g
     else:

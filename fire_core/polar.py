@@ -222,7 +222,7 @@ def _gram(x, xp):
     512 it is 1-2% slower than the plain product.
     """
     n = x.shape[-1]
-    if n >= GRAM_HALVES_MIN and is_plain_tensor(x) and x.device.type == "cpu":
+    if n >= GRAM_HALVES_MIN and is_plain_tensor(x) and x.device.type == "cpu" and not x.requires_grad:
         torch = sys.modules["torch"]
         h = n // 2
         x1, x2 = x[..., :h], x[..., h:]

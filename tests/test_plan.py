@@ -262,3 +262,14 @@ def test_strided_taps_reach_the_projection_as_one_row_major_batch(rng, monkeypat
     assert seen and all(seen)
     assert torch.equal(w, before)  # the copy is ours: the input is untouched
     np.testing.assert_allclose(out["conv"].numpy(), reference_fire_conv(w.numpy(), 5), rtol=0, atol=1e-12)
+
+
+def test_report_of_tensors_that_require_grad_leaves_their_graph_usable(rng):
+    """Outside no_grad the report's in-place shortcuts step aside: the results can still be differentiated."""
+    torch = pytest.importorskip("torch")
+    w = torch.asarray(rng.normal(size=(6, 4, 3, 3)), requires_grad=True)
+    out, rep = _run([("conv", w, "oihw")], steps=3)
+    out["conv"].sum().backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+    np.testing.assert_allclose(out["conv"].detach().numpy(), reference_fire_conv(w.detach().numpy(), 3), rtol=0, atol=1e-12)
+    assert rep["conv"]["dfi_after"] >= 0

@@ -358,3 +358,15 @@ def test_large_torch_cpu_projection_through_halves_matches_numpy(rng):
     want = polar(w, 5, "fire", array_namespace(w), with_dfi=True)
     np.testing.assert_allclose(got.p.numpy(), want.p, rtol=0, atol=1e-13)
     np.testing.assert_allclose(float(got.dfi), float(want.dfi), rtol=1e-12)
+
+
+def test_projection_through_the_halves_is_differentiable(rng):
+    """The halves write into one output tensor (out=), which autograd refuses: tensors that need grad go the plain way."""
+    torch = pytest.importorskip("torch")
+    from fire_core.polar import GRAM_HALVES_MIN
+
+    w = torch.asarray(rng.normal(size=(GRAM_HALVES_MIN, GRAM_HALVES_MIN)), requires_grad=True)
+    q = fire_core.project(w, 2)
+    q.sum().backward()
+    assert torch.isfinite(w.grad).all()
+    np.testing.assert_allclose(q.detach().numpy(), reference_newton_schulz(w.detach().numpy(), 2), rtol=0, atol=1e-12)
