@@ -54,12 +54,12 @@ def device_of(x):
 
 
 def is_plain_tensor(x) -> bool:
-    """A ``torch.Tensor`` itself: not a subclass (a DTensor, a FakeTensor while tracing).
+    """A concrete ``torch.Tensor`` itself: not a subclass (a DTensor), not traced (``torch.compile``).
 
-    Fast paths that write in place or pick kernels by device take only these.
+    Fast paths that write in place or into views (``out=``) take only these.
     """
     torch = sys.modules.get("torch")
-    return torch is not None and type(x) is torch.Tensor
+    return torch is not None and type(x) is torch.Tensor and not is_tracing(x)
 
 
 def is_tracing(x) -> bool:

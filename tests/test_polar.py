@@ -370,3 +370,14 @@ def test_projection_through_the_halves_is_differentiable(rng):
     q.sum().backward()
     assert torch.isfinite(w.grad).all()
     np.testing.assert_allclose(q.detach().numpy(), reference_newton_schulz(w.detach().numpy(), 2), rtol=0, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_torch_compile_of_a_wide_matrix_takes_the_plain_gram(rng):
+    """out= into views of one tensor breaks a full graph: traced tensors go the plain way."""
+    torch = pytest.importorskip("torch")
+    from fire_core.polar import GRAM_HALVES_MIN
+
+    w = torch.asarray(rng.normal(size=(GRAM_HALVES_MIN, GRAM_HALVES_MIN)))
+    compiled = torch.compile(lambda x: fire_core.project(x, 2), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(w), fire_core.project(w, 2), rtol=0, atol=1e-12)
