@@ -346,16 +346,17 @@ def test_dfi_from_unassembled_halves_equals_the_gram_formula(rng, monkeypatch, s
     np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
-def test_large_torch_cpu_projection_through_halves_matches_numpy(rng):
-    """768 wide: every Gram of the iteration (and the report's DfI) goes through the halves."""
+@pytest.mark.parametrize("method", ["fire", "fast"])
+def test_large_torch_cpu_projection_through_halves_matches_numpy(rng, method):
+    """768 wide: every Gram matrix (and fast's A^2, and the report's DfI) goes through the halves."""
     torch = pytest.importorskip("torch")
     from fire_core.polar import GRAM_HALVES_MIN, polar
     from fire_core._array import array_namespace
 
     w = rng.normal(size=(GRAM_HALVES_MIN + 1, GRAM_HALVES_MIN))
     x = torch.asarray(w)
-    got = polar(x, 5, "fire", array_namespace(x), with_dfi=True)
-    want = polar(w, 5, "fire", array_namespace(w), with_dfi=True)
+    got = polar(x, 5, method, array_namespace(x), with_dfi=True)
+    want = polar(w, 5, method, array_namespace(w), with_dfi=True)
     np.testing.assert_allclose(got.p.numpy(), want.p, rtol=0, atol=1e-13)
     np.testing.assert_allclose(float(got.dfi), float(want.dfi), rtol=1e-12)
 
