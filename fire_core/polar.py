@@ -248,8 +248,9 @@ def _dfi(p, xp):
     On PyTorch on a CPU, from 512 wide, the Gram matrix is never assembled:
     with ``p = [p1 p2]`` split into column halves it is ``||p1^T p1 - I||^2
     + 2 ||p1^T p2||^2 + ||p2^T p2 - I||^2``, three half-width products (3/4
-    of the flops, 0.8 of the time of the plain product at 512 wide on two
-    cores, where assembling the blocks would eat the gain, see :func:`_gram`).
+    of the flops, 0.85-0.92 of the time of the plain product at 512 wide on
+    two cores, where assembling the blocks would eat the gain, see
+    :func:`_gram`).
     """
     n = p.shape[-1]
     if n >= DFI_HALVES_MIN and is_plain_tensor(p) and p.device.type == "cpu":
