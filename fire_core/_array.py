@@ -30,6 +30,7 @@ __all__ = [
     "check_finite",
     "work_dtype",
     "to_floats",
+    "on_accelerator",
 ]
 
 
@@ -51,6 +52,21 @@ def device_of(x):
         return device(x)
     except Exception:  # tracers and exotic wrappers
         return None
+
+
+def on_accelerator(x) -> bool:
+    """True for an array on a GPU (or another accelerator): CuPy, torch off the CPU, JAX off the CPU."""
+    if is_cupy_array(x):
+        return True
+    if is_torch_array(x):
+        return x.device.type not in ("cpu", "meta")
+    if is_jax_array(x):
+        try:
+            return any(d.platform != "cpu" for d in x.sharding.device_set)
+        except Exception:  # a tracer: where it runs is not known here
+            jax = sys.modules["jax"]
+            return jax.default_backend() != "cpu"
+    return False
 
 
 def is_plain_tensor(x) -> bool:

@@ -273,3 +273,32 @@ def test_report_of_tensors_that_require_grad_leaves_their_graph_usable(rng):
     assert w.grad is not None and torch.isfinite(w.grad).all()
     np.testing.assert_allclose(out["conv"].detach().numpy(), reference_fire_conv(w.detach().numpy(), 3), rtol=0, atol=1e-12)
     assert rep["conv"]["dfi_after"] >= 0
+
+
+def test_default_chunk_size_follows_the_device(rng, monkeypatch):
+    """CHUNK_BYTES for arrays in host memory, GPU_CHUNK_BYTES for arrays on an accelerator."""
+    import fire_core.plan as plan
+
+    calls = []
+    real = plan.polar
+
+    def spy(x, *args, **kw):
+        calls.append(int(x.shape[0]))
+        return real(x, *args, **kw)
+
+    monkeypatch.setattr(plan, "polar", spy)
+    weights = [("conv", rng.normal(size=(16, 8, 3, 3)), "oihw")]  # 9 taps of 16 x 8 float64: 1 KiB each
+    monkeypatch.setattr(plan, "CHUNK_BYTES", 4 * 1024)
+    monkeypatch.setattr(plan, "GPU_CHUNK_BYTES", 2 * 1024)
+    _run(weights, steps=1)
+    assert calls == [4, 4, 1]
+    calls.clear()
+    monkeypatch.setattr(plan, "on_accelerator", lambda x: True)
+    _run(weights, steps=1)
+    assert calls == [2, 2, 2, 2, 1]
+
+
+def test_on_accelerator_is_false_in_host_memory(backend):
+    from fire_core._array import on_accelerator
+
+    assert on_accelerator(backend.asarray(np.ones((2, 2)))) == (backend.name == "cupy")
