@@ -233,18 +233,29 @@ def _project(targets, steps, method, scale, dry_run, report, distributed="owner"
             rows += run.rows
 
     plain_by_name = {t.name: t for t in plain}
+    written = []
 
     def write(name, new):
         if not dry_run:
             t = plain_by_name[name]
             _write_block(t.param.detach(), t.index, new)
+            written.append(name)
 
-    with torch.no_grad():
-        rep = reinit_many(
-            ((t.name, t.param.detach()[t.index], t.layout) for t in plain),
-            steps=steps, method=method, scale=scale, write=write, report=report,
-        )
-        rows += rep.rows if report else []
+    try:
+        with torch.no_grad():
+            rep = reinit_many(
+                ((t.name, t.param.detach()[t.index], t.layout) for t in plain),
+                steps=steps, method=method, scale=scale, write=write, report=report,
+            )
+    except BaseException as e:  # out of memory, an interrupt: say what has already changed
+        if written:
+            shown = ", ".join(written[:3]) + (", ..." if len(written) > 3 else "")
+            e.add_note(
+                f"fire_core.torch.apply stopped after writing {len(written)} of {len(plain)} weights ({shown}): "
+                "those hold their new values; the other weights and the optimizer state are unchanged"
+            )
+        raise
+    rows += rep.rows if report else []
     for run in owner_runs:
         run.commit()
     return rows, pending

@@ -598,6 +598,36 @@ def test_nan_weight_raises_naming_it_and_changes_nothing(bad):
     assert_same(before, snapshot(model, opt))
 
 
+def test_a_failure_midway_says_which_weights_were_already_written(monkeypatch):
+    """Out of memory after some writes: the error carries a note naming them; the rest is untouched."""
+    import fire_core.plan as plan
+
+    model = seeded(TinyResNet)
+    opt = trained_adam(model, torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    before = dict(snapshot_params(model))
+    real, calls = plan.polar, []
+
+    def polar_then_oom(x, *args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("out of memory (simulated)")
+        return real(x, *args, **kw)
+
+    monkeypatch.setattr(plan, "polar", polar_then_oom)
+    with pytest.raises(MemoryError) as info:
+        ft.apply(model, optimizer=opt)
+    note = " ".join(getattr(info.value, "__notes__", []))
+    assert "stopped after writing" in note and "optimizer state are unchanged" in note
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert changed and f"after writing {len(changed)} of" in note
+    assert any(n in note for n in changed)
+    assert all(state for state in opt.state.values())  # the optimizer was not reset
+
+
+def snapshot_params(model: nn.Module):
+    return [(n, p.detach().clone()) for n, p in model.named_parameters()]
+
+
 def test_nan_in_a_plain_weight_leaves_parametrized_ones_unwritten():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 5), nn.Linear(5, 5)).double()
