@@ -154,6 +154,14 @@ def report(
         new = fire_core.flax.apply(variables)
         rep = fire_core.flax.report(variables, new, probe=(functools.partial(model.apply, train=False), x))
 
+    Per layer, as the torch adapter's rows: let ``fn`` return linen's
+    ``(outputs, state)`` with the modules' outputs captured, and each row
+    gets the ``drift`` of the output of the module owning its weight (None
+    for a module whose output was not captured)::
+
+        fn = functools.partial(model.apply, capture_intermediates=True, mutable=["intermediates"])
+        rep = fire_core.flax.report(variables, new, probe=(fn, x))
+
     A variables dict (or nnx State) that carries BatchNorm statistics
     (``batch_stats``, ``nnx.BatchStat``) gets a note naming them: they were
     measured with the old weights (see ``docs/stability.md`` to refresh them).
@@ -170,7 +178,13 @@ def report(
     rep = measure(pairs, scale=scale, method=method, steps=steps)
     if probe is not None:
         fn, *args = probe
-        rep.drift = _drift(fn(before, *args), fn(after, *args))
+        out_before, out_after = fn(before, *args), fn(after, *args)
+        captured = _captured(out_before), _captured(out_after)
+        if captured[0] is not None and captured[1] is not None:
+            (out_before, _), (out_after, _) = out_before, out_after
+            for row in rep.rows:
+                row["drift"] = _module_drift(row["name"], *captured)
+        rep.drift = _drift(out_before, out_after)
     stats = _batch_stat_modules(before)
     if stats and rep.rows:
         rep.notes.append(_stale_stats_note(stats))
@@ -221,6 +235,24 @@ def _drift(out_before, out_after) -> float:
     if len(b) != len(a):
         raise ValueError(f"probe: the outputs before and after are different trees ({len(b)} vs {len(a)} leaves)")
     return drift([_gathered(x) for x in b], [_gathered(x) for x in a])
+
+
+def _captured(out):
+    """The ``intermediates`` of linen's ``(outputs, state)`` return, or None if ``out`` is not one."""
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping) and "intermediates" in out[1]:
+        return out[1]["intermediates"]
+    return None
+
+
+def _module_drift(name: str, before, after) -> float | None:
+    """Drift of the captured ``__call__`` output of the module owning the weight ``name`` (``"a/b/kernel"``)."""
+    for key in name.split("/")[:-1]:
+        if not isinstance(before, Mapping) or key not in before or key not in after:
+            return None
+        before, after = before[key], after[key]
+    if not isinstance(before, Mapping) or "__call__" not in before:
+        return None
+    return _drift(before["__call__"], after["__call__"])
 
 
 def _batch_stat_modules(tree) -> list[str]:

@@ -358,6 +358,45 @@ def test_flax_report_drift_equals_the_direct_computation(x64):
     assert "function drift on the probe" in str(rep)
 
 
+def test_flax_report_per_layer_drift_from_captured_module_outputs(x64):
+    """linen's capture_intermediates: each row's drift is that of its own module's output."""
+    import functools
+
+    import flax.linen as nn
+
+    import fire_core.flax as ff
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.relu(nn.Dense(6, name="first")(x))
+            h = nn.Conv(4, (3,), name="conv")(h[..., None]).reshape(x.shape[0], -1)
+            return nn.Dense(3, name="head")(h)
+
+    model = Net()
+    x = x64.random.normal(x64.random.PRNGKey(1), (5, 4))
+    variables = model.init(x64.random.PRNGKey(0), x)
+    new = ff.apply(variables)
+    fn = functools.partial(model.apply, capture_intermediates=True, mutable=["intermediates"])
+    rep = ff.report(variables, new, probe=(fn, x))
+    _, s0 = fn(variables, x)
+    _, s1 = fn(new, x)
+    for module in ("first", "conv", "head"):
+        b = np.asarray(s0["intermediates"][module]["__call__"][0])
+        a = np.asarray(s1["intermediates"][module]["__call__"][0])
+        assert rep[f"{module}/kernel"]["drift"] == pytest.approx(np.linalg.norm(a - b) / np.linalg.norm(b), rel=1e-10)
+    f0, f1 = np.asarray(model.apply(variables, x)), np.asarray(model.apply(new, x))
+    assert rep.drift == pytest.approx(np.linalg.norm(f1 - f0) / np.linalg.norm(f0), rel=1e-10)
+    assert "drift" in str(rep).splitlines()[0]  # the per-layer column is shown
+
+    # Only some modules captured: the others' rows read None.
+    only_head = functools.partial(
+        model.apply, capture_intermediates=lambda mdl, _: mdl.name == "head", mutable=["intermediates"]
+    )
+    rows = ff.report(variables, new, probe=(only_head, x)).rows
+    assert [r["drift"] is None for r in rows] == [r["name"] != "head/kernel" for r in rows]
+
+
 def test_flax_report_drift_over_an_output_tree(x64):
     import fire_core.flax as ff
 
