@@ -15,12 +15,16 @@ about ``1/world`` of the model whole at a time, never all of it, and never
 runs Newton–Schulz on a shard. The report rows are exchanged with
 ``all_gather_object``, so every rank returns the complete report.
 
-Handled here: DTensors on a one-dimensional mesh whose placement is
-``Shard(dim)`` with ``torch.chunk``'s split (what ``fully_shard`` makes) or
-``Replicate()`` (every rank already holds the whole weight and projects it
-itself, with no communication). Anything else (multi-dimensional meshes such
-as HSDP or FSDP + TP, strided or partial placements) is left to the caller,
-which projects it through DTensor ops (``distributed="replicate"``).
+Handled here: DTensors split along at most one mesh dimension, as
+``Shard(dim)`` with ``torch.chunk``'s split (what ``fully_shard`` makes),
+and ``Replicate()`` on every other mesh dimension. On a 1-D mesh that is
+FSDP2; on a 2-D mesh it is HSDP (``Replicate(), Shard(0)``), where the
+owners are the ranks of each shard group and every replica group does the
+same work on its own copy. A weight replicated on every mesh dimension is
+projected by every rank itself, with no communication. Anything else
+(FSDP + tensor parallel: two ``Shard`` placements; strided or partial
+placements) is left to the caller, which projects it through DTensor ops
+(``distributed="replicate"``).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from .layout import parse_layout
 from .plan import reinit_many
 
-__all__ = ["split_owned", "project_owned", "assign_owners", "matrix_cost", "OwnerRun", "last_stats"]
+__all__ = ["split_owned", "project_owned", "assign_owners", "matrix_cost", "placement_axis", "Axis", "OwnerRun", "last_stats"]
 
 #: Communication and work of the last owner-strategy call on this rank (for benchmarks and tests):
 #: ``sent``/``received`` bytes, ``weights`` projected here, ``cost`` of them, ``owners`` per parameter.
@@ -65,28 +69,60 @@ def matrix_cost(shape, layout: str) -> int:
     return lay.taps * lay.d_out * lay.d_in * min(lay.d_out, lay.d_in)
 
 
+@dataclass(frozen=True)
+class Axis:
+    """The mesh dimension a weight is split along: its owners are the ranks of that dimension's group."""
+
+    mesh: object  # a DeviceMesh
+    dim: int  # which of its dimensions
+
+    @property
+    def size(self) -> int:
+        return self.mesh.size(self.dim)
+
+    @property
+    def rank(self) -> int:
+        return self.mesh.get_local_rank(self.dim)
+
+    @property
+    def group(self):
+        return self.mesh.get_group(self.dim)
+
+
+def placement_axis(tensor) -> tuple[Axis, object] | None:
+    """``(axis, placement)`` of a DTensor this module can project by owner ranks, else None.
+
+    The axis is the mesh dimension of its one ``Shard`` placement (dimension
+    0 if it is replicated everywhere), the placement that one.
+    """
+    if not isinstance(tensor, DTensor):
+        return None
+    split = [(k, pl) for k, pl in enumerate(tensor.placements) if type(pl) is not Replicate]
+    if len(split) > 1 or any(type(pl) is not Shard for _, pl in split):  # _StridedShard and Partial: not chunk-split
+        return None
+    k, placement = split[0] if split else (0, Replicate())
+    axis = Axis(tensor.device_mesh, k)
+    if type(placement) is Shard:
+        if tuple(tensor.to_local().shape) != _piece_shape(tensor.shape, placement.dim, axis.size, axis.rank):
+            return None
+    return axis, placement
+
+
 def owned(tensor) -> bool:
     """True for a DTensor this module can project by owner ranks (see the module docstring)."""
-    if not isinstance(tensor, DTensor) or tensor.device_mesh.ndim != 1:
-        return False
-    (placement,) = tensor.placements
-    if type(placement) is Replicate:
-        return True
-    if type(placement) is not Shard:  # _StridedShard and Partial are not chunk-split
-        return False
-    mesh = tensor.device_mesh
-    return tuple(tensor.to_local().shape) == _piece_shape(tensor.shape, placement.dim, mesh.size(), mesh.get_local_rank())
+    return placement_axis(tensor) is not None
 
 
 def split_owned(targets) -> tuple[list, dict]:
-    """``targets`` -> (those left to the caller, {device mesh: targets projected here by owner ranks})."""
-    rest, meshes = [], {}
+    """``targets`` -> (those left to the caller, {mesh axis: targets projected here by owner ranks})."""
+    rest, axes = [], {}
     for t in targets:
-        if owned(t.param):
-            meshes.setdefault(t.param.device_mesh, []).append(t)
+        found = placement_axis(t.param)
+        if found is not None:
+            axes.setdefault(found[0], []).append(t)
         else:
             rest.append(t)
-    return rest, meshes
+    return rest, axes
 
 
 def _piece_shape(shape, dim: int, world: int, r: int) -> tuple:
@@ -103,13 +139,19 @@ class _Param:
 
     param: DTensor
     blocks: list  # (report name, index into the weight, layout)
+    placement: object = None  # Shard(dim) along the owners' axis, or Replicate()
+    world: int = 1  # ranks along that axis
     owner: int = 0
     full: torch.Tensor | None = None  # the whole weight, on its owner
     new: torch.Tensor | None = None  # the projected whole weight, on its owner
 
     @property
     def dim(self) -> int:
-        return self.param.placements[0].dim
+        return self.placement.dim
+
+    @property
+    def replicated(self) -> bool:
+        return isinstance(self.placement, Replicate)
 
 
 @dataclass(eq=False)
@@ -117,20 +159,19 @@ class OwnerRun:
     """The projection done and checked on every rank; :meth:`commit` sends the results to the shards."""
 
     params: list
-    mesh: object
+    axis: Axis
     rows: list = field(default_factory=list)
     dry_run: bool = False
 
     def commit(self) -> None:
         if self.dry_run:
             return
-        world, me = self.mesh.size(), self.mesh.get_local_rank()
-        group = self.mesh.get_group()
+        world, me, group = self.axis.size, self.axis.rank, self.axis.group
         with torch.no_grad():
             for p in self.params:
-                if isinstance(p.param.placements[0], Replicate):
+                if p.replicated:
                     p.param.to_local().copy_(p.new)
-            sharded = [p for p in self.params if not isinstance(p.param.placements[0], Replicate)]
+            sharded = [p for p in self.params if not p.replicated]
             for owner in range(world):
                 mine = [p for p in sharded if p.owner == owner]
                 if not mine:
@@ -150,18 +191,20 @@ class OwnerRun:
                     start += n
 
 
-def project_owned(targets, mesh, *, steps, method, scale, dry_run, report) -> OwnerRun:
-    """Gather, project and check the weights of ``targets`` (``_Target``s on ``mesh``); nothing is written.
+def project_owned(targets, axis: Axis, *, steps, method, scale, dry_run, report) -> OwnerRun:
+    """Gather, project and check the weights of ``targets`` (``_Target``s split along ``axis``); nothing is written.
 
-    Collective: every rank of ``mesh`` must call it with the same targets in the
-    same order (as ``apply`` does on an FSDP2 model). An error on any owner
-    (a NaN weight, a bad option) is raised on every rank, before any write.
+    Collective: every rank of the axis's group must call it with the same
+    targets in the same order (as ``apply`` does on an FSDP2 model). An error
+    on any owner (a NaN weight, a bad option) is raised on every rank, before
+    any write.
     """
-    world, me = mesh.size(), mesh.get_local_rank()
-    group = mesh.get_group()
+    world, me, group = axis.size, axis.rank, axis.group
     params: dict[int, _Param] = {}
     for t in targets:
-        params.setdefault(id(t.param), _Param(t.param, [])).blocks.append((t.name, t.index, t.layout))
+        if id(t.param) not in params:
+            params[id(t.param)] = _Param(t.param, [], placement_axis(t.param)[1], world)
+        params[id(t.param)].blocks.append((t.name, t.index, t.layout))
     params = list(params.values())
     costs = [
         sum(matrix_cost(torch.empty(p.param.shape, device="meta")[index].shape, lay) for _, index, lay in p.blocks)
@@ -173,10 +216,10 @@ def project_owned(targets, mesh, *, steps, method, scale, dry_run, report) -> Ow
     last_stats.update(sent=0, received=0, weights=0, cost=0, world=world, owners=[p.owner for p in params])
 
     # 1. Each owner gathers the shards of its weights (replicated weights are whole everywhere).
-    sharded = [p for p in params if not isinstance(p.param.placements[0], Replicate)]
+    sharded = [p for p in params if not p.replicated]
     with torch.no_grad():
         for p in params:
-            if isinstance(p.param.placements[0], Replicate):
+            if p.replicated:
                 p.full = p.param.to_local().detach()
         for owner in range(world):
             mine = [p for p in sharded if p.owner == owner]
@@ -234,7 +277,7 @@ def project_owned(targets, mesh, *, steps, method, scale, dry_run, report) -> Ow
             kind, message = err
             raise {"TypeError": TypeError, "ValueError": ValueError}.get(kind, RuntimeError)(message)
     all_rows = [row for _, part in everything for row in part]
-    return OwnerRun(params, mesh, all_rows, dry_run)
+    return OwnerRun(params, axis, all_rows, dry_run)
 
 
 # --- padding: each rank's piece of a weight travels as its mesh coordinate's torch.chunk, padded -------
@@ -247,16 +290,14 @@ def _like(p: _Param) -> dict:
 
 def _padded_numel(p: _Param) -> int:
     shape = list(p.param.shape)
-    world = p.param.device_mesh.size()
-    shape[p.dim] = -(-shape[p.dim] // world)
+    shape[p.dim] = -(-shape[p.dim] // p.world)
     return math.prod(shape)
 
 
 def _padded_piece(x: torch.Tensor, p: _Param, r: int, local: bool = False) -> torch.Tensor:
     """Rank ``r``'s chunk of the whole weight ``x`` (or ``x`` itself if ``local``), padded and flat."""
-    world = p.param.device_mesh.size()
     size = p.param.shape[p.dim]
-    chunk = -(-size // world)
+    chunk = -(-size // p.world)
     front = x.movedim(p.dim, 0)
     if not local:
         front = front[r * chunk : min((r + 1) * chunk, size)]
@@ -280,5 +321,5 @@ def _assemble(flat_pieces, p: _Param, world: int) -> torch.Tensor:
 
 def _unpad_into(local: torch.Tensor, flat: torch.Tensor, p: _Param) -> None:
     front = local.movedim(p.dim, 0)
-    chunk = -(-p.param.shape[p.dim] // p.param.device_mesh.size())
+    chunk = -(-p.param.shape[p.dim] // p.world)
     front.copy_(flat.reshape((chunk,) + tuple(front.shape[1:]))[: front.shape[0]])

@@ -224,10 +224,10 @@ def _project(targets, steps, method, scale, dry_run, report, distributed="owner"
     if distributed == "owner" and "torch.distributed.tensor" in sys.modules:
         from . import _distributed_torch as owners
 
-        plain, meshes = owners.split_owned(plain)
-        for mesh, on_mesh in meshes.items():
+        plain, axes = owners.split_owned(plain)
+        for axis, on_axis in axes.items():
             run = owners.project_owned(
-                on_mesh, mesh, steps=steps, method=method, scale=scale, dry_run=dry_run, report=report
+                on_axis, axis, steps=steps, method=method, scale=scale, dry_run=dry_run, report=report
             )
             owner_runs.append(run)
             rows += run.rows

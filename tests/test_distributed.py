@@ -252,6 +252,83 @@ def test_fsdp2_work_is_split_over_owners(fsdp2_run):
         assert 0 < s["received"] and 0 < s["sent"]
 
 
+HSDP_SCRIPT = MODEL + textwrap.dedent(
+    """
+    import json, sys, numpy as np, torch.distributed as dist, torch.multiprocessing as mp
+
+    def run(rank, port, out):
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=4)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+        import fire_core.torch as ft
+        from fire_core import _distributed_torch as fd
+
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        model = transformer()
+        for block in model[1:3]:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        placements = sorted({str(p.placements) for p in model.parameters()})
+        old = {n: p.full_tensor().detach().numpy().copy() for n, p in model.named_parameters()}
+        storage = [(p.placements, p.to_local().data_ptr(), tuple(p.to_local().shape)) for p in model.parameters()]
+        report = ft.apply(model)
+        stats = dict(fd.last_stats)
+        after = [(p.placements, p.to_local().data_ptr(), tuple(p.to_local().shape)) for p in model.parameters()]
+        new = {n: p.full_tensor().detach().numpy() for n, p in model.named_parameters()}
+        # replicated on both mesh dimensions: every rank projects it itself
+        torch.manual_seed(2)
+        solo = nn.Linear(6, 4).double()
+        solo.weight = nn.Parameter(distribute_tensor(solo.weight.detach(), mesh, [Replicate(), Replicate()]))
+        ft.apply(solo)
+        np.savez(f"{out}-{rank}.npz", **{"old/" + n: v for n, v in old.items()}, **{"new/" + n: v for n, v in new.items()},
+                 solo=solo.weight.to_local().detach().numpy())
+        with open(f"{out}-{rank}.json", "w") as f:
+            json.dump(dict(report=report.to_dict(), stats=stats, placements=placements, storage_kept=storage == after), f)
+        dist.barrier()
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        mp.spawn(run, args=(int(sys.argv[1]), sys.argv[2]), nprocs=4)
+    """
+)
+
+
+def test_hsdp_owner_ranks_on_a_2d_mesh_equal_unsharded_apply(tmp_path):
+    """HSDP (Replicate, Shard) on a 2 x 2 mesh: owners within each shard group, same result as unsharded."""
+    script = tmp_path / "hsdp.py"
+    script.write_text(HSDP_SCRIPT)
+    out = subprocess.run(
+        [sys.executable, str(script), str(_free_port()), str(tmp_path / "r")], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    namespace = {}
+    exec(MODEL, namespace)
+    plain = namespace["transformer"]()
+    ranks = []
+    for rank in range(4):
+        with np.load(tmp_path / f"r-{rank}.npz") as arrays:
+            ranks.append(({k: arrays[k] for k in arrays.files}, json.loads((tmp_path / f"r-{rank}.json").read_text())))
+    old = {k[len("old/") :]: v for k, v in ranks[0][0].items() if k.startswith("old/")}
+    plain.load_state_dict({k: torch.from_numpy(v) for k, v in old.items()})
+    report = ft.apply(plain)
+    torch.manual_seed(2)
+    solo = nn.Linear(6, 4).double()
+    ft.apply(solo)
+    assert ranks[0][1]["placements"] == ["(Replicate(), Shard(dim=0))"]
+    for tensors, info in ranks:
+        for name, p in plain.named_parameters():
+            np.testing.assert_allclose(tensors["new/" + name], p.detach().numpy(), rtol=0, atol=1e-10, err_msg=name)
+        np.testing.assert_allclose(tensors["solo"], solo.weight.detach().numpy(), rtol=0, atol=1e-12)
+        assert [row["name"] for row in info["report"]["rows"]] == report.names  # complete on every rank
+        assert info["storage_kept"]
+        assert info["stats"]["world"] == 2  # owners are the ranks of a shard group, not all four
+    stats = [info["stats"] for _, info in ranks]
+    assert stats[0]["owners"] == stats[1]["owners"] == stats[2]["owners"] and sorted(set(stats[0]["owners"])) == [0, 1]
+    # each shard group projects every matrix once; the two replica groups do the same work
+    assert stats[0]["weights"] + stats[1]["weights"] == stats[2]["weights"] + stats[3]["weights"] == len(report)
+
+
 # --- JAX arrays sharded over 4 host devices -----------------------------------------------------------------
 
 JAX_SCRIPT = textwrap.dedent(
