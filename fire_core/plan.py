@@ -8,9 +8,12 @@ which
    failure names the layer and nothing has been written;
 2. groups the matrices by (namespace, matrix shape, dtype, device), so conv
    taps and same-shaped layers share one batched projection;
-3. projects each group in chunks of at most ``chunk_bytes`` of matrices (a
-   conv layer's taps may span chunks; peak extra memory is bounded by a
-   chunk and the largest layer, not by the model);
+3. projects each group in chunks of at most ``chunk_bytes`` of matrices
+   (4 MiB in host memory, 64 MiB on a GPU; an even count of matrices, so
+   two threads share a batch evenly; made row-major once, since a conv
+   layer's taps are strided views), where a conv layer's taps may span
+   chunks: peak extra memory is bounded by a chunk and the largest layer,
+   not by the model;
 4. hands each new weight, in its own layout and dtype, to ``write`` as soon
    as its last matrix is done, and measures SFE and DfI from the Gram
    matrices the iteration already formed.
