@@ -9,7 +9,9 @@ PyTorch part: ``world`` CPU processes (1, 2, 4) join a gloo process group,
 each builds the same transformer-shaped model (float32; per block a
 ``nn.MultiheadAttention`` with its fused ``in_proj_weight`` projected as q, k,
 v, and a 4x MLP; no embedding), shards it with FSDP2 (``fully_shard`` per
-block and at the root, on ``init_device_mesh("cpu", (world,))``) and times
+block and at the root, on ``init_device_mesh("cpu", (world,))``; and HSDP on
+a 2 x 2 mesh, ``(Replicate(), Shard(0))``: two replicas, each sharded over
+two ranks) and times
 ``fire_core.torch.apply`` (``report=True``, the default) on every rank. For
 the default ``distributed="owner"`` strategy the bytes each rank sent and
 received are counted by the implementation itself
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import subprocess
@@ -66,6 +69,15 @@ def transformer(d: int, blocks: int):
     return nn.Sequential(*(Block() for _ in range(blocks)))
 
 
+def _mesh_shape(world) -> tuple:
+    """``4`` -> (4,): FSDP2 over 4 ranks; ``(2, 2)``: HSDP, 2 replicas sharded over 2 ranks each."""
+    return world if isinstance(world, tuple) else (world,)
+
+
+def _label(world) -> str:
+    return f"{world[0]}x{world[1]} HSDP" if isinstance(world, tuple) else str(world)
+
+
 def _rank(rank, world, port, cfg, out):
     import torch
     import torch.distributed as dist
@@ -77,8 +89,10 @@ def _rank(rank, world, port, cfg, out):
     from fire_core import _distributed_torch as fd
 
     torch.set_num_threads(1)  # one core per rank, as ranks on one machine would be given
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    mesh = init_device_mesh("cpu", (world,))
+    shape = _mesh_shape(world)
+    size = math.prod(shape)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard") if len(shape) == 2 else None)
     model = transformer(cfg["d"], cfg["blocks"])
     for block in model:
         fully_shard(block, mesh=mesh)
@@ -107,7 +121,7 @@ def _rank(rank, world, port, cfg, out):
         else:
             entry.update(collectives=counts)
         result[strategy] = entry
-    gathered = [None] * world
+    gathered = [None] * size
     dist.all_gather_object(gathered, result)
     if rank == 0:
         Path(out).write_text(json.dumps(gathered))
@@ -128,7 +142,7 @@ def torch_runs(cfg) -> dict[int, list[dict]]:
     for world in cfg["worlds"]:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "ranks.json")
-            mp.spawn(_rank, args=(world, _free_port(), cfg, out), nprocs=world)
+            mp.spawn(_rank, args=(world, _free_port(), cfg, out), nprocs=math.prod(_mesh_shape(world)))
             runs[world] = json.loads(Path(out).read_text())
     return runs
 
@@ -251,19 +265,20 @@ def render(cfg, facts, runs, jax_result, machine_line) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for world, ranks in runs.items():
-        total = sum(r["owner"]["cost"] for r in ranks) or 1
+        replicas = _mesh_shape(world)[0] if isinstance(world, tuple) else 1  # each replica does the whole work
+        total = sum(r["owner"]["cost"] for r in ranks) / replicas or 1
         for rank, r in enumerate(ranks):
             o, rep = r["owner"], r["replicate"]
             coll = ", ".join(f"{k} {v}" for k, v in sorted(rep["collectives"].items())) or "none"
             lines.append(
-                f"| {world} | {rank} | {o['weights']} | {o['cost'] / total:.3f} | {o['sent'] / 2**20:.2f} | "
+                f"| {_label(world)} | {rank} | {o['weights']} | {o['cost'] / total:.3f} | {o['sent'] / 2**20:.2f} | "
                 f"{o['received'] / 2**20:.2f} | {o['ms']:.0f} | {rep['ms']:.0f} | {coll} |"
             )
     lines += ["", "Slowest rank per world size (the call ends when the last rank is done):", ""]
     lines += ["| world | owner ms | replicate ms |", "|---:|---:|---:|"]
     for world, ranks in runs.items():
         lines.append(
-            f"| {world} | {max(r['owner']['ms'] for r in ranks):.0f} | {max(r['replicate']['ms'] for r in ranks):.0f} |"
+            f"| {_label(world)} | {max(r['owner']['ms'] for r in ranks):.0f} | {max(r['replicate']['ms'] for r in ranks):.0f} |"
         )
     j = jax_result
     lines += [
@@ -299,9 +314,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/distributed-cpu.md)")
     args = ap.parse_args(argv)
     if args.quick:
-        cfg = dict(d=64, blocks=2, repeats=2, worlds=(1, 2), jax_d=64, jax_blocks=4)
+        cfg = dict(d=64, blocks=2, repeats=2, worlds=(1, 2, (2, 2)), jax_d=64, jax_blocks=4)
     else:
-        cfg = dict(d=256, blocks=8, repeats=5, worlds=(1, 2, 4), jax_d=256, jax_blocks=8)
+        cfg = dict(d=256, blocks=8, repeats=5, worlds=(1, 2, 4, (2, 2)), jax_d=256, jax_blocks=8)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from speed import machine
 
