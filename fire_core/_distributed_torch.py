@@ -108,11 +108,6 @@ def placement_axis(tensor) -> tuple[Axis, object] | None:
     return axis, placement
 
 
-def owned(tensor) -> bool:
-    """True for a DTensor this module can project by owner ranks (see the module docstring)."""
-    return placement_axis(tensor) is not None
-
-
 def split_owned(targets) -> tuple[list, dict]:
     """``targets`` -> (those left to the caller, {mesh axis: targets projected here by owner ranks})."""
     rest, axes = [], {}

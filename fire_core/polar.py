@@ -237,24 +237,23 @@ def _gram(x, xp):
     return xp.matrix_transpose(x) @ x
 
 
-def _halves(x) -> bool:
-    """Whether :func:`_gram` forms ``x^T x`` from halves: a concrete CPU tensor outside autograd, 768 wide or more."""
-    return x.shape[-1] >= GRAM_HALVES_MIN and is_plain_tensor(x) and x.device.type == "cpu" and not x.requires_grad
+def _halves(x, width: int = GRAM_HALVES_MIN) -> bool:
+    """Whether products of ``x``'s column halves replace ``x^T x``: a concrete CPU tensor outside autograd, ``width`` wide or more."""
+    return x.shape[-1] >= width and is_plain_tensor(x) and x.device.type == "cpu" and not x.requires_grad
 
 
 def _dfi(p, xp):
     """``||p^T p - I||_F^2`` of each tall matrix of ``p``.
 
-    On PyTorch on a CPU, from 512 wide, the Gram matrix is never assembled:
+    On PyTorch on a CPU, from 512 wide (see :func:`_halves`), the Gram matrix is never assembled:
     with ``p = [p1 p2]`` split into column halves it is ``||p1^T p1 - I||^2
     + 2 ||p1^T p2||^2 + ||p2^T p2 - I||^2``, three half-width products (3/4
     of the flops, 0.85-0.92 of the time of the plain product at 512 wide on
     two cores, where assembling the blocks would eat the gain, see
     :func:`_gram`).
     """
-    n = p.shape[-1]
-    if n >= DFI_HALVES_MIN and is_plain_tensor(p) and p.device.type == "cpu":
-        h = n // 2
+    if _halves(p, DFI_HALVES_MIN):
+        h = p.shape[-1] // 2
         p1, p2 = p[..., :h], p[..., h:]
         off = xp.linalg.vector_norm(p1.mT @ p2, axis=(-2, -1))
         return gram_dfi(p1.mT @ p1, xp, overwrite=True) + gram_dfi(p2.mT @ p2, xp, overwrite=True) + 2 * off * off

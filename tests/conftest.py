@@ -138,3 +138,16 @@ def matrix_with_condition(rng, m: int, n: int, cond: float, dtype=np.float64) ->
     v, _ = np.linalg.qr(rng.normal(size=(n, k)))
     s = np.geomspace(1.0, 1.0 / cond, k)
     return ((u * s) @ v.T).astype(dtype)
+
+
+def flax_params(seed=2):
+    """A linen-style params tree: Dense, Conv, attention (q/k/v/out) kernels, and leaves FIRE leaves alone."""
+    rng = np.random.default_rng(seed)
+    return {
+        "Dense_0": {"kernel": rng.normal(size=(6, 8)), "bias": rng.normal(size=8)},
+        "Conv_0": {"kernel": rng.normal(size=(3, 3, 2, 6))},
+        "attn": {m: {"kernel": rng.normal(size=(8, 2, 4))} for m in ("query", "key", "value")}
+        | {"out": {"kernel": rng.normal(size=(2, 4, 8))}},
+        "Embed_0": {"embedding": rng.normal(size=(10, 8))},
+        "LayerNorm_0": {"scale": rng.normal(size=8)},
+    }

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import flax_params
 
 import fire_core
 from fire_core import cli
@@ -171,18 +172,6 @@ def test_method_steps_and_scale_pass_through(tmp_path):
 
 
 # --------------------------------------------------------------------------- npz, flax convention
-
-
-def flax_params(seed=2):
-    rng = np.random.default_rng(seed)
-    return {
-        "Dense_0": {"kernel": rng.normal(size=(6, 8)), "bias": rng.normal(size=8)},
-        "Conv_0": {"kernel": rng.normal(size=(3, 3, 2, 6))},
-        "attn": {m: {"kernel": rng.normal(size=(8, 2, 4))} for m in ("query", "key", "value")}
-        | {"out": {"kernel": rng.normal(size=(2, 4, 8))}},
-        "Embed_0": {"embedding": rng.normal(size=(10, 8))},
-        "LayerNorm_0": {"scale": rng.normal(size=8)},
-    }
 
 
 def flatten(tree, prefix=""):

@@ -159,18 +159,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def fsdp2_run(tmp_path_factory):
-    """Run the 2-rank FSDP2 script once; its per-rank outputs and the unsharded model's, for the tests below."""
-    tmp = tmp_path_factory.mktemp("fsdp2")
-    script = tmp / "fsdp2.py"
-    script.write_text(FSDP2_SCRIPT)
+def _run_ranks(source: str, tmp, world: int):
+    """Run a rank script; each rank's (arrays from ``r-<rank>.npz``, dict from ``r-<rank>.json``), and the
+    unsharded model loaded with the weights the script started from (its ``old/`` arrays)."""
+    script = tmp / "ranks.py"
+    script.write_text(source)
     out = subprocess.run(
         [sys.executable, str(script), str(_free_port()), str(tmp / "r")], capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-4000:]
     ranks = []
-    for rank in range(2):
+    for rank in range(world):
         with np.load(tmp / f"r-{rank}.npz") as arrays:
             tensors = {k: arrays[k] for k in arrays.files}
         ranks.append((tensors, json.loads((tmp / f"r-{rank}.json").read_text())))
@@ -179,6 +178,13 @@ def fsdp2_run(tmp_path_factory):
     plain = namespace["transformer"]()
     old = {k[len("old/") :]: v for k, v in ranks[0][0].items() if k.startswith("old/")}
     plain.load_state_dict({k: torch.from_numpy(v) for k, v in old.items()})
+    return ranks, plain
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory):
+    """Run the 2-rank FSDP2 script once; its per-rank outputs and the unsharded model's, for the tests below."""
+    ranks, plain = _run_ranks(FSDP2_SCRIPT, tmp_path_factory.mktemp("fsdp2"), 2)
     report = ft.apply(plain)
     return ranks, plain, report
 
@@ -296,21 +302,7 @@ HSDP_SCRIPT = MODEL + textwrap.dedent(
 
 def test_hsdp_owner_ranks_on_a_2d_mesh_equal_unsharded_apply(tmp_path):
     """HSDP (Replicate, Shard) on a 2 x 2 mesh: owners within each shard group, same result as unsharded."""
-    script = tmp_path / "hsdp.py"
-    script.write_text(HSDP_SCRIPT)
-    out = subprocess.run(
-        [sys.executable, str(script), str(_free_port()), str(tmp_path / "r")], capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    namespace = {}
-    exec(MODEL, namespace)
-    plain = namespace["transformer"]()
-    ranks = []
-    for rank in range(4):
-        with np.load(tmp_path / f"r-{rank}.npz") as arrays:
-            ranks.append(({k: arrays[k] for k in arrays.files}, json.loads((tmp_path / f"r-{rank}.json").read_text())))
-    old = {k[len("old/") :]: v for k, v in ranks[0][0].items() if k.startswith("old/")}
-    plain.load_state_dict({k: torch.from_numpy(v) for k, v in old.items()})
+    ranks, plain = _run_ranks(HSDP_SCRIPT, tmp_path, 4)
     report = ft.apply(plain)
     torch.manual_seed(2)
     solo = nn.Linear(6, 4).double()
@@ -355,11 +347,16 @@ JAX_SCRIPT = textwrap.dedent(
 )
 
 
+def _on_four_host_devices(source: str) -> None:
+    """Run a script that prints OK in a process with 4 JAX host devices (set before jax is imported)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+
+
 def test_reinit_on_sharded_jax_arrays_outside_jit():
     pytest.importorskip("jax")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    res = subprocess.run([sys.executable, "-c", JAX_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    _on_four_host_devices(JAX_SCRIPT)
 
 
 def test_unknown_distributed_strategy_is_refused_before_anything_is_written():
@@ -403,9 +400,7 @@ STACKED_SCRIPT = textwrap.dedent(
 
 def test_same_shaped_sharded_flax_leaves_are_projected_whole_per_device():
     pytest.importorskip("flax")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    res = subprocess.run([sys.executable, "-c", STACKED_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    _on_four_host_devices(STACKED_SCRIPT)
 
 
 @pytest.mark.slow

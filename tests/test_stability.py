@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import flax_params
 
 import fire_core
 from fire_core.conventions import apply_inplace
@@ -168,16 +169,6 @@ def test_torch_norm_rule_keeps_each_layers_norm_and_the_projections_direction():
 
 FLAX_KINDS = {"Dense_0": "dense", "Conv_0": "conv", "attn/query": "qkv", "attn/key": "qkv",
               "attn/value": "qkv", "attn/out": "out"}
-
-
-def flax_params(seed=2):
-    rng = np.random.default_rng(seed)
-    return {
-        "Dense_0": {"kernel": rng.normal(size=(6, 8)), "bias": rng.normal(size=8)},
-        "Conv_0": {"kernel": rng.normal(size=(3, 3, 2, 6))},
-        "attn": {m: {"kernel": rng.normal(size=(8, 2, 4))} for m in ("query", "key", "value")}
-        | {"out": {"kernel": rng.normal(size=(2, 4, 8))}},
-    }
 
 
 def _at(tree, path):
