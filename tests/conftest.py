@@ -151,3 +151,14 @@ def flax_params(seed=2):
         "Embed_0": {"embedding": rng.normal(size=(10, 8))},
         "LayerNorm_0": {"scale": rng.normal(size=8)},
     }
+
+
+@pytest.fixture
+def x64():
+    """JAX with float64 enabled for the test (restored after); skips without jax and flax. Yields jax."""
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("flax")
+    old = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield jax
+    jax.config.update("jax_enable_x64", old)

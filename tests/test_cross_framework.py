@@ -26,12 +26,7 @@ import fire_core.torch  # noqa: E402
 E, HEADS = 16, 4
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", old)
+pytestmark = pytest.mark.usefixtures("x64")  # conftest's: float64 JAX for every test here
 
 
 class TorchNet(torch.nn.Module):

@@ -26,12 +26,7 @@ import fire_core.flax as ff  # noqa: E402
 from fire_core.plan import reinit_many  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", old)
+pytestmark = pytest.mark.usefixtures("x64")  # conftest's: float64 JAX for every test here
 
 
 # --- an independent reference: one matrix at a time, in numpy --------------------------------------

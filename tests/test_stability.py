@@ -177,16 +177,6 @@ def _at(tree, path):
     return tree
 
 
-@pytest.fixture
-def x64():
-    jax = pytest.importorskip("jax")
-    pytest.importorskip("flax")
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield jax
-    jax.config.update("jax_enable_x64", old)
-
-
 @pytest.mark.parametrize("scale", SCALES)
 def test_flax_apply_scale_rules_match_the_reference(x64, scale):
     import fire_core.flax as ff
