@@ -292,12 +292,8 @@ def _measures(xp, res, batch, scaled, column, factors, chunk, dtype, work, dev):
     written = scaled if dtype == work else xp.astype(xp.astype(scaled, dtype), work)
     diff = written - batch
     ref = _per_matrix(xp, [scale_factor("fire", e.layout) for e, _, _ in chunk], chunk, work, dev)
-    if res.gram0 is not None:  # the iteration formed the Gram of batch / ||batch|| already (ours now)
-        gram_old = res.gram0
-        if getattr(gram_old, "requires_grad", False):  # part of an autograd graph: leave it as it is
-            gram_old = gram_old * ((res.norm / ref) ** 2)
-        else:
-            gram_old *= (res.norm / ref) ** 2
+    if res.gram0 is not None:  # the iteration formed the Gram of batch / ||batch|| already
+        gram_old = res.gram0 * ((res.norm / ref) ** 2)
     else:
         gram_old = small_gram(batch / ref, xp)
     per_matrix = [
