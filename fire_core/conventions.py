@@ -46,9 +46,11 @@ Options, for both conventions:
   ``f(name) -> bool``. A pattern selects a weight when it matches the
   weight's full name, any of its module prefixes (``layer2`` selects
   ``layer2.0.conv1.weight``; ``*`` also matches the separator) or a block's
-  name (``attn.in_proj_weight[k]``, also literally); a callable receives the target name
-  (the block's name for a block). An include pattern that selects nothing
-  is a ValueError.
+  name. Wildcards are ``*`` and ``?``; brackets are literal, so a name
+  copied from a report (``attn.in_proj_weight[k]``, ``*.in_proj_weight[k]``)
+  selects exactly that block. A callable receives the target name (the
+  block's name for a block). An include or exclude pattern that matches no
+  weight the rules would project is a ValueError naming the closest names.
 * ``layouts``: ``{pattern: layout}``, matched the same way, first match
   wins. It overrides the layout of a weight the rules take (a layout that
   does not fit is a ValueError), adds a tensor the rules skip where the
@@ -66,6 +68,7 @@ A ``layouts`` or ``split`` pattern that matches no weight is a ValueError.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
@@ -75,7 +78,10 @@ from .layout import parse_layout
 from .plan import reinit_many
 from .report import Report
 
-__all__ = ["CONVENTIONS", "Target", "targets", "matches", "detect_convention", "is_real_float", "apply_inplace"]
+__all__ = [
+    "CONVENTIONS", "Target", "targets", "matches", "glob_match", "Patterns", "check_patterns",
+    "detect_convention", "is_real_float", "apply_inplace",
+]
 
 CONVENTIONS = ("torch", "flax")
 
@@ -115,12 +121,27 @@ def _candidates(name: str, sep: str, extra: str | None = None) -> list[str]:
     return out
 
 
+def glob_match(name: str, pattern: str) -> bool:
+    """``fnmatch`` with ``*`` and ``?`` as wildcards and brackets literal.
+
+    Names in reports carry brackets (``attn.in_proj_weight[k]``, ``c_attn.weight[0]``),
+    and a pattern copied from one must select exactly that name, not read
+    ``[k]`` as a character class. ``*`` also matches the separator.
+    """
+    return name == pattern or fnmatch.fnmatchcase(name, pattern.replace("[", "[[]"))
+
+
 def check_patterns(patterns, what: str):
     """An include/exclude argument as None, a callable or a list of glob strings (TypeError otherwise)."""
     if patterns is None or callable(patterns):
         return patterns
     if isinstance(patterns, str):
         return [patterns]
+    if isinstance(patterns, (bytes, Mapping)) or not isinstance(patterns, Iterable):
+        raise TypeError(
+            f"{what}: expected a glob pattern, a list of them or a callable, got {type(patterns).__name__} "
+            f"{patterns!r}"
+        )
     patterns = list(patterns)
     bad = [p for p in patterns if not isinstance(p, str)]
     if bad:
@@ -128,24 +149,74 @@ def check_patterns(patterns, what: str):
     return patterns
 
 
-def matches(patterns, name: str, sep: str = ".", *, target_name: str | None = None) -> bool:
+def matches(patterns, name, sep: str = ".", *, target_name: str | None = None) -> bool:
     """True when a glob in ``patterns`` matches ``name`` or one of its module prefixes.
 
     ``patterns`` is a pattern, a list of them, or a callable that receives
-    ``target_name`` (default ``name``).
+    ``target_name`` (default ``name``). ``name`` may be a list of names (a
+    weight known under several: tied, or seen through a wrapper); any of them
+    counts.
     """
+    names = [name] if isinstance(name, str) else list(name)
     if callable(patterns):
-        return bool(patterns(target_name if target_name is not None else name))
+        return bool(patterns(target_name if target_name is not None else names[0]))
     if isinstance(patterns, str):
         patterns = [patterns]
-    cands = _candidates(name, sep, target_name)
-    return any(c == p or fnmatch.fnmatchcase(c, p) for p in patterns for c in cands)
+    cands = [c for n in names for c in _candidates(n, sep, target_name)]
+    return any(glob_match(c, p) for p in patterns for c in cands)
+
+
+class Patterns:
+    """A checked include/exclude argument that remembers which of its patterns selected something.
+
+    Every entry point uses one per argument: :meth:`hit` tests a weight
+    (under all its names, their module prefixes and its block name) and
+    records the patterns that matched; :meth:`check_used` then raises a
+    ValueError naming each pattern that matched no weight, with the closest
+    names, so a typo never passes in silence. A callable is called by the
+    adapter with its own arguments (:attr:`func`) and is not tracked.
+    """
+
+    def __init__(self, spec, what: str):
+        spec = check_patterns(spec, what)
+        self.what = what
+        self.func = spec if callable(spec) else None
+        self.patterns = [] if spec is None or callable(spec) else spec
+        self.used: set[str] = set()
+
+    @property
+    def given(self) -> bool:
+        return self.func is not None or bool(self.patterns)
+
+    def hit(self, names, sep: str = ".", *, target_name: str | None = None) -> bool:
+        """Whether a pattern matches one of ``names`` (a name or a list), a prefix of one, or ``target_name``."""
+        names = [names] if isinstance(names, str) else list(names)
+        cands = [c for n in names for c in _candidates(n, sep, target_name)]
+        found = False
+        for p in self.patterns:
+            if any(glob_match(c, p) for c in cands):
+                self.used.add(p)
+                found = True
+        return found
+
+    def check_used(self, known, what_known: str = "weight FIRE would project") -> None:
+        """ValueError for the patterns that matched nothing, with the closest of ``known`` names."""
+        missing = [p for p in self.patterns if p not in self.used]
+        if not missing:
+            return
+        known = list(dict.fromkeys(known))
+        lines = []
+        for p in missing:
+            close = difflib.get_close_matches(p, known, n=3, cutoff=0.5)
+            hint = f"; closest: {', '.join(close)}" if close else ""
+            lines.append(f"{self.what} pattern {p!r} matches no {what_known}{hint}")
+        raise ValueError("; ".join(lines))
 
 
 def _first_match(mapping: Mapping, name: str, sep: str):
     cands = _candidates(name, sep)
     for pattern, value in mapping.items():
-        if any(fnmatch.fnmatchcase(c, pattern) for c in cands):
+        if any(glob_match(c, pattern) for c in cands):
             return pattern, value
     return None, None
 
@@ -257,13 +328,14 @@ def targets(
     ``named_shapes`` maps names to shapes (or to anything with ``.shape``), or
     is an iterable of ``(name, shape)`` pairs. The rules read names and
     shapes only: drop non-floating arrays before calling. A ``layouts`` or
-    ``split`` pattern that matches no weight, and an ``include`` pattern that
-    selects none, are a ValueError (a typo would otherwise pass silently).
+    ``split`` pattern that matches no weight, and an ``include`` or
+    ``exclude`` pattern that matches no weight the rules would project, are
+    a ValueError naming the closest names (a typo would otherwise pass
+    silently).
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown convention {convention!r}; expected one of {CONVENTIONS}")
-    include = check_patterns(include, "include")
-    exclude = check_patterns(exclude, "exclude")
+    include, exclude = Patterns(include, "include"), Patterns(exclude, "exclude")
     layouts = dict(layouts or {})
     for pattern, lay in layouts.items():
         if not isinstance(pattern, str) or not (lay is None or isinstance(lay, str)):
@@ -279,6 +351,7 @@ def targets(
                 siblings.setdefault(tuple(parts[:-2]), set()).add(parts[-2])
     used = set()
     out: list[Target] = []
+    known: list[str] = []
     for key, shape in items:
         shape = tuple(int(s) for s in getattr(shape, "shape", shape))
         sep = _separator(key, convention)
@@ -307,20 +380,20 @@ def targets(
             used.add(pattern)
             labels = spec
         for t in _blocks(key, shape, layout, labels):
-            if include is not None and not matches(include, key, sep, target_name=t.name):
-                continue
-            if exclude is not None and matches(exclude, key, sep, target_name=t.name):
-                continue
-            out.append(t)
+            known += [key, t.name]
+            # Both are tested on every target, so each pattern's use is known (a pattern that selects
+            # nothing is an error below); a callable receives the target name.
+            keep = include.func(t.name) if include.func else (include.hit(key, sep, target_name=t.name)
+                                                              if include.patterns else True)
+            drop = exclude.func(t.name) if exclude.func else exclude.hit(key, sep, target_name=t.name)
+            if keep and not drop:
+                out.append(t)
     for what, patterns in (("layouts", layouts), ("split", split)):
         for pattern in patterns:
             if pattern not in used:
                 raise ValueError(f"{what} pattern {pattern!r} matches no weight")
-    if include is not None and not callable(include):
-        for pattern in include:
-            if not any(matches([pattern], t.source_key, _separator(t.source_key, convention), target_name=t.name)
-                       for t in out):
-                raise ValueError(f"include pattern {pattern!r} matches no weight FIRE would project")
+    include.check_used(known)
+    exclude.check_used(known)
     return out
 
 
@@ -383,6 +456,11 @@ def apply_inplace(
             seen.add(id(value))
             floats[key] = value
     chosen = targets(floats, convention, include=include, exclude=exclude, layouts=layouts, split=split)
+    if not chosen:
+        raise ValueError(
+            f"none of the {len(arrays)} arrays is a FIRE target under the {convention!r} convention and the given "
+            "include/exclude; nothing written (name the weights with layouts= to add them)"
+        )
     by_name = {t.name: t for t in chosen}
 
     def write(name, new):

@@ -1,23 +1,29 @@
 """Kernel-wise reshaping: a layer weight in any layout <-> a batch of matrices.
 
 A layout names each axis of a weight with one letter: ``o`` output features,
-``i`` input features, any other letter a spatial tap axis. Repeated ``o`` (or
-``i``) axes are merged into one feature axis, as a Flax attention kernel
-``(embed, heads, head_dim)`` = ``"ioo"`` needs. ``to_matrices`` moves the tap
-axes first and the feature axes last, giving ``(taps, d_out, d_in)``: one
-``d_out x d_in`` matrix per spatial tap, as FIRE projects conv kernels.
+``i`` input features, any other lowercase letter a spatial tap axis, and an
+uppercase letter a *stack* axis: a weight that holds several independent
+layers (``nn.scan`` over layers, an ``nn.vmap`` ensemble), each projected and
+scaled as its own layer. Repeated ``o`` (or ``i``) axes are merged into one
+feature axis, as a Flax attention kernel ``(embed, heads, head_dim)`` =
+``"ioo"`` needs. ``to_matrices`` moves the stack axes first, then the tap
+axes, and the feature axes last, giving ``(stack * taps, d_out, d_in)``: one
+``d_out x d_in`` matrix per spatial tap of each stacked layer, as FIRE
+projects conv kernels, with each layer's taps contiguous.
 
-=====================  ============  ======================
-weight                 layout        matrices
-=====================  ============  ======================
-torch Linear           ``"oi"``      ``(1, out, in)``
-torch Conv2d           ``"oihw"``    ``(kh*kw, out, in/groups)``
-torch ConvTranspose2d  ``"iohw"``    ``(kh*kw, out/groups, in)``
-Flax Dense             ``"io"``      ``(1, out, in)``
-Flax Conv              ``"hwio"``    ``(kh*kw, out, in)``
-Flax attention q/k/v   ``"ioo"``     ``(1, heads*head_dim, embed)``
-Flax attention out     ``"iio"``     ``(1, embed, heads*head_dim)``
-=====================  ============  ======================
+=========================  ============  ==========================
+weight                     layout        matrices
+=========================  ============  ==========================
+torch Linear               ``"oi"``      ``(1, out, in)``
+torch Conv2d               ``"oihw"``    ``(kh*kw, out, in/groups)``
+torch ConvTranspose2d      ``"iohw"``    ``(kh*kw, out/groups, in)``
+Flax Dense                 ``"io"``      ``(1, out, in)``
+Flax Conv                  ``"hwio"``    ``(kh*kw, out, in)``
+Flax attention q/k/v       ``"ioo"``     ``(1, heads*head_dim, embed)``
+Flax attention out         ``"iio"``     ``(1, embed, heads*head_dim)``
+scanned Dense (L, in, out) ``"Lio"``     ``(L, out, in)``, L layers
+ensemble Conv (E, ...)     ``"Ehwio"``   ``(E*kh*kw, out, in)``
+=========================  ============  ==========================
 
 The same module holds the layer scale rules, so adapters ask here for a number.
 """
@@ -41,44 +47,58 @@ class Layout:
 
     text: str
     shape: tuple[int, ...]
-    perm: tuple[int, ...]  # tap axes, then output axes, then input axes
-    taps: int
+    perm: tuple[int, ...]  # stack axes, tap axes, then output axes, then input axes
+    taps: int  # spatial taps of one layer
     d_out: int
     d_in: int
+    stack: int = 1  # independent layers held in the weight (the product of the stack axes)
+
+    @property
+    def matrices(self) -> int:
+        """Matrices in the whole weight: ``stack * taps``."""
+        return self.stack * self.taps
 
     @property
     def matrix_shape(self) -> tuple[int, int, int]:
-        return (self.taps, self.d_out, self.d_in)
+        return (self.matrices, self.d_out, self.d_in)
 
 
 def parse_layout(layout: str, shape, what: str = "weight") -> Layout:
     """Check ``layout`` against ``shape`` and work out the permutation and sizes."""
     shape = tuple(int(s) for s in shape)
-    if not isinstance(layout, str) or not layout.isascii() or not layout.isalpha() or not layout.islower():
-        raise ValueError(f"{what}: layout must be a string of lowercase letters, got {layout!r}")
+    if not isinstance(layout, str) or not layout.isascii() or not layout.isalpha():
+        raise ValueError(
+            f"{what}: layout must be a string of letters (lowercase: features and taps, uppercase: stacked layers), "
+            f"got {layout!r}"
+        )
     if len(layout) != len(shape):
         raise ValueError(
             f"{what}: layout {layout!r} names {len(layout)} axes but the weight has shape {shape} ({len(shape)} axes)"
         )
     if "o" not in layout or "i" not in layout:
-        raise ValueError(f"{what}: layout {layout!r} needs at least one 'o' and one 'i' axis (shape {shape})")
-    spatial = [c for c in layout if c not in "oi"]
-    if len(set(spatial)) != len(spatial):
-        raise ValueError(f"{what}: layout {layout!r} repeats a spatial axis letter (shape {shape})")
-    taps_axes = [k for k, c in enumerate(layout) if c not in "oi"]
+        hint = " ('O' and 'I' are stack axes; features are lowercase)" if "O" in layout or "I" in layout else ""
+        raise ValueError(f"{what}: layout {layout!r} needs at least one 'o' and one 'i' axis (shape {shape}){hint}")
+    others = [c for c in layout if c not in "oi"]
+    if len(set(others)) != len(others):
+        raise ValueError(f"{what}: layout {layout!r} repeats a tap or stack axis letter (shape {shape})")
+    stack_axes = [k for k, c in enumerate(layout) if c.isupper()]
+    taps_axes = [k for k, c in enumerate(layout) if c.islower() and c not in "oi"]
     out_axes = [k for k, c in enumerate(layout) if c == "o"]
     in_axes = [k for k, c in enumerate(layout) if c == "i"]
-    sizes = [math.prod(shape[k] for k in axes) for axes in (taps_axes, out_axes, in_axes)]
+    sizes = [math.prod(shape[k] for k in axes) for axes in (stack_axes, taps_axes, out_axes, in_axes)]
     if 0 in sizes:
         raise ValueError(f"{what}: weight of shape {shape} is empty")
-    return Layout(layout, shape, tuple(taps_axes + out_axes + in_axes), *sizes)
+    perm = tuple(stack_axes + taps_axes + out_axes + in_axes)
+    return Layout(layout, shape, perm, taps=sizes[1], d_out=sizes[2], d_in=sizes[3], stack=sizes[0])
 
 
 def to_matrices(w, layout: str):
-    """``w`` in ``layout`` -> ``(taps, d_out, d_in)``, one matrix per spatial tap.
+    """``w`` in ``layout`` -> ``(stack * taps, d_out, d_in)``, one matrix per spatial tap of each layer.
 
     Taps are ordered as the spatial axes appear in ``layout`` (row-major), so
-    for ``"oihw"`` matrix ``h * kw + w`` is ``w[:, :, h, w]``.
+    for ``"oihw"`` matrix ``h * kw + w`` is ``w[:, :, h, w]``; stacked layers
+    come first, so for ``"Lhwio"`` matrix ``l * taps + t`` is tap ``t`` of
+    layer ``l``.
     """
     xp = array_namespace(w)
     lay = parse_layout(layout, w.shape)
@@ -86,7 +106,7 @@ def to_matrices(w, layout: str):
 
 
 def from_matrices(m, layout: str, shape):
-    """Inverse of :func:`to_matrices`: ``(taps, d_out, d_in)`` -> ``shape`` in ``layout``."""
+    """Inverse of :func:`to_matrices`: ``(stack * taps, d_out, d_in)`` -> ``shape`` in ``layout``."""
     xp = array_namespace(m)
     lay = parse_layout(layout, shape)
     if tuple(m.shape) != lay.matrix_shape:
@@ -109,6 +129,9 @@ def check_scale(scale) -> None:
 
 def scale_factor(scale, lay: Layout) -> float | None:
     """The factor applied to a layer's projected matrices, or None for ``"norm"``.
+
+    For a stacked weight, the factor of each of its layers (``taps`` are one
+    layer's; the stack does not enter).
 
     ``"fire"``: ``sqrt(d_out / d_in) / taps``, the reference rule.
     ``"variance"``: ``sqrt(d_out / d_in) / sqrt(taps)``, which keeps the

@@ -169,11 +169,11 @@ def _chunks(entries: list[_Entry], chunk_bytes: int | None, split_layers: bool =
         if not split_layers:
             yield from _whole_layer_chunks(group, limit)
             continue
-        each = group[0].nbytes // group[0].layout.taps
-        sizes = _chunk_sizes(sum(e.layout.taps for e in group), max(limit // each, 1), align)
+        each = group[0].nbytes // group[0].layout.matrices
+        sizes = _chunk_sizes(sum(e.layout.matrices for e in group), max(limit // each, 1), align)
         chunk, room = [], sizes.pop(0)
         for e in group:
-            taps, start = e.layout.taps, 0
+            taps, start = e.layout.matrices, 0
             while start < taps:
                 stop = min(taps, start + room)
                 chunk.append((e, start, stop))
@@ -209,7 +209,7 @@ def _whole_layer_chunks(group: list[_Entry], chunk_bytes: int):
         if chunk and size + e.nbytes > chunk_bytes:
             yield chunk
             chunk, size = [], 0
-        chunk.append((e, 0, e.layout.taps))
+        chunk.append((e, 0, e.layout.matrices))
         size += e.nbytes
     if chunk:
         yield chunk
@@ -222,19 +222,22 @@ def _run_chunk(chunk, steps, method, scale, write, report, pending) -> list[dict
     mats = []
     for e, lo, hi in chunk:
         m = xp.astype(to_matrices(e.array, e.layout.text), work, copy=False)
-        mats.append(m if hi - lo == e.layout.taps else m[lo:hi, ...])
+        mats.append(m if hi - lo == e.layout.matrices else m[lo:hi, ...])
     batch = dense(mats[0], xp) if len(mats) == 1 else xp.concat(mats, axis=0)
     res = polar(batch, steps, method, xp, with_dfi=report)
     # One factor per layer, spread over its taps: the whole chunk is scaled in one pass.
     factors = [scale_factor(scale, e.layout) for e, _, _ in chunk]
-    if any(f is None for f in factors):  # "norm": keep each layer's Frobenius norm (whole layers here)
+    if any(f is None for f in factors):  # "norm": keep each layer's Frobenius norm (whole weights here)
         cols, start = [], 0
         for (e, lo, hi), old in zip(chunk, mats):
             stop = start + hi - lo
-            pn = xp.linalg.vector_norm(res.p[start:stop, ...])
+            layers, taps = e.layout.stack, e.layout.taps  # a stacked weight: each of its layers keeps its own
+            new = xp.reshape(res.p[start:stop, ...], (layers, -1))
+            pn = xp.linalg.vector_norm(new, axis=1)
+            on = xp.linalg.vector_norm(xp.reshape(old, (layers, -1)), axis=1)
             ok = pn > 0
-            f = xp.where(ok, xp.linalg.vector_norm(old) / xp.where(ok, pn, xp.ones_like(pn)), xp.zeros_like(pn))
-            cols.append(xp.broadcast_to(xp.reshape(f, (1, 1, 1)), (hi - lo, 1, 1)))
+            f = xp.where(ok, on / xp.where(ok, pn, xp.ones_like(pn)), xp.zeros_like(pn))
+            cols.append(xp.reshape(xp.broadcast_to(xp.reshape(f, (layers, 1)), (layers, taps)), (layers * taps, 1, 1)))
             start = stop
         column = xp.concat(cols, axis=0)
     else:
@@ -246,10 +249,10 @@ def _run_chunk(chunk, steps, method, scale, write, report, pending) -> list[dict
     for e, lo, hi in chunk:
         stop = start + hi - lo
         piece, complete = scaled[start:stop, ...], True
-        if hi - lo < e.layout.taps:  # part of a layer: kept until the layer is complete
+        if hi - lo < e.layout.matrices:  # part of a layer: kept until the layer is complete
             pieces = pending["pieces"].setdefault(e.name, [])
             pieces.append(piece)
-            complete = hi == e.layout.taps
+            complete = hi == e.layout.matrices
             if complete:
                 piece = xp.concat(pending["pieces"].pop(e.name), axis=0)
         if complete:
@@ -270,13 +273,13 @@ def _run_chunk(chunk, steps, method, scale, write, report, pending) -> list[dict
             continue
         del pending["sums"][e.name]
         lay = e.layout
-        if factor is None:
+        if factor is None:  # "norm": the factor of the weight's first layer (each layer has its own)
             factor = values[3 * total + start]
         sfe, before, after = (math.fsum(v) for v in sums)
         rows.append(
             dict(
-                name=e.name, shape=lay.shape, layout=lay.text, taps=lay.taps, n=min(lay.d_out, lay.d_in),
-                scale=float(factor), sfe=sfe, dfi_before=before, dfi_after=after,
+                name=e.name, shape=lay.shape, layout=lay.text, taps=lay.matrices, n=min(lay.d_out, lay.d_in),
+                stack=lay.stack, scale=float(factor), sfe=sfe, dfi_before=before, dfi_after=after,
             )
         )
     return rows
@@ -334,7 +337,7 @@ def measure(pairs: Iterable[tuple[str, object, object, str]], *, scale="fire", m
       converged) and reads 0 exactly then. A zero factor (a zero weight, or
       ``scale=0``) is replaced by 1.
 
-    DfI is summed over a weight's taps. Values are Python floats: this needs
+    DfI is summed over a weight's taps (and stacked layers). Values are Python floats: this needs
     concrete arrays (one host transfer per weight), not tracers.
     """
     check_scale(scale)
@@ -350,9 +353,12 @@ def measure(pairs: Iterable[tuple[str, object, object, str]], *, scale="fire", m
         new = xp.astype(to_matrices(after, layout), work)
         n = min(lay.d_out, lay.d_in)
         factor = applied = scale_factor(scale, lay)
-        if factor is None:  # "norm": the RMS singular value of `after`
-            rms = xp.linalg.vector_norm(new) / math.sqrt(lay.taps * n)
-            factor = applied = xp.where(rms != 0, rms, xp.ones_like(rms))
+        if factor is None:  # "norm": the RMS singular value of `after`, of each stacked layer
+            per_layer = xp.reshape(new, (lay.stack, -1))
+            rms = xp.linalg.vector_norm(per_layer, axis=1) / math.sqrt(lay.taps * n)
+            rms = xp.where(rms != 0, rms, xp.ones_like(rms))
+            factor = xp.reshape(xp.broadcast_to(xp.reshape(rms, (-1, 1)), (lay.stack, lay.taps)), (-1, 1, 1))
+            applied = rms[0]
         elif factor == 0:
             factor = 1.0
         ref = scale_factor("fire", lay)
@@ -362,13 +368,13 @@ def measure(pairs: Iterable[tuple[str, object, object, str]], *, scale="fire", m
             xp.sum(gram_dfi(small_gram(old / ref, xp), xp)),
             xp.sum(gram_dfi(small_gram(new / factor, xp), xp)),
         ]
-        if not isinstance(factor, float):
-            stats.append(factor)
+        if not isinstance(applied, float):  # "norm": the measured factor (of the first stacked layer)
+            stats.append(applied)
         values = to_floats(xp.stack(stats))
         values = [values[3] if len(values) > 3 else applied] + values[:3]
         rep.rows.append(
             dict(
-                name=name, shape=lay.shape, layout=lay.text, taps=lay.taps, n=n,
+                name=name, shape=lay.shape, layout=lay.text, taps=lay.matrices, n=n, stack=lay.stack,
                 scale=values[0], sfe=values[1], dfi_before=values[2], dfi_after=values[3],
             )
         )

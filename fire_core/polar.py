@@ -237,8 +237,14 @@ def _gram(x, xp):
     return xp.matrix_transpose(x) @ x
 
 
-def _halves(x, width: int = GRAM_HALVES_MIN) -> bool:
-    """Whether products of ``x``'s column halves replace ``x^T x``: a concrete CPU tensor outside autograd, ``width`` wide or more."""
+def _halves(x, width: int | None = None) -> bool:
+    """Whether products of ``x``'s column halves replace ``x^T x``: a concrete CPU tensor outside autograd.
+
+    ``width``: the least width that takes them, ``GRAM_HALVES_MIN`` unless
+    given; read when called, so the threshold can be changed at run time.
+    """
+    if width is None:
+        width = GRAM_HALVES_MIN
     return x.shape[-1] >= width and is_plain_tensor(x) and x.device.type == "cpu" and not x.requires_grad
 
 
@@ -252,7 +258,7 @@ def _dfi(p, xp):
     two cores, where assembling the blocks would eat the gain, see
     :func:`_gram`).
     """
-    if _halves(p, DFI_HALVES_MIN):
+    if _halves(p, width=DFI_HALVES_MIN):
         h = p.shape[-1] // 2
         p1, p2 = p[..., :h], p[..., h:]
         off = xp.linalg.vector_norm(p1.mT @ p2, axis=(-2, -1))

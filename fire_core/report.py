@@ -26,7 +26,9 @@ class Report:
 
     ``rows`` holds one dict per projected weight with ``name``, ``shape``,
     ``layout``, ``taps`` (matrices in the weight), ``n`` (the smaller matrix
-    side), ``scale`` (the factor applied), ``sfe`` (``||old - new||_F^2`` of
+    side), ``stack`` (independent layers the weight holds: 1, or the size of
+    its stack axes), ``scale`` (the factor applied; for ``"norm"`` on a
+    stacked weight, its first layer's), ``sfe`` (``||old - new||_F^2`` of
     the weight as written), ``dfi_before`` (DfI of the old matrices divided
     by the reference scale, so a weight already at the FIRE target reads 0)
     and ``dfi_after`` (DfI of the projected matrices before scaling: how close

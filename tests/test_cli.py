@@ -366,7 +366,8 @@ def test_project_bfloat16_safetensors_through_torch(tmp_path):
     assert res.returncode == 0, res.stderr
     got = load_file(str(out))
     assert got["fc.weight"].dtype == torch.bfloat16
-    assert torch.equal(got["fc.weight"], fire_core.reinit(w, "oi"))  # same float32 math, same rounding
+    # The same float32 math in another process: equal up to one bfloat16 ulp (2^-7 relative).
+    torch.testing.assert_close(got["fc.weight"].float(), fire_core.reinit(w, "oi").float(), rtol=2.0**-7, atol=0)
     assert torch.equal(got["fc.bias"], torch.zeros(16, dtype=torch.bfloat16))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fire_core.conventions import Target, detect_convention, is_real_float, matches, targets
+from fire_core.conventions import Patterns, Target, detect_convention, glob_match, is_real_float, matches, targets
 
 
 def layouts_of(found: list[Target]) -> dict[str, str]:
@@ -265,6 +265,36 @@ def test_flax_prefixes_use_slashes():
 def test_non_string_patterns_are_a_type_error():
     with pytest.raises(TypeError, match="glob pattern"):
         targets(SHAPES, include=[3])
+
+
+def test_a_block_name_copied_from_the_report_selects_exactly_that_block():
+    """``[k]`` is literal, not a glob character class (which would match the name ``...in_proj_weightk``)."""
+    shapes = {"enc.attn.in_proj_weight": (24, 8)}
+    kept = names(targets(shapes, exclude="*.in_proj_weight[k]"))
+    assert kept == ["enc.attn.in_proj_weight[q]", "enc.attn.in_proj_weight[v]"]
+    assert names(targets(shapes, include="enc.attn.in_proj_weight[v]")) == ["enc.attn.in_proj_weight[v]"]
+    assert glob_match("a.in_proj_weight[k]", "*[k]") and not glob_match("a.in_proj_weightk", "*[k]")
+
+
+@pytest.mark.parametrize("what", ["include", "exclude"])
+def test_a_pattern_that_matches_nothing_is_an_error_naming_the_closest(what):
+    with pytest.raises(ValueError, match=rf"{what} pattern 'layer1.0.conv' matches no weight.*closest: layer1.0.conv1"):
+        targets({"layer1.0.conv1.weight": (8, 4, 3, 3), "fc.weight": (2, 8)}, **{what: "layer1.0.conv"})
+
+
+@pytest.mark.parametrize("bad", [3, 2.5, b"fc", {"fc": 1}, [["fc"]]])
+def test_include_of_a_wrong_type_is_a_type_error(bad):
+    with pytest.raises(TypeError, match="include"):
+        targets(SHAPES, include=bad)
+
+
+def test_patterns_match_any_name_of_a_weight_and_record_which_selected_something():
+    p = Patterns(["head", "nothing"], "exclude")
+    assert p.hit(["body.fc.weight", "head.weight"])  # a tied weight: its second name's module
+    assert not p.hit(["body.out.weight"])
+    assert p.used == {"head"}
+    with pytest.raises(ValueError, match="exclude pattern 'nothing' matches no weight"):
+        p.check_used(["body.fc.weight", "head.weight"])
 
 
 def test_matches_checks_every_prefix():

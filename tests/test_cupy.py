@@ -116,7 +116,7 @@ def test_dry_run_changes_nothing_and_reports_the_same_rows():
         np.testing.assert_array_equal(arrays[name], original[name])
     assert not dry.applied
     real = apply_inplace(arrays, 5)
-    assert [r["dfi_before"] for r in dry] == [r["dfi_before"] for r in real]
+    assert [r["dfi_before"] for r in dry] == pytest.approx([r["dfi_before"] for r in real], rel=1e-12)
 
 
 def test_nan_weight_is_named_and_nothing_is_written():

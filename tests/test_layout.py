@@ -22,6 +22,9 @@ LAYOUTS = [
     ("hwio", (3, 2, 4, 6), (6, 6, 4)),
     ("ioo", (8, 2, 3), (1, 6, 8)),
     ("iio", (2, 3, 8), (1, 8, 6)),
+    ("Lio", (3, 4, 6), (3, 6, 4)),  # nn.scan over 3 Dense layers
+    ("Ehwio", (2, 3, 2, 4, 6), (12, 6, 4)),  # an ensemble of 2 convs: 6 taps each
+    ("LiHoo", (2, 8, 3, 2, 3), (6, 6, 8)),  # two stack axes: 2 x 3 layers
 ]
 
 
@@ -65,9 +68,10 @@ def test_repeated_feature_letters_merge_heads(backend, rng):
     [
         ("oihw", (3, 4), r"names 4 axes but the weight has shape \(3, 4\)"),
         ("ohw", (3, 4, 5), r"needs at least one 'o' and one 'i'"),
-        ("oihh", (3, 4, 5, 5), "repeats a spatial axis"),
-        ("OI", (3, 4), "lowercase letters"),
-        ("o1", (3, 4), "lowercase letters"),
+        ("oihh", (3, 4, 5, 5), "repeats a tap or stack axis"),
+        ("oiLL", (3, 4, 5, 5), "repeats a tap or stack axis"),
+        ("OI", (3, 4), "'O' and 'I' are stack axes"),
+        ("o1", (3, 4), "string of letters"),
         ("oi", (0, 4), "empty"),
     ],
 )
@@ -191,3 +195,46 @@ def test_dfi_is_the_sum_of_squared_gaps_of_squared_singular_values_plus_zero_cro
     w = np.random.default_rng(seed).normal(size=(m, n))
     s = np.linalg.svd(w, compute_uv=False)
     np.testing.assert_allclose(float(fire_core.dfi(w)), np.sum((s**2 - 1) ** 2), rtol=1e-10, atol=1e-12)
+
+
+# --- stacked layers: uppercase axes ---------------------------------------------------
+
+
+def test_stacked_matrices_are_each_layers_taps_in_order(backend, rng):
+    w = rng.normal(size=(3, 2, 2, 4, 5))  # (layers, h, w, in, out)
+    m = backend.to_numpy(fire_core.to_matrices(backend.asarray(w), "Lhwio"))
+    for layer in range(3):
+        for tap in range(4):
+            np.testing.assert_array_equal(m[layer * 4 + tap], w[layer, tap // 2, tap % 2].T)
+
+
+@pytest.mark.parametrize(("layout", "member", "shape", "axis"), [
+    ("Lio", "io", (3, 4, 6), 0),
+    ("iEo", "io", (4, 2, 6), 1),
+    ("Ehwio", "hwio", (2, 3, 3, 4, 6), 0),
+    ("Loihw", "oihw", (2, 6, 4, 3, 3), 0),
+])
+@pytest.mark.parametrize("scale", ["fire", "variance", "norm", None])
+def test_a_stacked_weight_is_each_layer_reinitialized_on_its_own(backend, rng, layout, member, shape, axis, scale):
+    """Against a per-member loop: the stack is never one layer (no scale over the stack, no shared norm)."""
+    w = rng.normal(size=shape) * np.reshape(np.arange(1.0, shape[axis] + 1), [-1 if k == axis else 1 for k in range(len(shape))])
+    got = backend.to_numpy(fire_core.reinit(backend.asarray(w), layout, steps=6, scale=scale))
+    for k in range(shape[axis]):
+        part = np.take(w, k, axis=axis)
+        want = backend.to_numpy(fire_core.reinit(backend.asarray(part), member, steps=6, scale=scale))
+        np.testing.assert_allclose(np.take(got, k, axis=axis), want, rtol=1e-10, atol=1e-12)
+
+
+def test_stacked_report_rows_count_every_matrix_and_the_layers(rng):
+    w = rng.normal(size=(4, 3, 3, 2, 5))
+    rep = fire_core.reinit_many([("conv", w, "Lhwio")], steps=3, write=lambda *_: None)
+    row = rep["conv"]
+    assert (row["taps"], row["stack"], row["n"]) == (36, 4, 2)
+    assert row["scale"] == pytest.approx(np.sqrt(5 / 2) / 9)
+    mats = fire_core.to_matrices(w, "Lhwio") / row["scale"]
+    assert row["dfi_before"] == pytest.approx(float(np.sum(fire_core.dfi(mats))), rel=1e-10)
+
+
+def test_uppercase_feature_letters_are_refused_with_a_hint():
+    with pytest.raises(ValueError, match="'O' and 'I' are stack axes"):
+        parse_layout("OI", (3, 4))

@@ -148,7 +148,9 @@ def test_bfloat16_torch_weights_are_computed_in_float32(rng):
     out, rep = _run([("fc", w, "oi")], steps=5)
     assert out["fc"].dtype == torch.bfloat16
     want = torch.asarray(reference_fire_conv(w.to(torch.float64).numpy(), 5), dtype=torch.float32).to(torch.bfloat16)
-    torch.testing.assert_close(out["fc"], want, rtol=0, atol=0)
+    # float32 math against float64 math rounded to float32: they may sit a float32 ulp apart and
+    # so round to neighbouring bfloat16 values; one bfloat16 ulp (2^-7 relative) is the bound.
+    torch.testing.assert_close(out["fc"].float(), want.float(), rtol=2.0**-7, atol=0)
     np.testing.assert_allclose(rep["fc"]["sfe"], float(((out["fc"].double() - w.double()) ** 2).sum()), rtol=1e-6)
 
 

@@ -676,7 +676,7 @@ def test_reinit_of_one_weight_matches_apply():
     conv = nn.Conv2d(3, 5, 3).double()
     want = fire_core.reinit(conv.weight.detach().clone(), "oihw", steps=7)
     ft.apply(conv, 7)
-    assert torch.equal(conv.weight.detach(), want)
+    torch.testing.assert_close(conv.weight.detach(), want, rtol=0, atol=1e-15)  # float64, separate buffers
 
 
 
@@ -686,7 +686,7 @@ def test_report_false_projects_the_same_and_measures_nothing():
     report = ft.apply(b, report=False)
     assert len(report) == 0 and report.applied
     for (k, p), q in zip(a.named_parameters(), b.parameters()):
-        assert torch.equal(p, q), k
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-15, msg=k)  # float64: the same math on other buffers
 
 
 def test_dry_run_without_report_is_refused():
