@@ -20,6 +20,9 @@ _COLUMNS = (
 )
 
 
+SKIPPED_SHOWN = 6  # names per reason in str(report); Report.skipped has them all
+
+
 @dataclass
 class Report:
     """Per-weight results of one FIRE call.
@@ -40,8 +43,15 @@ class Report:
     ||f_before(x)||_F`` (:func:`fire_core.metrics.drift`), the function-level
     counterpart of SFE. Adapters that measure it per layer add a ``drift``
     key to the rows: the same ratio for the output of the module owning the
-    weight. ``notes`` are lines printed under the table (selection notes,
-    normalization statistics that went stale).
+    weight. A weight known under several names (tied) is one row, named by
+    its first name, with the others in an ``aliases`` key.
+
+    ``skipped``: one dict per weight of two or more dimensions that was *not*
+    projected, with ``name``, ``shape`` and ``reason`` (an embedding, a norm,
+    frozen, excluded by a pattern, ...): nothing is left alone in silence.
+    ``str(report)`` lists them under the table, grouped by reason. ``notes``
+    are further lines printed under the table (selection notes, normalization
+    statistics that went stale).
     """
 
     method: str
@@ -51,6 +61,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     applied: bool = True
     drift: float | None = None
+    skipped: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -70,6 +81,10 @@ class Report:
     def names(self) -> list[str]:
         return [row["name"] for row in self.rows]
 
+    def skip(self, name: str, shape, reason: str) -> None:
+        """Record a weight left alone, and why."""
+        self.skipped.append({"name": name, "shape": tuple(int(d) for d in shape), "reason": reason})
+
     def total(self, key: str) -> float:
         """Sum of a numeric column over all rows."""
         return float(sum(row[key] for row in self.rows))
@@ -82,6 +97,7 @@ class Report:
             "applied": self.applied,
             "drift": self.drift,
             "rows": [dict(row, shape=list(row["shape"])) for row in self.rows],
+            "skipped": [dict(s, shape=list(s["shape"])) for s in self.skipped],
             "notes": list(self.notes),
         }
 
@@ -91,6 +107,8 @@ class Report:
         cells = [[h for _, h, _ in columns]]
         for row in self.rows:
             r = dict(row, shape="x".join(map(str, row["shape"])), iso_after=row["dfi_after"] / (row["taps"] * row["n"]))
+            if row.get("aliases"):
+                r["name"] = f"{row['name']} (= {', '.join(row['aliases'])})"
             cells.append(["-" if r.get(key) is None else fmt.format(r[key]) for key, _, fmt in columns])
         widths = [max(len(line[k]) for line in cells) for k in range(len(columns))]
         lines = []
@@ -107,8 +125,22 @@ class Report:
         )
         if self.drift is not None:
             lines.append(f"function drift on the probe: {self.drift:.4g} (||f_after(x) - f_before(x)|| / ||f_before(x)||)")
+        lines.extend(self.skipped_lines())
         lines.extend(self.notes)
         return "\n".join(lines)
+
+    def skipped_lines(self) -> list[str]:
+        """The weights left alone, one line per reason: ``left alone (reason): a (3x4), b (8x8)``."""
+        by_reason: dict[str, list[str]] = {}
+        for s in self.skipped:
+            by_reason.setdefault(s["reason"], []).append(f"{s['name']} ({'x'.join(map(str, s['shape']))})")
+        lines = []
+        for reason, names in by_reason.items():
+            shown = ", ".join(names[:SKIPPED_SHOWN]) + (
+                f" and {len(names) - SKIPPED_SHOWN} more (Report.skipped lists all)" if len(names) > SKIPPED_SHOWN else ""
+            )
+            lines.append(f"left alone ({reason}): {shown}")
+        return lines
 
     def _repr_markdown_(self) -> str:  # notebooks
         return "```\n" + str(self) + "\n```"
