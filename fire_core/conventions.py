@@ -46,9 +46,10 @@ Options, for both conventions:
   ``f(name) -> bool``. A pattern selects a weight when it matches the
   weight's full name, any of its module prefixes (``layer2`` selects
   ``layer2.0.conv1.weight``; ``*`` also matches the separator) or a block's
-  name. Wildcards are ``*`` and ``?``; brackets are literal, so a name
-  copied from a report (``attn.in_proj_weight[k]``, ``*.in_proj_weight[k]``)
-  selects exactly that block. A callable receives the target name (the
+  name. Patterns are ``fnmatch`` globs whose brackets also match literally,
+  so a name copied from a report (``attn.in_proj_weight[k]``,
+  ``*.in_proj_weight[k]``) selects exactly that block, and ``Dense_[01]``
+  still selects two modules. A callable receives the target name (the
   block's name for a block). An include or exclude pattern that matches no
   weight the rules would project is a ValueError naming the closest names.
 * ``layouts``: ``{pattern: layout}``, matched the same way, first match
@@ -70,7 +71,8 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from numbers import Integral, Real
 from typing import Callable, Iterable, Mapping
 
 from ._array import array_namespace
@@ -79,7 +81,7 @@ from .plan import reinit_many
 from .report import Report
 
 __all__ = [
-    "CONVENTIONS", "Target", "targets", "matches", "glob_match", "Patterns", "check_patterns",
+    "CONVENTIONS", "Target", "Selection", "select", "targets", "matches", "glob_match", "Patterns", "check_patterns",
     "detect_convention", "is_real_float", "apply_inplace",
 ]
 
@@ -88,9 +90,16 @@ CONVENTIONS = ("torch", "flax")
 _TORCH_CONV = {2: "oi", 3: "oiw", 4: "oihw", 5: "oidhw"}
 _TORCH_WEIGHTS = ("weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_weight")
 _TORCH_EMBEDDINGS = ("wte", "wpe")
+_TORCH_WRAPPERS = ("module", "_orig_mod")  # name prefixes of DDP/DataParallel and torch.compile state dicts
 _FLAX_CONV = {2: "io", 3: "wio", 4: "hwio", 5: "dhwio"}
 _QKV = ("q", "k", "v")
 _ATTENTION = frozenset({"query", "key", "value", "out"})
+# Fused weights the torch rules split by default (module name -> blocks along the output axis), as the
+# reference splits GPT's c_attn: nanoGPT/GPT-2 c_attn, timm's qkv, Phi-3's qkv_proj and gate_up_proj.
+_TORCH_FUSED = {"c_attn": _QKV, "qkv": _QKV, "qkv_proj": _QKV, "gate_up_proj": ("gate", "up")}
+# Hugging Face GPT-2 keeps these as Conv1D, stored (in, out); nanoGPT names its nn.Linear (out, in) the same.
+_TORCH_GPT_LINEAR = ("c_fc", "c_proj", "q_attn")
+_UNSURE = "unsure"  # block labels a rule cannot give: split= must
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,7 @@ class Target:
 
     ``index`` is None for a whole array, else a tuple of slices selecting a
     block of a fused weight; ``shape`` is the shape of that block.
+    ``aliases``: the other names of the same tensor (tied weights).
     """
 
     name: str
@@ -106,6 +116,7 @@ class Target:
     index: tuple | None
     layout: str
     shape: tuple[int, ...]
+    aliases: tuple[str, ...] = ()  # the other names of a tied tensor, projected once under ``name``
 
 
 def _separator(name: str, convention: str) -> str:
@@ -122,13 +133,18 @@ def _candidates(name: str, sep: str, extra: str | None = None) -> list[str]:
 
 
 def glob_match(name: str, pattern: str) -> bool:
-    """``fnmatch`` with ``*`` and ``?`` as wildcards and brackets literal.
+    """``fnmatch`` (``*``, ``?``, ``[seq]``), where brackets also match literally.
 
-    Names in reports carry brackets (``attn.in_proj_weight[k]``, ``c_attn.weight[0]``),
-    and a pattern copied from one must select exactly that name, not read
-    ``[k]`` as a character class. ``*`` also matches the separator.
+    Names in reports carry brackets (``attn.in_proj_weight[k]``,
+    ``c_attn.weight[0]``), and a pattern copied from one must select exactly
+    that name: read as a character class, ``[k]`` would match only ``...k``.
+    So a pattern matches when either reading does: ``*.in_proj_weight[k]``
+    selects the k block, ``Dense_[01]`` both modules. ``*`` also matches the
+    separator.
     """
-    return name == pattern or fnmatch.fnmatchcase(name, pattern.replace("[", "[[]"))
+    if name == pattern or fnmatch.fnmatchcase(name, pattern):
+        return True
+    return "[" in pattern and fnmatch.fnmatchcase(name, pattern.replace("[", "[[]"))
 
 
 def check_patterns(patterns, what: str):
@@ -213,32 +229,177 @@ class Patterns:
         raise ValueError("; ".join(lines))
 
 
-def _first_match(mapping: Mapping, name: str, sep: str):
-    cands = _candidates(name, sep)
+def _first_match(mapping: Mapping, names, sep: str):
+    """The first (pattern, value) of ``mapping`` whose pattern matches a name (a name or a list) or its prefix."""
+    cands = [c for n in ([names] if isinstance(names, str) else names) for c in _candidates(n, sep)]
     for pattern, value in mapping.items():
         if any(glob_match(c, pattern) for c in cands):
             return pattern, value
     return None, None
 
 
-def _default_torch(name: str, shape: tuple[int, ...], siblings=None):
-    """(layout, block labels) by the torch rules, or None when not a target."""
+@dataclass(frozen=True)
+class _Rule:
+    """What the naming rules make of one tensor the rules take.
+
+    ``layout`` None: the rules cannot tell it (``problem`` says why; a
+    ``layouts`` pattern settles it). ``labels``: how it is cut along its
+    output axis (None: whole; ``_UNSURE``: the rules cannot tell, ``problem``
+    says why and a ``split`` pattern settles it). ``notes``: what a default
+    decided that the report states (a fused weight split, a transposed
+    storage read as such).
+    """
+
+    layout: str | None
+    labels: object = None
+    notes: tuple[str, ...] = ()
+    problem: str | None = None
+
+
+_SPLIT_NOTE = "fused weights split into their blocks by default ({what}; split={{PATTERN: 1}} keeps one whole)"
+_CONV1D_NOTE = (
+    "Hugging Face Conv1D weights, stored (in, out), read as 'io' (told by the c_attn shape (E, 3E) and the "
+    "biases' lengths)"
+)
+
+
+def _c_attn_rule(parts: list[str], shape: tuple[int, ...]) -> _Rule | None:
+    """GPT's fused attention by its shape: nanoGPT's nn.Linear (3E, E), Hugging Face GPT-2's Conv1D (E, 3E)."""
+    rows, cols = shape
+    if rows == 3 * cols:
+        return _Rule("oi", _QKV, (_SPLIT_NOTE.format(what="c_attn as q, k, v"),))
+    if cols == 3 * rows:
+        return _Rule("io", _QKV, (_SPLIT_NOTE.format(what="c_attn as q, k, v"), _CONV1D_NOTE))
+    if cols == 2 * rows and "crossattention" in parts:  # GPT-2 cross-attention: k, v fused, q in q_attn
+        return _Rule("io", ("k", "v"), (_SPLIT_NOTE.format(what="cross-attention c_attn as k, v"), _CONV1D_NOTE))
+    return None
+
+
+class _TorchContext:
+    """What the whole state dict tells about a name that is ambiguous alone: shapes, and how c_attn is stored."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]]):
+        self.shapes = shapes
+        self.c_attn = set()  # "oi" (nanoGPT nn.Linear), "io" (Hugging Face Conv1D)
+        for key, shape in shapes.items():
+            parts = key.split(".")
+            if len(parts) > 1 and parts[-2:] == ["c_attn", "weight"] and len(shape) == 2:
+                rule = _c_attn_rule(parts, shape)
+                if rule is not None:
+                    self.c_attn.add(rule.layout)
+
+
+def _gpt_linear_rule(name: str, owner: str, shape: tuple[int, ...], context) -> _Rule:
+    """``c_fc`` / ``c_proj`` / ``q_attn``: nanoGPT's nn.Linear (out, in) or Hugging Face GPT-2's Conv1D (in, out).
+
+    A square one reads the same either way (the polar factor of ``W^T`` is
+    the transpose of ``W``'s, and the scale is 1). Otherwise the state dict
+    must tell: the sibling bias has the length of the output axis, and a
+    model stores all of these like its ``c_attn``. No evidence, or evidence
+    that disagrees, is a problem, never a guess.
+    """
+    rows, cols = shape
+    votes = set()
+    shapes = getattr(context, "shapes", {})
+    bias = shapes.get(name[: -len("weight")] + "bias")
+    if bias is not None and len(bias) == 1 and rows != cols and bias[0] in (rows, cols):
+        votes.add("oi" if bias[0] == rows else "io")
+    votes |= getattr(context, "c_attn", set())
+    if rows == cols:
+        return _Rule(votes.pop() if len(votes) == 1 else "oi")
+    if len(votes) == 1:
+        layout = votes.pop()
+        return _Rule(layout, notes=(_CONV1D_NOTE,) if layout == "io" else ())
+    why = "its bias and the model's c_attn disagree" if votes else "nothing in the state dict tells which (no bias, no c_attn)"
+    return _Rule(None, problem=(
+        f"{name}: a {owner} weight of shape {shape} is (out, in) as in nanoGPT's nn.Linear or (in, out) as in "
+        f"Hugging Face GPT-2's Conv1D, and {why}; pass layouts={{'*.{owner}': 'io'}} for Conv1D or 'oi' for "
+        f"Linear (on the command line --layout '*.{owner}=io')"
+    ))
+
+
+def _fused_rule(name: str, parts: list[str], owner: str, shape: tuple[int, ...]) -> _Rule:
+    """A weight whose module name says it fuses several projections (``_TORCH_FUSED``)."""
+    fix = f"layouts= and split= for it (on the command line --layout '*.{owner}=LAYOUT' --split '*.{owner}=N')"
+    if len(shape) != 2:
+        return _Rule(None, problem=f"{name}: a fused {owner} weight with {len(shape)} axes, where the rules know "
+                                   f"a 2-D Linear weight; pass {fix}")
+    if owner == "c_attn":
+        rule = _c_attn_rule(parts, shape)
+        if rule is None:
+            return _Rule(None, problem=(
+                f"{name}: a fused c_attn weight of shape {shape} is neither nanoGPT's (3E, E) nor Hugging Face "
+                f"GPT-2's Conv1D (E, 3E); pass {fix}"
+            ))
+        return rule
+    rows, cols = shape
+    labels = _TORCH_FUSED[owner]
+    if owner == "gate_up_proj":
+        if rows % 2 == 0:
+            return _Rule("oi", labels, (_SPLIT_NOTE.format(what="gate_up_proj as gate, up"),))
+        return _Rule("oi", _UNSURE, problem=(
+            f"{name}: a fused gate_up_proj weight of shape {shape} has an odd number of rows, so it is not two "
+            f"equal halves (gate, up); pass the block sizes with split= (--split '*.gate_up_proj=G,U')"
+        ))
+    if rows == 3 * cols:
+        return _Rule("oi", labels, (_SPLIT_NOTE.format(what=f"{owner} as q, k, v"),))
+    return _Rule("oi", _UNSURE, problem=(
+        f"{name}: a fused {owner} weight of shape {shape} has not 3x as many rows as columns: under "
+        f"grouped-query attention q, k and v differ in size, which a state dict does not record; pass the sizes "
+        f"with split={{'*.{owner}': (Q, K, V)}} (on the command line --split '*.{owner}=Q,K,V'; Q = heads x "
+        f"head_dim, K = V = kv_heads x head_dim), or 1 to project it whole"
+    ))
+
+
+def _default_torch(name: str, shape: tuple[int, ...], siblings=None) -> _Rule | None:
+    """The torch rule for one tensor (see the module docstring), or None when the rules do not take it.
+
+    ``siblings``: a :class:`_TorchContext` of the whole state dict, which
+    settles Hugging Face GPT-2's transposed Conv1D weights.
+    """
     parts = name.split(".")
     leaf, owner = parts[-1], (parts[-2] if len(parts) > 1 else "")
     if leaf not in _TORCH_WEIGHTS or len(shape) < 2:
         return None
     if leaf == "weight":
-        if "embed" in owner.lower() or owner in _TORCH_EMBEDDINGS:
+        if _embedding_name(owner):
             return None
+        if owner in _TORCH_FUSED:
+            return _fused_rule(name, parts, owner, shape)
+        if owner in _TORCH_GPT_LINEAR and len(shape) == 2:
+            return _gpt_linear_rule(name, owner, shape, siblings)
         if len(shape) not in _TORCH_CONV:
-            raise ValueError(
+            return _Rule(None, problem=(
                 f"{name}: a weight of shape {shape} has no default layout; pass layouts={{{name!r}: ...}} "
                 f"or exclude it"
-            )
-        return _TORCH_CONV[len(shape)], None
+            ))
+        return _Rule(_TORCH_CONV[len(shape)])
     if len(shape) != 2:
         return None
-    return "oi", (_QKV if leaf == "in_proj_weight" else None)
+    return _Rule("oi", _QKV if leaf == "in_proj_weight" else None)
+
+
+def _embedding_name(owner: str) -> bool:
+    return "embed" in owner.lower() or owner in _TORCH_EMBEDDINGS
+
+
+def _why_not(name: str, convention: str) -> str:
+    """Why the rules leave a tensor of two or more axes alone, by its name."""
+    parts = _flax_path(name) if convention == "flax" else name.split(".")
+    leaf, owner = parts[-1], (parts[-2] if len(parts) > 1 else "")
+    if "embed" in leaf.lower() or _embedding_name(owner):
+        return "an embedding, by its name"
+    return "no rule for its name (not a layer weight the rules know; layouts= adds it)"
+
+
+def _unwrapped(name: str, convention: str) -> str:
+    """``name`` without the prefixes DDP/DataParallel (``module.``) and torch.compile (``_orig_mod.``) add."""
+    if convention != "torch":
+        return name
+    parts = name.split(".")
+    while len(parts) > 1 and parts[0] in _TORCH_WRAPPERS:
+        parts = parts[1:]
+    return ".".join(parts)
 
 
 def _flax_path(name: str) -> list[str]:
@@ -270,10 +431,12 @@ def _default_flax(name: str, shape: tuple[int, ...], siblings=None):
 
 def _split_spec(pattern, spec):
     """A ``split`` value -> ("count", k) or ("sizes", (n1, n2, ...))."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"split must map glob patterns to block counts or sizes, got the key {pattern!r}")
     if isinstance(spec, bool) or not (
         isinstance(spec, int) or (isinstance(spec, (tuple, list)) and all(isinstance(s, int) for s in spec))
     ):
-        raise ValueError(f"split: {pattern!r} must map to a positive number of blocks or a list of sizes, got {spec!r}")
+        raise TypeError(f"split: {pattern!r} must map to a positive number of blocks or a list of sizes, got {spec!r}")
     if isinstance(spec, int):
         if spec < 1:
             raise ValueError(f"split: {pattern!r} must map to a positive number of blocks, got {spec!r}")
@@ -314,6 +477,35 @@ def _blocks(key, shape, layout, labels):
     return out
 
 
+@dataclass
+class Selection:
+    """What the naming rules make of a state dict (see :func:`select`).
+
+    ``targets``: the weights to project, in order. ``skipped``: one dict per
+    tensor of two or more axes that is not projected, with ``name``,
+    ``shape``, ``reason`` (and ``aliases`` when tied), as in
+    :attr:`Report.skipped`. ``notes``: what a default rule decided (a fused
+    weight split, a transposed storage read as such), for the report.
+    """
+
+    targets: list[Target] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def annotate(self, report: Report) -> Report:
+        """Add the tied targets' other names to ``report``'s rows, and the skipped tensors and notes to it."""
+        aliases = {t.name: list(t.aliases) for t in self.targets if t.aliases}
+        for row in report.rows:
+            if row["name"] in aliases:
+                row["aliases"] = aliases[row["name"]]
+        for s in self.skipped:
+            report.skip(s["name"], s["shape"], s["reason"])
+            if s.get("aliases"):
+                report.skipped[-1]["aliases"] = list(s["aliases"])
+        report.notes.extend(self.notes)
+        return report
+
+
 def targets(
     named_shapes,
     convention: str = "torch",
@@ -322,25 +514,83 @@ def targets(
     exclude=None,
     layouts: Mapping[str, str | None] | None = None,
     split: Mapping[str, int] | None = None,
+    tied: Mapping[str, str] | None = None,
 ) -> list[Target]:
-    """The FIRE targets among flat named arrays, in their order (see the module docstring).
+    """The FIRE targets among flat named arrays, in their order: :func:`select`'s ``targets``."""
+    return select(
+        named_shapes, convention, include=include, exclude=exclude, layouts=layouts, split=split, tied=tied
+    ).targets
 
-    ``named_shapes`` maps names to shapes (or to anything with ``.shape``), or
-    is an iterable of ``(name, shape)`` pairs. The rules read names and
-    shapes only: drop non-floating arrays before calling. A ``layouts`` or
-    ``split`` pattern that matches no weight, and an ``include`` or
-    ``exclude`` pattern that matches no weight the rules would project, are
-    a ValueError naming the closest names (a typo would otherwise pass
-    silently).
+
+def _mapping(value, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what} must be a mapping (a dict), got {type(value).__name__} {value!r}")
+    return dict(value)
+
+
+def _is_floating(value) -> bool:
+    """A bare shape counts as floating; an array by its dtype (bfloat16 and float8 included)."""
+    if not hasattr(value, "dtype"):
+        return True
+    return is_real_float(value) or "float" in str(value.dtype)
+
+
+def _as_rule(found) -> _Rule | None:
+    """A rule's answer as a :class:`_Rule` (the flax rule gives ``(layout, labels)``)."""
+    return found if found is None or isinstance(found, _Rule) else _Rule(*found)
+
+
+def _match_names(names: list[str], convention: str) -> list[str]:
+    """The names a pattern is tested against: each name, and it without a DDP/torch.compile prefix."""
+    return list(dict.fromkeys([*names, *(_unwrapped(n, convention) for n in names)]))
+
+
+def select(
+    named_shapes,
+    convention: str = "torch",
+    *,
+    include=None,
+    exclude=None,
+    layouts: Mapping[str, str | None] | None = None,
+    split: Mapping[str, int] | None = None,
+    tied: Mapping[str, str] | None = None,
+) -> Selection:
+    """The FIRE targets among flat named arrays, what is left alone and why, and notes (see the module docstring).
+
+    ``named_shapes`` maps names to arrays (or to anything with ``.shape``, or
+    to shapes), or is an iterable of ``(name, value)`` pairs. The rules read
+    names and shapes; an array that is not floating point is left alone
+    (listed in ``skipped`` when it has two or more axes). ``tied`` maps a
+    name to the first name of the same tensor (tied weights): the tensor is
+    decided once, under the first of its names a rule takes (a GPT-2
+    ``lm_head.weight`` tied to ``transformer.wte.weight`` is the head), is
+    selected or excluded by a pattern matching any of its names, and its
+    target carries the others as ``aliases``. Patterns also match a torch
+    name without the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile)
+    prefixes.
+
+    Errors, raised before anything is returned: a ``layouts`` or ``split``
+    pattern that matches no weight, and an ``include`` or ``exclude`` pattern
+    that matches no weight the rules would project, are a ValueError naming
+    the closest names (a typo would otherwise pass silently); a selected
+    weight the rules cannot read with confidence (an unknown fused shape, a
+    GQA ``qkv_proj``, a non-square GPT ``c_fc`` whose storage nothing tells)
+    is a ValueError saying which ``layouts``/``split`` settles it; an
+    argument of the wrong type is a TypeError.
     """
+    if not isinstance(convention, str):
+        raise TypeError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown convention {convention!r}; expected one of {CONVENTIONS}")
     include, exclude = Patterns(include, "include"), Patterns(exclude, "exclude")
-    layouts = dict(layouts or {})
+    layouts = _mapping(layouts, "layouts")
     for pattern, lay in layouts.items():
         if not isinstance(pattern, str) or not (lay is None or isinstance(lay, str)):
             raise TypeError(f"layouts must map glob patterns to layout strings (or None), got {pattern!r}: {lay!r}")
-    split = {pattern: _split_spec(pattern, n) for pattern, n in (split or {}).items()}
+    split = {pattern: _split_spec(pattern, n) for pattern, n in _mapping(split, "split").items()}
+    tied = _mapping(tied, "tied")
     rule = _default_torch if convention == "torch" else _default_flax
     items = list(named_shapes.items() if isinstance(named_shapes, Mapping) else named_shapes)
     siblings: dict[tuple, set] = {}
@@ -349,52 +599,144 @@ def targets(
             parts = _flax_path(key)
             if len(parts) >= 2:
                 siblings.setdefault(tuple(parts[:-2]), set()).add(parts[-2])
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}  # the non-floating ones
+    for key, value in items:
+        if not isinstance(key, str):
+            raise TypeError(f"names must be strings, got {key!r}")
+        shapes[key] = tuple(int(s) for s in getattr(value, "shape", value))
+        if not _is_floating(value):
+            dtypes[key] = str(value.dtype).replace("torch.", "")
+    context = _TorchContext(shapes) if convention == "torch" else siblings
     used = set()
-    out: list[Target] = []
-    known: list[str] = []
-    for key, shape in items:
-        shape = tuple(int(s) for s in getattr(shape, "shape", shape))
-        sep = _separator(key, convention)
-        pattern, override = _first_match(layouts, key, sep)
-        if pattern is not None:
-            found = rule(key, shape, siblings)
+
+    def rule_for(key):
+        """(rule, None, False) for a tensor the rules or a layouts pattern take, else (None, reason, vetoed)."""
+        shape, sep = shapes[key], _separator(key, convention)
+        if key in dtypes:
+            return None, f"not floating point ({dtypes[key]})", False
+        pattern, override = _first_match(layouts, _match_names([key], convention), sep)
+        if pattern is None:
+            found = _as_rule(rule(key, shape, context))
+            if found is None:
+                return None, _why_not(key, convention), False
+        else:
             if override is None:  # named to be skipped
                 used.add(pattern)
-                continue
+                return None, f"layouts pattern {pattern!r} maps it to None", True
+            try:
+                found = _as_rule(rule(key, shape, context))
+            except ValueError:  # no default layout: the pattern gives one
+                found = None
             if found is None and len(override) != len(shape):
-                continue  # a pattern adds a tensor only where its layout fits (`up.*` skips `up.0.bias`)
+                return None, _why_not(key, convention), False  # a pattern adds a tensor only where its layout fits
             if len(override) != len(shape):
                 raise ValueError(
                     f"{key}: layouts pattern {pattern!r} gives {override!r}, which does not fit shape {shape}"
                 )
             parse_layout(override, shape, key)
             used.add(pattern)
-            found = (override, found[1] if found is not None and found[0] == override else None)
-        else:
-            found = rule(key, shape, siblings)
-        if found is None:
-            continue
-        layout, labels = found
-        pattern, spec = _first_match(split, key, sep)
+            same = found is not None and found.layout == override  # keeps the rule's blocks (q, k, v)
+            found = _Rule(override, found.labels, found.notes, found.problem) if same else _Rule(override)
+        pattern, spec = _first_match(split, _match_names([key], convention), sep)
         if pattern is not None:
             used.add(pattern)
-            labels = spec
-        for t in _blocks(key, shape, layout, labels):
-            known += [key, t.name]
-            # Both are tested on every target, so each pattern's use is known (a pattern that selects
-            # nothing is an error below); a callable receives the target name.
-            keep = include.func(t.name) if include.func else (include.hit(key, sep, target_name=t.name)
-                                                              if include.patterns else True)
-            drop = exclude.func(t.name) if exclude.func else exclude.hit(key, sep, target_name=t.name)
-            if keep and not drop:
-                out.append(t)
+            notes = tuple(n for n in found.notes if not n.startswith(_SPLIT_NOTE[:20]))
+            found = _Rule(found.layout, spec, notes, found.problem if found.layout is None else None)
+        return found, None, False
+
+    # Tied tensors (one tensor under several names) form one group, decided under the first name a rule
+    # takes (a tied GPT-2 head: lm_head.weight, not the embedding's name) and named by all of them.
+    decided = {key: rule_for(key) for key in shapes}
+    groups: dict[str, list[str]] = {}
+    for key in shapes:
+        first = tied.get(key, key)
+        groups.setdefault(first if first in shapes else key, []).append(key)
+    position = {key: k for k, key in enumerate(shapes)}
+    plans = []
+    for members in groups.values():
+        taken = [(m, decided[m][0]) for m in members if decided[m][0] is not None]
+        vetoes = [decided[m][1] for m in members if decided[m][2]]
+        if taken and not vetoes:
+            primary, found, reason = taken[0][0], taken[0][1], None
+            layouts_seen = {f.layout for _, f in taken if f.layout is not None}
+            if len(layouts_seen) > 1:
+                raise ValueError(
+                    f"{primary}: one tensor under the names {', '.join(m for m, _ in taken)}, which the rules read "
+                    f"in different layouts ({', '.join(sorted(layouts_seen))}); give it one with layouts="
+                )
+        else:
+            primary, found = members[0], None
+            reason = vetoes[0] if vetoes else decided[members[0]][1]
+        plans.append((position[primary], primary, tuple(m for m in members if m != primary), found, reason))
+    plans.sort(key=lambda plan: plan[0])
+
+    def left_out(names, sep, target_name):
+        """Why include/exclude leave a target out, or None; both are tested, so each pattern's use is known."""
+        keep = include.func(target_name) if include.func else (
+            include.hit(names, sep, target_name=target_name) if include.patterns else True)
+        drop = exclude.func(target_name) if exclude.func else exclude.hit(names, sep, target_name=target_name)
+        if drop:
+            if exclude.func:
+                return "excluded by the exclude function"
+            hit = next(p for p in exclude.patterns if matches([p], names, sep, target_name=target_name))
+            return f"excluded by exclude pattern {hit!r}"
+        return None if keep else "not selected by include"
+
+    selection = Selection()
+    notes: dict[str, list[str]] = {}
+    problems: list[tuple[str, str]] = []
+    known: list[str] = []
+
+    def skip(name, shape, reason, aliases):
+        if len(shape) >= 2:
+            entry = {"name": name, "shape": tuple(shape), "reason": reason}
+            if aliases:
+                entry["aliases"] = list(aliases)
+            selection.skipped.append(entry)
+
+    for _, key, aliases, found, reason in plans:
+        shape, sep = shapes[key], _separator(key, convention)
+        if found is None:
+            skip(key, shape, reason, aliases)
+            continue
+        names = _match_names([key, *aliases], convention)
+        known += [key, *aliases]
+        if found.problem is not None or 0 in shape:
+            why = left_out(names, sep, key)
+            if why is not None:
+                skip(key, shape, why, aliases)
+            elif 0 in shape:
+                skip(key, shape, "empty (an axis of length 0)", aliases)
+            else:
+                problems.append((key, found.problem))
+            continue
+        for t in _blocks(key, shape, found.layout, found.labels):
+            known.append(t.name)
+            why = left_out(names, sep, t.name)
+            if why is None:
+                selection.targets.append(replace(t, aliases=aliases))
+                for note in found.notes:
+                    notes.setdefault(note, []).append(key)
+            else:
+                skip(t.name, t.shape, why, aliases)
     for what, patterns in (("layouts", layouts), ("split", split)):
         for pattern in patterns:
             if pattern not in used:
                 raise ValueError(f"{what} pattern {pattern!r} matches no weight")
     include.check_used(known)
     exclude.check_used(known)
-    return out
+    if problems:
+        key, text = problems[0]
+        more = [k for k, _ in problems[1:]]
+        if more:
+            text += f" ({len(more)} more need the same: {', '.join(more[:3])}{', ...' if len(more) > 3 else ''})"
+        raise ValueError(text)
+    for text, keys in notes.items():
+        keys = list(dict.fromkeys(keys))
+        shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        selection.notes.append(f"note: {text}: {shown}")
+    return selection
 
 
 def detect_convention(names: Iterable[str]) -> str:
@@ -438,39 +780,60 @@ def apply_inplace(
     around all work on that array's device (CuPy: make it current, for the
     checks, the math and the writes; see :func:`fire_core.reinit_many`).
     Every weight, on every device, is validated before any is written.
-    Non-floating arrays are left alone; a value that ``is_array`` rejects is a
-    TypeError. The same array object under two names is projected once,
-    under the first.
+    Non-floating arrays are left alone (listed in ``Report.skipped`` with
+    two or more axes, as is every tensor the rules do not take, with its
+    reason); a value that ``is_array`` rejects, and an argument of the wrong
+    type, is a TypeError. The same array object under two names is one tied
+    weight: projected once, under the first of its names a rule takes, its
+    row naming the others (``aliases``), and left alone when an ``exclude``
+    pattern matches any of its names.
     """
     if not isinstance(arrays, Mapping):
         raise TypeError(f"expected a mapping of names to arrays, got {type(arrays).__name__}")
+    _check_options(steps, method, scale, dry_run)
     for key, value in arrays.items():
         if not isinstance(key, str):
             raise TypeError(f"array names must be strings, got {key!r}")
         if is_array is not None and not is_array(value):
             raise TypeError(f"{key}: expected {array_kind}, got {type(value).__module__}.{type(value).__qualname__}")
-    seen: set[int] = set()
-    floats = {}
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    named = {}
     for key, value in arrays.items():
-        if is_real_float(value) and id(value) not in seen:
-            seen.add(id(value))
-            floats[key] = value
-    chosen = targets(floats, convention, include=include, exclude=exclude, layouts=layouts, split=split)
+        if hasattr(value, "shape") and hasattr(value, "dtype"):
+            named[key] = value
+            tied[key] = first.setdefault(id(value), key)
+    selection = select(named, convention, include=include, exclude=exclude, layouts=layouts, split=split, tied=tied)
+    chosen = selection.targets
     if not chosen:
+        alone = "; ".join(f"{s['name']}: {s['reason']}" for s in selection.skipped[:4])
         raise ValueError(
             f"none of the {len(arrays)} arrays is a FIRE target under the {convention!r} convention and the given "
-            "include/exclude; nothing written (name the weights with layouts= to add them)"
+            f"include/exclude; nothing written (name the weights with layouts= to add them)"
+            + (f"; left alone: {alone}{' ...' if len(selection.skipped) > 4 else ''}" if alone else "")
         )
     by_name = {t.name: t for t in chosen}
 
     def write(name, new):
         if not dry_run:
             t = by_name[name]
-            floats[t.source_key][... if t.index is None else t.index] = new
+            named[t.source_key][... if t.index is None else t.index] = new
 
     weights = [
-        (t.name, floats[t.source_key] if t.index is None else floats[t.source_key][t.index], t.layout) for t in chosen
+        (t.name, named[t.source_key] if t.index is None else named[t.source_key][t.index], t.layout) for t in chosen
     ]
     report = reinit_many(weights, steps=steps, method=method, scale=scale, write=write, context=context)
     report.applied = not dry_run
-    return report
+    return selection.annotate(report)
+
+
+def _check_options(steps, method, scale, dry_run) -> None:
+    """TypeErrors for arguments of the wrong type (their values are checked by the core)."""
+    if isinstance(steps, bool) or not isinstance(steps, Integral):
+        raise TypeError(f"steps must be an integer, got {type(steps).__name__} {steps!r}")
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a string ('fire', 'fast' or 'svd'), got {type(method).__name__} {method!r}")
+    if not (scale is None or isinstance(scale, (str, Real))) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a rule name, a number or None, got {type(scale).__name__} {scale!r}")
+    if not isinstance(dry_run, bool):
+        raise TypeError(f"dry_run must be True or False, got {type(dry_run).__name__} {dry_run!r}")
