@@ -8,45 +8,63 @@ the parameter's own storage. The parameters stay the same objects (same
 ``id``, storage, ``requires_grad``, device and dtype), so an optimizer or a
 compiled graph holding them keeps working.
 
-Default selection (what ``apply`` projects without ``include``):
+What each module type holds is one table, :data:`MODULE_TABLE`: the module
+type, its weights, their layout, how they split into blocks, and why a weight
+is left alone. Selection reads it, and the report's ``skipped`` reasons are
+written from it:
 
-* ``nn.Linear`` weight (``"oi"``), also when tied to an embedding (as the
-  reference code does; exclude the head to keep it);
+* ``nn.Linear`` ``weight`` (``"oi"``), also when tied to an embedding (as the
+  reference code does; exclude either name to keep it). A Linear named
+  ``c_attn``, ``qkv`` or ``qkv_proj`` is a fused q/k/v projection and is
+  projected as its blocks ``[q]``, ``[k]``, ``[v]`` (sizes read from the
+  attention module or its config: grouped-query attention has smaller k and
+  v); ``gate_up_proj`` as ``[gate]``, ``[up]``;
+* Hugging Face ``Conv1D`` (GPT-2; weight stored ``(in, out)``): ``"io"``,
+  fused the same way;
 * ``nn.Conv1d/2d/3d`` weight (``"oiw"``, ``"oihw"``, ``"oidhw"``), each tap on
-  its own; a grouped conv's tap is the ``out x in/groups`` matrix stored;
+  its own; a grouped conv's tap is the ``out x in/groups`` matrix stored (the
+  reference's treatment), or each group's own with ``conv_groups="each"``;
 * ``nn.ConvTranspose1d/2d/3d`` weight (``"iow"``, ``"iohw"``, ``"iodhw"``);
 * ``nn.MultiheadAttention``: ``in_proj_weight`` as three ``E x E`` blocks
   ``[q]``, ``[k]``, ``[v]``, or ``q/k/v_proj_weight`` when kdim/vdim differ;
-  ``out_proj`` is a Linear.
+  ``out_proj`` is a Linear;
+* ``nn.RNN/LSTM/GRU`` (every layer and direction) and their cells:
+  ``weight_ih*`` and ``weight_hh*`` per gate block (LSTM ``[i]``, ``[f]``,
+  ``[g]``, ``[o]``; GRU ``[r]``, ``[z]``, ``[n]``; RNN one block),
+  ``weight_hr*`` (``proj_size``) whole.
 
-Embeddings, norms, biases and every other parameter are left alone unless a
-``layouts`` pattern names them. FSDP2 (DTensor) weights are projected whole
-through DTensor's sharded ops and written back into their own shards.
+Left alone, each listed in ``Report.skipped`` with its reason: embeddings,
+``nn.Bilinear``, quantized modules, parameters of other module types (unless a
+``layouts`` pattern names them), frozen weights (``requires_grad=False``;
+``frozen=True`` projects them), empty weights, and what ``include`` /
+``exclude`` leave out. FSDP2 (DTensor) weights are projected whole through
+DTensor's sharded ops and written back into their own shards.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import sys
-from dataclasses import dataclass
-from typing import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils import prune
 
-from .conventions import check_patterns, matches
+from .conventions import Patterns, glob_match, matches
 from .metrics import drift
 from .plan import reinit_many
 from .report import Report
 
-__all__ = ["apply", "reset_optimizer_state"]
+__all__ = ["apply", "reset_optimizer_state", "MODULE_TABLE"]
 
 _SPATIAL = {1: "w", 2: "hw", 3: "dhw"}
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_MHA_BLOCKS = ("q", "k", "v")
+_CONV_GROUPS = ("stored", "each")
+_WRAPPERS = ("_orig_mod", "module")  # torch.compile; (Distributed)DataParallel
 
 
 def apply(
@@ -55,11 +73,13 @@ def apply(
     *,
     include=None,
     exclude=None,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer=None,
     method: str = "fire",
     scale="fire",
     split: Mapping[str, int | Iterable[int]] | None = None,
-    layouts: Mapping[str, str] | None = None,
+    layouts: Mapping[str, str | None] | None = None,
+    frozen: bool = False,
+    conv_groups: str = "stored",
     dry_run: bool = False,
     report: bool = True,
     probe=None,
@@ -75,25 +95,47 @@ def apply(
     ``steps``, ``method`` (``"fire"``, ``"fast"``, ``"svd"``) and ``scale``
     (``"fire"``, ``"variance"``, ``"norm"``, None, a number) are the core's.
 
-    ``include`` / ``exclude``: glob patterns (a string or a list) matched
-    against each weight's dotted name and every module prefix of it, so
-    ``"fc"`` or ``"layer2.*"`` select everything under that module; a block's
-    full name (``"attn.in_proj_weight[k]"``) also matches literally. Or a
-    callable ``(name, tensor) -> bool``. ``include`` narrows the default
-    selection (see the module docstring), ``exclude`` removes from it.
+    ``include`` / ``exclude``: glob patterns (a string or a list; ``*`` and
+    ``?`` are wildcards, brackets are literal) matched against each weight's
+    dotted name and every module prefix of it, so ``"fc"`` or ``"layer2.*"``
+    select everything under that module, and a name copied from the report
+    (``"attn.in_proj_weight[k]"``) selects exactly that block. Every name of
+    a weight counts: the names of a tied weight, and the ``state_dict()``
+    names of the wrapped model (``module.fc`` under DDP/DataParallel,
+    ``_orig_mod.fc`` under ``torch.compile``). Or a callable
+    ``(name, tensor) -> bool``. ``include`` narrows the default selection
+    (see the module docstring), ``exclude`` removes from it. A pattern that
+    matches no weight of two or more dimensions is a ValueError naming the
+    closest names; so is a call that selects no weight at all.
 
     ``split``: ``{pattern: k}`` cuts the matched weights into ``k`` equal
     blocks along their output axis (or ``{pattern: (n1, n2, ...)}`` into
     blocks of those sizes), projected as separate matrices named
-    ``name[0]``, ``name[1]``...: the reference projects GPT's fused
-    ``c_attn`` as q, k, v this way (``split={"*.c_attn": 3}``).
+    ``name[0]``, ``name[1]``...; ``{pattern: 1}`` projects a weight whole
+    that would be split by default (a fused ``c_attn``, an RNN's gates).
 
     ``layouts``: ``{pattern: layout}`` for parameters matched by their full
-    dotted name: adds them to the candidates or overrides the default layout
-    (a GPT-2 ``Conv1D`` stores ``(in, out)``: ``{"*.c_attn.weight": "io"}``).
+    dotted name: adds them to the candidates (an embedding, a custom
+    module's weight), overrides the default layout, or with ``None`` leaves
+    them alone.
 
-    ``optimizer``: the state (moments, step count) of every written parameter
-    is dropped, so the optimizer restarts it; other parameters keep theirs.
+    ``frozen``: weights with ``requires_grad=False`` (a LoRA base, a frozen
+    backbone) cannot re-learn, so by default they are left alone (listed in
+    ``Report.skipped``); ``frozen=True`` projects them too.
+
+    ``conv_groups``: ``"stored"`` (default, the reference's treatment)
+    projects each tap's stored ``out x in/groups`` matrix of a grouped or
+    depthwise conv, all groups in one matrix; ``"each"`` projects each
+    group's ``(out/groups) x (in/groups)`` matrices on their own (layout
+    ``"Goihw"``: a stack of groups), scaled per group. The report row's
+    ``note`` says which was done.
+
+    ``optimizer``: a ``torch.optim.Optimizer`` or a list of them. The state
+    (moments, step count) of every written parameter is dropped, so the
+    optimizer restarts it; other parameters keep theirs. ``LBFGS`` keeps one
+    history for all its parameters, which is dropped whole. Written
+    parameters' ``.grad`` are set to None (a stale gradient of the old weight
+    would otherwise be applied to the new one).
 
     ``dry_run``: compute the report (SFE, DfI before/after per weight) and
     change nothing. ``report=False`` measures nothing (no extra Gram matrix,
@@ -127,20 +169,33 @@ def apply(
     ``torch.optim.swa_utils.update_bn(loader, model)`` (docs/stability.md).
 
     Every selected weight is checked before any is written; on an error
-    (NaN/Inf weight, bad option, unsupported parametrization, uninitialized
-    lazy module) the model and the optimizer are left exactly as they were.
+    (NaN/Inf weight, bad option, unsupported parametrization, pruned or
+    uninitialized lazy module, a meta, sparse or inference-mode tensor) the
+    model and the optimizer are left exactly as they were.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply expects a torch.nn.Module, got {type(model).__name__}")
-    if optimizer is not None:
-        _check_optimizer(optimizer)
+    optimizers = _optimizers(optimizer)
     if dry_run and not report:
         raise ValueError("dry_run=True computes the report only; it cannot be combined with report=False")
     if distributed not in ("owner", "replicate"):
         raise ValueError(f"distributed must be 'owner' or 'replicate', got {distributed!r}")
-    model = _unwrap(model)
-    targets, notes = _select(model, include, exclude, split or {}, layouts or {})
-    stats = _stats_note(model) if targets else None
+    if conv_groups not in _CONV_GROUPS:
+        raise ValueError(f"conv_groups must be one of {_CONV_GROUPS}, got {conv_groups!r}")
+    if not isinstance(frozen, bool):
+        raise TypeError(f"frozen must be True or False, got {frozen!r}")
+    model, wrappers = _unwrap(model)
+    options = _Options(
+        include=Patterns(include, "include"),
+        exclude=Patterns(exclude, "exclude"),
+        split=_check_splits(split),
+        layouts=_check_layouts(layouts),
+        frozen=frozen,
+        conv_groups=conv_groups,
+        wrappers=wrappers,
+    )
+    targets, skipped, notes = _select(model, options)
+    stats = _stats_note(model)
     if stats:
         notes.append(stats)
     if probe is not None:  # first, so that a probe that does not fit fails before anything is written
@@ -166,23 +221,36 @@ def apply(
                     p.detach().copy_(old)
         drift = _drifts(probed, after, rows)
 
+    by_name = {t.name: t for t in targets}
     order = {t.name: k for k, t in enumerate(targets)}
     rows.sort(key=lambda row: order[row["name"]])
+    for row in rows:
+        t = by_name[row["name"]]
+        if t.aliases:
+            row["aliases"] = list(t.aliases)
+        if t.note:
+            row["note"] = t.note
     if not report:
         notes.append(f"report=False: {len(targets)} weights projected, nothing measured")
     result = Report(
-        method=method, steps=int(steps), scale=scale, rows=rows, notes=notes, applied=not dry_run, drift=drift
+        method=method, steps=int(steps), scale=scale, rows=rows, notes=notes, applied=not dry_run, drift=drift,
+        skipped=skipped,
     )
-    if optimizer is not None and not dry_run:
-        reset_optimizer_state(optimizer, _written(targets))
+    if not dry_run:
+        written = _written(targets)
+        for p in written:
+            p.grad = None  # a gradient of the old weight, which the next step would apply to the new one
+        for opt in optimizers:
+            reset_optimizer_state(opt, written)
     return result
 
 
 def _written(targets) -> list[torch.Tensor]:
-    """The tensors FIRE writes: each plain weight, or a parametrized weight's stored tensors, once."""
+    """The tensors FIRE writes: each plain weight (and the Parameters tied to it by memory), or a
+    parametrized weight's stored tensors, once."""
     written = {}
     for t in targets:
-        for p in t.originals if t.plist is not None else (t.param,):
+        for p in t.originals if t.plist is not None else (t.param, *t.tied):
             written[id(p)] = p
     return list(written.values())
 
@@ -206,11 +274,12 @@ def _project(targets, steps, method, scale, dry_run, report, distributed="owner"
 
         def stage(name, new):
             t = staged_by_name[name]
-            buffers[id(t.plist)][t.index].copy_(new)
+            block = buffers[id(t.plist)][t.index]
+            block.copy_(new.reshape(block.shape))
 
         with torch.no_grad():
             rep = reinit_many(
-                ((t.name, t.tensor.detach()[t.index], t.layout) for t in staged),
+                ((t.name, t.given(t.tensor.detach()), t.layout) for t in staged),
                 steps=steps, method=method, scale=scale, write=stage, report=report,
             )
         rows += rep.rows if report else []
@@ -238,13 +307,13 @@ def _project(targets, steps, method, scale, dry_run, report, distributed="owner"
     def write(name, new):
         if not dry_run:
             t = plain_by_name[name]
-            _write_block(t.param.detach(), t.index, new)
+            _write_block(t.param.detach(), t.index, new if t.view is None else new.reshape(t.block_shape))
             written.append(name)
 
     try:
         with torch.no_grad():
             rep = reinit_many(
-                ((t.name, t.param.detach()[t.index], t.layout) for t in plain),
+                ((t.name, t.given(t.param.detach()), t.layout) for t in plain),
                 steps=steps, method=method, scale=scale, write=write, report=report,
             )
     except BaseException as e:  # out of memory, an interrupt: say what has already changed
@@ -299,26 +368,532 @@ def _sharded(targets):
     return contextlib.nullcontext()
 
 
-def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> int:
-    """Drop the optimizer state (moments, step count...) of exactly ``params``; returns how many had state.
+# --- optimizers ----------------------------------------------------------------------
 
-    Works for any ``torch.optim.Optimizer`` (its ``state`` is keyed by
-    parameter): the next ``step`` starts those parameters' state afresh, as
-    for new parameters, and every other parameter keeps its state.
+
+def reset_optimizer_state(optimizer, params: Iterable[torch.Tensor]) -> int:
+    """Drop the optimizer state (moments, step count...) of exactly ``params``; returns how many states were dropped.
+
+    ``optimizer`` is a ``torch.optim.Optimizer`` or a list of them. Works for
+    any optimizer whose ``state`` is keyed by parameter: the next ``step``
+    starts those parameters' state afresh, as for new parameters, and every
+    other parameter keeps its state. ``torch.optim.LBFGS`` keeps one joint
+    history (directions, step sizes, the previous gradient) for all its
+    parameters, held in the state of its first: when any of ``params`` is
+    one of its parameters that whole history is dropped (counted once),
+    since a history built on the old weights does not describe the new ones.
     """
-    _check_optimizer(optimizer)
+    optimizers = _optimizers(optimizer)
     params = list(params)
     for p in params:
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"reset_optimizer_state expects tensors, got {type(p).__name__}")
+    ids = {id(p) for p in params}
     dropped = 0
-    for p in params:
-        if optimizer.state.pop(p, None) is not None:
-            dropped += 1
+    for opt in optimizers:
+        if isinstance(opt, torch.optim.LBFGS):
+            mine = [p for group in opt.param_groups for p in group["params"]]
+            if any(id(p) in ids for p in mine) and opt.state.pop(mine[0], None) is not None:
+                dropped += 1
+            continue
+        for p in params:
+            if opt.state.pop(p, None) is not None:
+                dropped += 1
     return dropped
 
 
-# --- finding the weights -------------------------------------------------------------
+def _optimizers(optimizer) -> list:
+    """``optimizer=`` as a list: None, one optimizer, or a list/tuple of them (TypeError otherwise)."""
+    if optimizer is None:
+        return []
+    many = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    for opt in many:
+        _check_optimizer(opt)
+    return many
+
+
+def _check_optimizer(optimizer) -> None:
+    state = getattr(optimizer, "state", None)
+    if not hasattr(state, "pop") or not hasattr(optimizer, "param_groups"):
+        raise TypeError(
+            f"expected a torch.optim.Optimizer (with .state keyed by parameter) or a list of them, got "
+            f"{type(optimizer).__name__}"
+        )
+
+
+# --- what each module type holds: the table --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Slot:
+    """What FIRE does with one weight a module type holds.
+
+    ``layout`` None: the weight is left alone, for ``reason``. Otherwise it is
+    projected in ``layout``, as the blocks ``blocks`` (labels) cut along its
+    ``axis`` (``"o"`` or ``"i"``), of ``sizes`` (None: equal blocks), after
+    reading it as the shape ``view`` (a grouped conv's groups as a stack
+    axis). ``note`` is said in the report row; ``problem`` is raised when
+    the weight is selected and no ``split=`` says how to cut it. ``shape``:
+    the shape of a weight that is no tensor FIRE can see (a quantized
+    module's packed weight).
+    """
+
+    layout: str | None = None
+    reason: str | None = None
+    blocks: tuple[str, ...] | None = None
+    sizes: tuple[int, ...] | None = None
+    axis: str = "o"
+    view: tuple[int, ...] | None = None
+    note: str | None = None
+    problem: str | None = None
+    shape: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Where a module sits: its dotted name, its last name component, its parent, and the options that shape it."""
+
+    name: str
+    leaf: str
+    parent: nn.Module | None
+    conv_groups: str
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One row of :data:`MODULE_TABLE`: a module type and the weights it holds."""
+
+    name: str  # as the docs say it
+    match: object  # a type, a tuple of types, or a predicate on the module
+    weights: Callable[[nn.Module, _Where], dict[str, Slot]]  # attribute name -> Slot
+
+    def matches(self, mod: nn.Module) -> bool:
+        if isinstance(self.match, (type, tuple)):
+            return isinstance(mod, self.match)
+        return bool(self.match(mod))
+
+
+_EMBEDDING = "embedding (a lookup table, not a map between layers; layouts= projects it)"
+_BILINEAR = "nn.Bilinear (its out x in1 x in2 weight is a bilinear form, not one matrix; layouts= projects it)"
+_QUANTIZED = (
+    "quantized module (its weight is packed integers, which FIRE cannot write; apply FIRE to the float model "
+    "before quantizing)"
+)
+_NO_RULE = "no FIRE rule for a parameter of {kind} (layouts= projects it)"
+_FROZEN = "frozen (requires_grad=False, so it cannot re-learn; frozen=True projects it)"
+_EMPTY = "empty (a dimension of size 0)"
+_NOT_INCLUDED = "not selected by include"
+_LAYOUT_NONE = "layouts= maps it to None"
+_TIED_HEAD = "an LM head tied to an embedding is projected, as the reference does (exclude either name to keep it)"
+
+_GATES = {"LSTM": ("i", "f", "g", "o"), "GRU": ("r", "z", "n"), "RNN_TANH": None, "RNN_RELU": None}
+_CELL_GATES = ((nn.LSTMCell, ("i", "f", "g", "o")), (nn.GRUCell, ("r", "z", "n")), (nn.RNNCell, None))
+_FUSED_QKV = ("c_attn", "qkv", "qkv_proj")
+_FUSED_GATE_UP = ("gate_up_proj",)
+_FUSED_NOTE = "recognised fused projections, split into their blocks as the reference splits c_attn (split={pattern: 1} projects one whole)"
+
+
+def _attention_weights(mod: nn.MultiheadAttention, where: _Where) -> dict[str, Slot]:
+    if mod.in_proj_weight is not None or parametrize.is_parametrized(mod, "in_proj_weight"):
+        return {"in_proj_weight": Slot("oi", blocks=("q", "k", "v"))}
+    return {a: Slot("oi") for a in ("q_proj_weight", "k_proj_weight", "v_proj_weight")}
+
+
+def _rnn_weights(mod: nn.RNNBase, where: _Where) -> dict[str, Slot]:
+    """Every layer and direction: input and hidden weights per gate block, the projection (proj_size) whole."""
+    if mod.mode not in _GATES:
+        return {}
+    gates = _GATES[mod.mode]
+    out = {}
+    for attr in mod._flat_weights_names:
+        if attr.startswith(("weight_ih", "weight_hh")):
+            out[attr] = Slot("oi", blocks=gates)
+        elif attr.startswith("weight_hr"):
+            out[attr] = Slot("oi")
+    return out
+
+
+def _cell_weights(mod: nn.RNNCellBase, where: _Where) -> dict[str, Slot]:
+    gates = next((g for kind, g in _CELL_GATES if isinstance(mod, kind)), None)
+    return {"weight_ih": Slot("oi", blocks=gates), "weight_hh": Slot("oi", blocks=gates)}
+
+
+def _linear_weights(mod: nn.Linear, where: _Where) -> dict[str, Slot]:
+    return {"weight": Slot("oi", **_fused(where, mod.out_features, mod.in_features))}
+
+
+def _is_hf_conv1d(mod: nn.Module) -> bool:
+    """Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2), recognised without importing transformers."""
+    kind = type(mod)
+    return kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers") and isinstance(
+        getattr(mod, "nf", None), int
+    )
+
+
+def _hf_conv1d_weights(mod: nn.Module, where: _Where) -> dict[str, Slot]:
+    """A Linear that stores its weight as (in, out) = (nx, nf): layout ``"io"``."""
+    weight = mod._parameters.get("weight")
+    if weight is None or weight.ndim != 2 or weight.shape[1] != mod.nf:
+        return {}
+    return {"weight": Slot("io", **_fused(where, mod.nf, int(weight.shape[0])))}
+
+
+def _conv_weights(mod: nn.Module, where: _Where) -> dict[str, Slot]:
+    """Conv and ConvTranspose: one matrix per tap; a grouped conv's stored matrices, or each group's own."""
+    transposed = isinstance(mod, _CONV_T)
+    features = ("io" if transposed else "oi") + _SPATIAL[len(mod.kernel_size)]
+    groups = mod.groups
+    if groups == 1:
+        return {"weight": Slot(features)}
+    # The stored tap is out x in/groups (conv) or out/groups x in (transposed): every group in one matrix.
+    d_out, d_in = (mod.out_channels // groups, mod.in_channels) if transposed else (mod.out_channels, mod.in_channels // groups)
+    depthwise = min(d_out, d_in) == 1
+    if where.conv_groups == "stored":
+        note = (
+            "depthwise convs: each tap is a single column (or row), which FIRE only normalizes, so DfI after is "
+            "0 whatever the steps, not a sign of convergence (conv_groups='each' projects each channel's own)"
+            if depthwise
+            else "grouped convs: each tap's stored matrix, every group in one, as the reference does "
+            "(conv_groups='each' projects each group's own)"
+        )
+        return {"weight": Slot(features, note=note)}
+    weight = mod._parameters.get("weight")
+    problem = None
+    if weight is not None and hasattr(weight, "placements"):
+        problem = (
+            f"{where.name}.weight: conv_groups='each' is not supported for a DTensor (sharded) weight; use "
+            "conv_groups='stored' or exclude it"
+        )
+    # (groups, per-group rows, ...): the groups become a stack axis, each projected and scaled on its own.
+    first = (mod.in_channels if transposed else mod.out_channels) // groups
+    second = (mod.out_channels if transposed else mod.in_channels) // groups
+    view = (groups, first, second, *mod.kernel_size)
+    if first * second == 1:
+        note = (
+            "depthwise convs, conv_groups='each': each channel's taps are 1 x 1 matrices, which FIRE sets to "
+            "their sign times the scale"
+        )
+    elif min(first, second) == 1:
+        note = (
+            "depthwise convs, conv_groups='each': each group's taps are single columns (or rows), which FIRE only "
+            "normalizes, so DfI after is 0 whatever the steps"
+        )
+    else:
+        note = (
+            "grouped convs, conv_groups='each': each group's (out/groups) x (in/groups) matrices projected and "
+            "scaled on their own (stack axis G)"
+        )
+    return {"weight": Slot("G" + features, view=view, note=note, problem=problem)}
+
+
+def _is_quantized(mod: nn.Module) -> bool:
+    """A torch.ao quantized (static or dynamic) module: its weight is a method returning packed integers."""
+    return type(mod).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized")) and callable(
+        getattr(mod, "weight", None)
+    )
+
+
+def _quantized_weights(mod: nn.Module, where: _Where) -> dict[str, Slot]:
+    try:
+        shape = tuple(int(d) for d in mod.weight().shape)
+    except Exception:  # a module whose packed weight cannot be read back
+        shape = ()
+    return {"weight": Slot(reason=_QUANTIZED, shape=shape)}
+
+
+def _left_alone(reason: str):
+    return lambda mod, where: {"weight": Slot(reason=reason)}
+
+
+#: What each module type holds, first match wins: its weights (attribute names), their layout, how
+#: they split into blocks, and why a weight is left alone. Selection reads only this table.
+MODULE_TABLE: tuple[Kind, ...] = (
+    Kind("quantized module (torch.ao)", _is_quantized, _quantized_weights),
+    Kind("nn.MultiheadAttention", nn.MultiheadAttention, _attention_weights),
+    Kind("nn.RNN / nn.LSTM / nn.GRU", nn.RNNBase, _rnn_weights),
+    Kind("nn.RNNCell / nn.LSTMCell / nn.GRUCell", nn.RNNCellBase, _cell_weights),
+    Kind("nn.Linear", nn.Linear, _linear_weights),
+    Kind("transformers Conv1D", _is_hf_conv1d, _hf_conv1d_weights),
+    Kind("nn.Conv1d/2d/3d", _CONV, _conv_weights),
+    Kind("nn.ConvTranspose1d/2d/3d", _CONV_T, _conv_weights),
+    Kind("nn.Embedding / nn.EmbeddingBag", (nn.Embedding, nn.EmbeddingBag), _left_alone(_EMBEDDING)),
+    Kind("nn.Bilinear", nn.Bilinear, _left_alone(_BILINEAR)),
+)
+
+
+def _kind_of(mod: nn.Module) -> Kind | None:
+    return next((k for k in MODULE_TABLE if k.matches(mod)), None)
+
+
+# --- fused projections: recognised by name, cut by sizes the module states --------------
+
+
+def _read(mod: nn.Module | None, *names: str) -> int | None:
+    """The first positive int among the module's attributes ``names``, then its ``config``'s."""
+    for source in (mod, getattr(mod, "config", None)):
+        for n in names:
+            value = getattr(source, n, None) if source is not None else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def _fused(where: _Where, d_out: int, d_in: int) -> dict:
+    """Slot fields for a fused projection recognised by its name (blocks, sizes, note or problem); {} otherwise."""
+    if where.leaf in _FUSED_QKV:
+        return _qkv_blocks(where, d_out, d_in)
+    if where.leaf in _FUSED_GATE_UP:
+        inter = _read(where.parent, "intermediate_size")
+        if d_out % 2 == 0 and inter in (None, d_out // 2):
+            return dict(blocks=("gate", "up"), note=_FUSED_NOTE)
+        return dict(problem=_fused_problem(where, d_out, d_in, "gate/up", f"intermediate_size {inter}"))
+    return {}
+
+
+def _qkv_blocks(where: _Where, d_out: int, d_in: int) -> dict:
+    """q, k, v block sizes from the attention module (or its config); equal thirds when nothing says otherwise.
+
+    Grouped-query attention gives k and v ``num_key_value_heads * head_dim``
+    rows each, q ``num_heads * head_dim``. A GPT-2 cross-attention
+    ``c_attn`` holds only k and v.
+    """
+    parent = where.parent
+    if where.leaf == "c_attn" and getattr(parent, "is_cross_attention", False) is True:
+        if d_out % 2 == 0:
+            return dict(blocks=("k", "v"), note=_FUSED_NOTE)
+        return dict(problem=_fused_problem(where, d_out, d_in, "k/v", "an odd output size"))
+    heads = _read(parent, "num_heads", "n_head", "n_heads", "num_attention_heads")
+    kv_heads = _read(parent, "num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "n_head_kv")
+    head_dim = _read(parent, "head_dim", "head_size")
+    if heads and not head_dim:
+        embed = _read(parent, "embed_dim", "hidden_size", "n_embd", "dim", "d_model")
+        if embed and embed % heads == 0:
+            head_dim = embed // heads
+    if heads and head_dim:
+        q, kv = heads * head_dim, (kv_heads or heads) * head_dim
+        if q + 2 * kv == d_out:
+            return dict(blocks=("q", "k", "v"), sizes=None if q == kv else (q, kv, kv), note=_FUSED_NOTE)
+        why = f"{heads} heads and {kv_heads or heads} key/value heads of {head_dim} give {q} + 2 x {kv} rows, not {d_out}"
+        return dict(problem=_fused_problem(where, d_out, d_in, "q/k/v", why))
+    if d_out == 3 * d_in:
+        return dict(blocks=("q", "k", "v"), note=_FUSED_NOTE)
+    why = "no num_heads / num_key_value_heads / head_dim on the module or its config"
+    return dict(problem=_fused_problem(where, d_out, d_in, "q/k/v", why))
+
+
+def _fused_problem(where: _Where, d_out: int, d_in: int, blocks: str, why: str) -> str:
+    return (
+        f"{where.name}.weight: a fused {blocks} projection ({where.leaf}: {d_out} outputs for {d_in} inputs) whose "
+        f"block sizes cannot be read ({why}); pass split={{{where.name!r}: (n1, n2, ...)}} with the sizes of its "
+        f"blocks, or split={{{where.name!r}: 1}} to project it whole"
+    )
+
+
+# --- weights with hooks that compute them ------------------------------------------------
+
+
+def _hook_weights(mod: nn.Module) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """attr -> (why FIRE cannot write it, the parameters a forward pre-hook computes it from)."""
+    out = {}
+    for hook in mod._forward_pre_hooks.values():
+        kind = type(hook).__name__
+        if isinstance(hook, prune.BasePruningMethod):
+            attr = hook._tensor_name
+            out[attr] = (
+                "{name}: is pruned (torch.nn.utils.prune): the layer uses weight_orig * weight_mask, so a FIRE "
+                "result written to weight_orig would be masked again and the layer's weight would not be the "
+                "projection; make the pruning permanent (prune.remove(module, 'weight'), then FIRE projects the "
+                "pruned weight as a dense matrix) or exclude the layer",
+                (f"{attr}_orig",),
+            )
+        elif kind == "SpectralNorm":
+            out[hook.name] = (
+                "{name}: the module uses spectral_norm, which divides the weight by its top singular value and so "
+                "would undo FIRE's scale; remove it (torch.nn.utils.remove_spectral_norm) or exclude the layer",
+                (f"{hook.name}_orig",),
+            )
+        elif kind == "WeightNorm":
+            out[hook.name] = (
+                "{name}: the module uses the hook-based torch.nn.utils.weight_norm, which FIRE cannot write "
+                "through; use torch.nn.utils.parametrizations.weight_norm (supported) or exclude the layer",
+                (f"{hook.name}_g", f"{hook.name}_v"),
+            )
+    return out
+
+
+# --- the model's weights, each once under all its names -----------------------------------
+
+
+@dataclass
+class _Entry:
+    """One name of a weight: the module holding it and what the table says about it there."""
+
+    pos: int  # model order
+    name: str
+    mod: nn.Module
+    attr: str
+    slot: Slot | None
+    kind: str
+
+
+@dataclass(eq=False)
+class _Weight:
+    """A tensor of the model under all its names (tied weights are one), with what the table says of it."""
+
+    entries: list
+    tensor: torch.Tensor | None  # the Parameter; for a hook-computed weight the one standing for it
+    plist: object = None  # the ParametrizationList, if parametrized
+    hook: str | None = None  # why a hook-computed weight cannot be written
+    tied: list = field(default_factory=list)  # other Parameters viewing the same memory the same way
+    overlaps: list = field(default_factory=list)  # names of other tensors whose memory it overlaps
+    primary: _Entry | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """Every name, the one FIRE projects it under first."""
+        return [self.primary.name] + [e.name for e in self.entries if e is not self.primary]
+
+    @property
+    def stored(self) -> tuple:
+        """What holds its values: the Parameters (a parametrization's originals)."""
+        if self.plist is not None:
+            return _stored_tensors(self.plist)
+        return tuple(t for t in (self.tensor, *self.tied) if t is not None)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self.tensor is None and self.plist is None:
+            return self.primary.slot.shape or ()
+        t = self.stored[-1]
+        if isinstance(t, nn.parameter.UninitializedParameter):
+            return ()
+        return tuple(int(d) for d in t.shape)
+
+    @property
+    def floating(self) -> bool:
+        t = self.stored[-1] if self.stored else None
+        return t is not None and not isinstance(t, nn.parameter.UninitializedParameter) and t.is_floating_point()
+
+
+def _walk(model: nn.Module, conv_groups: str) -> list[_Weight]:
+    """Every parameter of the model once, with all its names, ordered by the name FIRE projects it under.
+
+    The same Parameter under two names (tied, or a module reused), and two
+    Parameters viewing the same memory the same way, are one weight; its
+    primary name is the first whose module type projects it (an LM head
+    tied to an embedding: the head).
+    """
+    modules: dict[str, nn.Module] = {}
+    found: dict[object, _Weight] = {}
+    pos = 0
+    for prefix, mod in model.named_modules(remove_duplicate=False):
+        modules.setdefault(prefix, mod)
+        if isinstance(mod, parametrize.ParametrizationList):
+            continue  # its tensors are reached through the parametrized module
+        kind = _kind_of(mod)
+        parent = modules.get(prefix.rpartition(".")[0]) if prefix else None
+        where = _Where(prefix, prefix.rpartition(".")[2], parent, conv_groups)
+        slots = kind.weights(mod, where) if kind is not None else {}
+        kind_name = kind.name if kind is not None else type(mod).__name__
+        hooks = _hook_weights(mod)
+        behind_hooks = {a for _, names in hooks.values() for a in names}
+        plists = getattr(mod, "parametrizations", None) if parametrize.is_parametrized(mod) else None
+        attrs = [a for a in mod._parameters if a not in behind_hooks] + list(plists or {}) + list(slots) + list(hooks)
+        for attr in dict.fromkeys(attrs):
+            name = f"{prefix}.{attr}" if prefix else attr
+            plist = plists[attr] if plists is not None and attr in plists else None
+            hook, tensor = None, None
+            if plist is not None:
+                key = id(plist)
+            elif attr in hooks:
+                hook, behind = hooks[attr]
+                tensor = mod._parameters.get(behind[-1])
+                key = id(tensor) if tensor is not None else ("hook", id(mod), attr)
+            else:
+                tensor = mod._parameters.get(attr)
+                if tensor is None:
+                    slot = slots.get(attr)
+                    if slot is None or slot.shape is None:
+                        continue  # an optional weight that is None
+                    key = ("packed", id(mod), attr)
+                else:
+                    key = id(tensor)
+            w = found.get(key)
+            if w is None:
+                w = found[key] = _Weight([], tensor, plist, hook.format(name=name) if hook else None)
+            w.entries.append(_Entry(pos, name, mod, attr, slots.get(attr), kind_name))
+            pos += 1
+    weights = _merge_by_memory(list(found.values()))
+    for w in weights:
+        w.primary = next((e for e in w.entries if e.slot is not None and e.slot.layout is not None), w.entries[0])
+    return sorted(weights, key=lambda w: w.primary.pos)
+
+
+def _merge_by_memory(weights: list[_Weight]) -> list[_Weight]:
+    """Parameters viewing the same memory the same way become one weight; overlapping views are recorded.
+
+    One sort of each storage's views by first byte finds every overlap, so
+    a model whose parameters all live in one flat buffer costs no more than
+    any other.
+    """
+    by_storage: dict[int, list] = {}
+    for w in weights:
+        if w.plist is None and w.tensor is not None and not isinstance(w.tensor, nn.parameter.UninitializedParameter):
+            span = _span(w.tensor)
+            if span is not None:
+                by_storage.setdefault(span[0], []).append((span, w))
+    gone = set()
+    for views in by_storage.values():
+        views.sort(key=lambda v: (v[0][1], -v[0][2]))
+        reach, reacher = -1, None  # the furthest end byte so far, and whose
+        first_of: dict[tuple, _Weight] = {}
+        for (address, start, end, view), w in views:
+            same = first_of.get((start, view))
+            if same is not None:  # the same view of the same memory: tied
+                same.entries += w.entries
+                same.tied.append(w.tensor)
+                gone.add(id(w))
+                continue
+            first_of[(start, view)] = w
+            if start < reach:
+                w.overlaps.append(reacher.entries[0].name)
+                reacher.overlaps.append(w.entries[0].name)
+            if end > reach:
+                reach, reacher = end, w
+    return [w for w in weights if id(w) not in gone]
+
+
+def _span(t: torch.Tensor):
+    """``(storage address, first byte, end byte, view)`` of a tensor's memory; None where there is none to see.
+
+    The bytes are the extent of the strided view, from its first element to
+    one past its last. Meta tensors, sparse tensors and tensor subclasses
+    without a storage of their own (DTensor) report none.
+    """
+    try:
+        address = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    if address == 0 or t.numel() == 0:
+        return None
+    size = t.element_size()
+    start = t.storage_offset() * size
+    end = start + (1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))) * size
+    return address, start, end, (tuple(t.shape), t.stride(), t.dtype)
+
+
+# --- selection ------------------------------------------------------------------------
+
+
+@dataclass
+class _Options:
+    include: Patterns
+    exclude: Patterns
+    split: dict
+    layouts: dict
+    frozen: bool
+    conv_groups: str
+    wrappers: tuple[str, ...]
 
 
 @dataclass
@@ -333,180 +908,63 @@ class _Target:
     param: torch.Tensor | None  # the parameter written (None if parametrized)
     plist: object = None  # the ParametrizationList, if parametrized
     originals: tuple = ()  # its stored tensors, if parametrized
+    view: tuple | None = None  # the shape the block is read as (a grouped conv's groups as a stack axis)
+    note: str | None = None
+    aliases: tuple = ()  # the weight's other names
+    tied: tuple = ()  # other Parameters viewing its memory
+
+    def given(self, weight: torch.Tensor) -> torch.Tensor:
+        """The block of ``weight`` as the core gets it."""
+        block = weight[self.index]
+        return block if self.view is None else block.reshape(self.view)
+
+    @property
+    def block_shape(self) -> tuple:
+        return tuple(self.tensor[self.index].shape)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """Strip torch.compile (``_orig_mod``) and (Distributed)DataParallel (``.module``)."""
+def _unwrap(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
+    """Strip torch.compile (``_orig_mod``) and (Distributed)DataParallel (``.module``); the attributes stripped."""
+    chain = []
     while True:
         inner = getattr(model, "_orig_mod", None)
         if isinstance(inner, nn.Module):
             model = inner
+            chain.append("_orig_mod")
         elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
+            chain.append("module")
         else:
-            return model
+            return model, tuple(chain)
 
 
-def _default_weights(mod: nn.Module) -> dict[str, tuple[str, tuple | None]]:
-    """attr -> (layout, default block labels) for the module types FIRE covers."""
-    if isinstance(mod, nn.MultiheadAttention):
-        if mod.in_proj_weight is not None or parametrize.is_parametrized(mod, "in_proj_weight"):
-            return {"in_proj_weight": ("oi", _MHA_BLOCKS)}
-        return {a: ("oi", None) for a in ("q_proj_weight", "k_proj_weight", "v_proj_weight")}
-    if isinstance(mod, nn.Linear):
-        return {"weight": ("oi", None)}
-    for kinds, features in ((_CONV, "oi"), (_CONV_T, "io")):
-        if isinstance(mod, kinds):
-            dims = len(mod.kernel_size)
-            return {"weight": (features + _SPATIAL[dims], None)}
-    return {}
+def _wrapped(names: list[str], wrappers: tuple[str, ...]) -> list[str]:
+    """The names the wrapped model's ``state_dict()`` shows: ``module.fc.weight``, ``_orig_mod.module.fc.weight``."""
+    prefixes = [".".join(wrappers[k:]) + "." for k in range(len(wrappers))]
+    return [p + n for p in prefixes for n in names]
 
 
-def _selector(spec, what: str):
-    """include/exclude spec -> (callable(name, param_name, tensor) -> bool, patterns or None)."""
-    spec = check_patterns(spec, what)
-    if spec is None:
-        return None, None
-    if callable(spec):
-        return (lambda name, param_name, tensor: bool(spec(name, tensor))), None
-    return (lambda name, param_name, tensor: matches(spec, param_name, target_name=name)), spec
-
-
-def _select(model, include, exclude, split, layouts):
-    """The weights to project, in model order, and notes for the report."""
-    inc, inc_patterns = _selector(include, "include")
-    exc, _ = _selector(exclude, "exclude")
+def _check_layouts(layouts) -> dict:
+    if layouts is None:
+        return {}
+    if not isinstance(layouts, Mapping):
+        raise TypeError(f"layouts must be a mapping of glob patterns to layout strings, got {type(layouts).__name__}")
     for pat, lay in layouts.items():
-        if not isinstance(pat, str) or not isinstance(lay, str):
-            raise TypeError(f"layouts must map glob strings to layout strings, got {pat!r}: {lay!r}")
+        if not isinstance(pat, str) or not (lay is None or isinstance(lay, str)):
+            raise TypeError(f"layouts must map glob strings to layout strings (or None), got {pat!r}: {lay!r}")
+    return dict(layouts)
+
+
+def _check_splits(split) -> dict:
+    if split is None:
+        return {}
+    if not isinstance(split, Mapping):
+        raise TypeError(f"split must be a mapping of glob patterns to block counts or sizes, got {type(split).__name__}")
     for pat, spec in split.items():
         if not isinstance(pat, str):
             raise TypeError(f"split keys must be glob strings, got {pat!r}")
         _check_split(spec, pat)
-    _refuse_wrappers(model)
-
-    targets, notes, seen, spans = [], [], set(), []
-    used_layouts, used_splits, used_include = set(), set(), set()
-    for param_name, mod, attr, layout, blocks in _candidates(model, layouts, used_layouts):
-        for pat, spec in split.items():
-            if matches([pat], param_name):
-                blocks = spec
-                used_splits.add(pat)
-        plist = mod.parametrizations[attr] if parametrize.is_parametrized(mod, attr) else None
-        tensor = mod._parameters.get(attr) if plist is None else None
-        if plist is None and tensor is None:  # an optional weight that is None, or one a hook computes
-            if _selected(inc, exc, param_name, param_name, tensor):
-                _refuse_hooks(mod, param_name)
-            continue
-        if isinstance(tensor, nn.parameter.UninitializedParameter):
-            if _selected(inc, exc, param_name, param_name, tensor):
-                raise ValueError(
-                    f"{param_name}: is an uninitialized lazy parameter; run one forward pass to materialize "
-                    "the model before FIRE"
-                )
-            continue
-        key = id(plist if plist is not None else tensor)
-        if key in seen:
-            continue  # tied: projected once, under its first name
-        span = _span(tensor) if plist is None else None
-        if span is not None and _tied_by_memory(span, spans, param_name):
-            continue  # another Parameter viewing the same memory the same way: tied too
-        originals = ()
-        if plist is not None:
-            # Refusals first (computing a spectral-normed weight updates its buffers),
-            # and only for a selected weight; the stored tensor stands in for it here.
-            stored = _stored_tensors(plist)
-            problem = _parametrization_problem(plist, param_name)
-            if problem:
-                if _selected(inc, exc, param_name, param_name, stored[-1]):
-                    raise ValueError(problem)
-                continue
-            originals = stored
-            with torch.no_grad():
-                tensor = getattr(mod, attr)  # the weight the module computes
-        chosen = []
-        for name, index in _blocks(param_name, tensor, layout, blocks):
-            if _selected(inc, exc, name, param_name, tensor):
-                chosen.append((name, index))
-                used_include.update(p for p in inc_patterns or () if matches([p], param_name, target_name=name))
-        if not chosen:
-            continue
-        seen.add(key)
-        if span is not None:
-            spans.append((*span, param_name))
-        _refuse_hooks(mod, param_name)
-        for name, index in chosen:
-            param = tensor if plist is None else None
-            targets.append(_Target(name, param_name, tensor, layout, index, param, plist, originals))
-
-    for pat in layouts:
-        if pat not in used_layouts:
-            raise ValueError(f"layouts pattern {pat!r} matches no parameter of the model")
-    for pat in split:
-        if pat not in used_splits:
-            raise ValueError(f"split pattern {pat!r} matches no weight FIRE would project")
-    for pat in inc_patterns or ():
-        if pat not in used_include:
-            notes.append(f"note: include pattern {pat!r} matched no weight")
-    return targets, notes
-
-
-def _span(t: torch.Tensor):
-    """``(storage address, first byte, end byte, view)`` of a tensor's memory; None where there is none to see.
-
-    The bytes are the extent of the strided view, from its first element to
-    one past its last. Meta tensors and tensor subclasses without a storage
-    of their own (DTensor) report none.
-    """
-    try:
-        address = t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError, TypeError):
-        return None
-    if address == 0 or t.numel() == 0:
-        return None
-    size = t.element_size()
-    start = t.storage_offset() * size
-    end = start + (1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))) * size
-    return address, start, end, (tuple(t.shape), t.stride(), t.dtype)
-
-
-def _tied_by_memory(span, spans, param_name: str) -> bool:
-    """True if an already chosen weight is the same view of the same memory; an error if it overlaps otherwise."""
-    address, start, end, view = span
-    for other_address, other_start, other_end, other_view, other_name in spans:
-        if other_address != address or end <= other_start or other_end <= start:
-            continue
-        if (start, view) == (other_start, other_view):
-            return True
-        raise ValueError(
-            f"{param_name}: shares memory with {other_name} without being the same weight "
-            "(an overlapping view); FIRE cannot project one without changing the other"
-        )
-    return False
-
-
-def _candidates(model, layouts, used_layouts):
-    """(param_name, module, attr, layout, blocks) for every weight FIRE could project, in model order."""
-    for prefix, mod in model.named_modules():
-        if isinstance(mod, parametrize.ParametrizationList):
-            continue  # its tensors are reached through the parametrized module
-        defaults = _default_weights(mod)
-        attrs = dict.fromkeys(list(mod._parameters) + list(getattr(mod, "parametrizations", {}) or {}) + list(defaults))
-        for attr in attrs:
-            param_name = f"{prefix}.{attr}" if prefix else attr
-            layout, blocks = defaults.get(attr, (None, None))
-            for pat, lay in layouts.items():
-                if fnmatch.fnmatchcase(param_name, pat):
-                    layout, blocks = lay, None
-                    used_layouts.add(pat)
-            if layout is not None:
-                yield param_name, mod, attr, layout, blocks
-
-
-def _selected(inc, exc, name, param_name, tensor) -> bool:
-    if inc is not None and not inc(name, param_name, tensor):
-        return False
-    return not (exc is not None and exc(name, param_name, tensor))
+    return dict(split)
 
 
 def _check_split(spec, what) -> None:
@@ -522,37 +980,287 @@ def _check_split(spec, what) -> None:
     raise TypeError(f"split[{what!r}] must be a block count or a sequence of block sizes, got {spec!r}")
 
 
-def _blocks(param_name, tensor, layout, blocks) -> list[tuple[str, tuple]]:
-    """(name, index) of the blocks a weight is projected as, cut along its first output axis.
-
-    ``blocks`` is None or 1 (the whole weight), a count of equal blocks, a
-    tuple of block sizes, or a tuple of labels of equal blocks (q, k, v).
-    """
-    if blocks is None or blocks == 1:
-        return [(param_name, ())]
-    shape = tuple(tensor.shape)
-    if len(layout) != len(shape):
-        raise ValueError(f"{param_name}: layout {layout!r} does not fit the weight of shape {shape}")
-    axis = layout.index("o")
-    size = shape[axis]
-    if isinstance(blocks, int) or all(isinstance(b, str) for b in blocks):
-        count = blocks if isinstance(blocks, int) else len(blocks)
-        if size % count:
-            raise ValueError(f"{param_name}: cannot split {size} output features into {count} equal blocks (shape {shape})")
-        sizes = (size // count,) * count
-        labels = [str(j) for j in range(count)] if isinstance(blocks, int) else list(blocks)
+def _user_split(slot: Slot, spec, name: str) -> Slot:
+    """``slot`` cut as a ``split=`` value says: k equal blocks, or blocks of the given sizes (1: whole)."""
+    if slot.view is not None:
+        return Slot(slot.layout, view=slot.view, problem=f"{name}: split= and conv_groups='each' both say how to cut it; use one")
+    if isinstance(spec, int):
+        blocks, sizes = (None if spec == 1 else tuple(str(j) for j in range(spec))), None
     else:
-        sizes, labels = tuple(blocks), [str(j) for j in range(len(blocks))]
+        blocks, sizes = tuple(str(j) for j in range(len(spec))), tuple(spec)
+        if len(spec) == 1:
+            blocks = None  # one block of the whole size: checked against the weight below
+    return Slot(slot.layout, blocks=blocks, sizes=sizes, axis="o")
+
+
+def _override(slot: Slot | None, layout: str) -> Slot:
+    """A ``layouts=`` value for a weight: its blocks kept only when it names the layout the table gives."""
+    if slot is not None and slot.layout == layout:
+        return slot
+    return Slot(layout)
+
+
+def _select(model: nn.Module, o: _Options):
+    """The weights to project, in model order; the weights left alone with their reasons; notes for the report.
+
+    Every weight is decided before anything is refused, and refusals come
+    after the pattern checks, so a typo in ``exclude`` is reported as such,
+    not as the refusal of the weight it was meant to leave out.
+    """
+    _refuse_wrappers(model)
+    targets, skipped, refusals, known = [], [], [], []
+    used_layouts, used_splits = set(), set()
+    for w in _walk(model, o.conv_groups):
+        names = w.names
+        every = names + _wrapped(names, o.wrappers)
+        slot, kind = w.primary.slot, w.primary.kind
+        laid = [p for p in o.layouts if any(glob_match(n, p) for n in every)]
+        if laid:
+            lay = o.layouts[laid[0]]
+            if lay is None:
+                used_layouts.update(laid)
+                slot = Slot(reason=_LAYOUT_NONE)
+            elif w.stored and (slot is not None and slot.layout is not None or len(lay) == len(w.shape)):
+                # a pattern adds a tensor the table leaves alone only where its layout fits (`*.weight` is not a bias)
+                used_layouts.update(laid)
+                slot = _override(slot, lay)
+        if slot is None:
+            if not (w.floating and len(w.shape) >= 2):
+                continue  # biases, norms, integer buffers: not weights FIRE considers
+            slot = Slot(reason=_NO_RULE.format(kind=kind))
+        if slot.layout is not None:
+            cut = [p for p in o.split if matches([p], every)]
+            if cut:
+                used_splits.update(cut)
+                slot = _user_split(slot, o.split[cut[0]], names[0])
+        primary = names[0]
+        blocks = [primary] if not slot.blocks else [f"{primary}[{label}]" for label in slot.blocks]
+        known += names + (blocks if slot.blocks else [])
+        aliases = tuple(names[1:])
+        tensor = _as_seen(w) if slot.layout is not None and (o.include.func or o.exclude.func) else None
+        chosen, left = [], []
+        for block in blocks:
+            seen = every + ([block] if block != primary else [])
+            if slot.reason is not None:  # a pattern naming it is used: the reason says why it stays
+                o.include.hit(seen)
+                o.exclude.hit(seen)
+                left.append((block, slot.reason))
+                continue
+            keep = o.include.func(block, tensor) if o.include.func else (
+                o.include.hit(seen) if o.include.patterns else True
+            )
+            drop = bool(o.exclude.func(block, tensor)) if o.exclude.func else o.exclude.hit(seen)
+            if drop:
+                left.append((block, _excluded_by(o.exclude, seen)))
+            elif not keep:
+                left.append((block, _NOT_INCLUDED))
+            else:
+                chosen.append(block)
+        if chosen:
+            reason = _weight_reason(w, o.frozen)
+            if reason is not None:
+                left += [(block, reason) for block in chosen]
+                chosen = []
+        _record_skips(skipped, w, blocks, left, aliases)
+        if not chosen:
+            continue
+        problem = _problem(w, slot, o)
+        if problem is not None:
+            refusals.append(problem)
+            continue
+        tensor = tensor if tensor is not None else _as_seen(w)
+        if slot.view is None and len(slot.layout) != tensor.ndim:
+            refusals.append((ValueError, (
+                f"{primary}: layout {slot.layout!r} names {len(slot.layout)} axes but the weight has shape "
+                f"{tuple(tensor.shape)}; give a layout with one letter per axis, or exclude it"
+            )))
+            continue
+        try:
+            cuts = _blocks(primary, tuple(tensor.shape), slot)
+        except ValueError as err:
+            refusals.append((ValueError, str(err)))
+            continue
+        note = slot.note
+        if note is None and any(e.slot is not None and e.slot.reason == _EMBEDDING for e in w.entries):
+            note = _TIED_HEAD
+        for block, index in cuts:
+            if block in chosen:
+                targets.append(
+                    _Target(
+                        block, primary, tensor, slot.layout, index, tensor if w.plist is None else None, w.plist,
+                        w.stored if w.plist is not None else (), view=slot.view, note=note,
+                        aliases=aliases, tied=tuple(w.tied),
+                    )
+                )
+
+    for pat in o.layouts:
+        if pat not in used_layouts:
+            raise ValueError(f"layouts pattern {pat!r} matches no parameter of the model that its layout fits")
+    for pat in o.split:
+        if pat not in used_splits:
+            raise ValueError(f"split pattern {pat!r} matches no weight FIRE would project")
+    o.include.check_used(known, "weight of two or more dimensions")
+    o.exclude.check_used(known, "weight of two or more dimensions")
+    if refusals:
+        kind, message = refusals[0]
+        more = f" (and {len(refusals) - 1} more weights refused)" if len(refusals) > 1 else ""
+        raise kind(message + more)
+    if not targets:
+        lines = Report(method="", steps=0, scale=None, skipped=skipped).skipped_lines()
+        raise ValueError(
+            "fire_core.torch.apply selected no weight, nothing was written"
+            + (": " + "; ".join(lines) if lines else ": the model has no weights of two or more dimensions")
+        )
+    return targets, skipped, _row_notes(targets)
+
+
+def _as_seen(w: _Weight) -> torch.Tensor:
+    """The weight as its module sees it: the Parameter, or what a parametrization computes.
+
+    A parametrization FIRE refuses is not run (computing a spectral-normed
+    weight updates its buffers): its stored tensor stands in for it.
+    """
+    if w.plist is None:
+        return w.tensor
+    if _parametrization_problem(w.plist, w.names[0]) is not None:
+        return w.stored[-1]
+    with torch.no_grad():
+        return getattr(w.primary.mod, w.primary.attr)
+
+
+def _excluded_by(exclude: Patterns, names: list[str]) -> str:
+    if exclude.func is not None:
+        return "excluded by the exclude callable"
+    hits = [p for p in exclude.patterns if matches([p], names)]
+    return f"excluded by {', '.join(repr(p) for p in hits)}"
+
+
+def _weight_reason(w: _Weight, frozen: bool) -> str | None:
+    """Why a weight chosen by name is still left alone (frozen, empty), or None."""
+    stored = w.stored
+    if not frozen and stored and not any(t.requires_grad for t in stored):
+        return _FROZEN
+    if 0 in w.shape:
+        return _EMPTY
+    return None
+
+
+def _record_skips(skipped: list, w: _Weight, blocks: list[str], left: list, aliases: tuple) -> None:
+    """One skipped entry per weight when all its blocks are left alone for one reason, else one per block."""
+    if not left:
+        return
+    tied = f"; tied: {' = '.join((w.names[0],) + aliases)}" if aliases else ""
+    if len(left) == len(blocks) and len({r for _, r in left}) == 1:
+        left = [(w.names[0], left[0][1])]
+    for name, reason in left:
+        entry = {"name": name, "shape": w.shape, "reason": reason + tied}
+        if aliases:
+            entry["aliases"] = list(aliases)
+        skipped.append(entry)
+
+
+def _problem(w: _Weight, slot: Slot, o: _Options):
+    """``(exception type, message)`` for a selected weight FIRE must refuse, or None; checked before anything is written."""
+    name = w.names[0]
+    if slot.problem is not None:
+        return ValueError, slot.problem
+    if w.hook is not None:
+        return ValueError, w.hook
+    if w.overlaps:
+        return ValueError, (
+            f"{name} and {w.overlaps[0]}: share memory without being the same weight (overlapping views); FIRE "
+            "cannot project one without changing the other; exclude both"
+        )
+    if w.plist is not None:
+        problem = _parametrization_problem(w.plist, name)
+        if problem is not None:
+            return ValueError, problem
+    for t in w.stored:
+        if isinstance(t, nn.parameter.UninitializedParameter):
+            return ValueError, (
+                f"{name}: is an uninitialized lazy parameter; run one forward pass to materialize the model before FIRE"
+            )
+        if t.is_meta:
+            return ValueError, (
+                f"{name}: is on the meta device, so it has no values to project; materialize the model first "
+                "(model.to_empty(device=...) and load its weights) or exclude it"
+            )
+        if t.layout != torch.strided:
+            return ValueError, (
+                f"{name}: is stored {t.layout} (not a dense strided tensor); FIRE's result is dense and cannot be "
+                "written into it; make it dense (module.weight = nn.Parameter(module.weight.to_dense())) or exclude it"
+            )
+        if t.is_inference() and not torch.is_inference_mode_enabled():
+            return ValueError, (
+                f"{name}: is an inference tensor (made under torch.inference_mode()), which cannot be written outside "
+                "inference mode; call apply inside `with torch.inference_mode():`, or clone the parameters outside it"
+            )
+        if not t.is_leaf:
+            return ValueError, (
+                f"{name}: is not a leaf tensor (it was computed from other tensors), so writing it in place would "
+                "not change what it is computed from; make it an nn.Parameter or exclude it"
+            )
+        if any(s == 0 and n > 1 for n, s in zip(t.shape, t.stride())):
+            return ValueError, (
+                f"{name}: its elements share memory (an expanded view, stride 0), so it cannot hold a projection; "
+                "make it a tensor of its own (.clone()) or exclude it"
+            )
+        if not t.is_floating_point() or t.is_complex():
+            return TypeError, (
+                f"{name}: FIRE projects real floating-point weights, got {t.dtype} with shape {tuple(t.shape)}; "
+                "exclude it"
+            )
+    if len({t.requires_grad for t in w.stored}) > 1 and w.plist is None and not o.frozen:
+        return ValueError, (
+            f"{' and '.join(w.names)}: Parameters viewing the same memory, some frozen (requires_grad=False) and some "
+            "not: projecting it would change the frozen one too; pass frozen=True to project it under all its "
+            "names, or exclude it"
+        )
+    return None
+
+
+def _blocks(name: str, shape: tuple, slot: Slot) -> list[tuple[str, tuple]]:
+    """(name, index) of the blocks a weight is projected as, cut along the slot's axis."""
+    if not slot.blocks and slot.sizes is None:
+        return [(name, ())]
+    if slot.axis not in slot.layout or len(slot.layout) != len(shape):
+        raise ValueError(f"{name}: layout {slot.layout!r} does not fit the weight of shape {shape} to cut it into blocks")
+    axis = slot.layout.index(slot.axis)
+    size = shape[axis]
+    what = "output" if slot.axis == "o" else "input"
+    labels = slot.blocks or ("0",)
+    if slot.sizes is None:
+        if size % len(labels):
+            raise ValueError(f"{name}: cannot split {size} {what} features into {len(labels)} equal blocks (shape {shape})")
+        sizes = (size // len(labels),) * len(labels)
+    else:
+        sizes = slot.sizes
         if sum(sizes) != size:
             raise ValueError(
-                f"{param_name}: split sizes {sizes} sum to {sum(sizes)}, but the weight has {size} output features "
-                f"(shape {shape})"
+                f"{name}: split sizes {sizes} sum to {sum(sizes)}, but the weight has {size} {what} features (shape {shape})"
             )
+    if not slot.blocks:  # split=(n,): one block that is the whole weight
+        return [(name, ())]
     out, start = [], 0
     for label, s in zip(labels, sizes):
-        out.append((f"{param_name}[{label}]", (slice(None),) * axis + (slice(start, start + s),)))
+        out.append((f"{name}[{label}]", (slice(None),) * axis + (slice(start, start + s),)))
         start += s
     return out
+
+
+def _row_notes(targets) -> list[str]:
+    """The report's notes on what was done to some weights (fused splits, grouped convs, a tied head)."""
+    by_note: dict[str, list[str]] = {}
+    for t in targets:
+        if t.note:
+            names = by_note.setdefault(t.note, [])
+            if t.param_name not in names:
+                names.append(t.param_name)
+    lines = []
+    for note, names in by_note.items():
+        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        lines.append(f"note: {note}: {shown}")
+    return lines
 
 
 # --- refusals ------------------------------------------------------------------------
@@ -564,23 +1272,6 @@ def _refuse_wrappers(model: nn.Module) -> None:
             raise TypeError(
                 f"{name or 'model'}: FSDP (FullyShardedDataParallel) flattens parameters into shards; "
                 "use FSDP2 (torch.distributed.fsdp.fully_shard) or apply FIRE to the unwrapped model"
-            )
-
-
-def _refuse_hooks(mod: nn.Module, param_name: str) -> None:
-    """Hook-based spectral_norm / weight_norm recompute ``weight`` from other tensors each forward."""
-    for hook in mod._forward_pre_hooks.values():
-        kind = type(hook).__name__
-        if kind == "SpectralNorm":
-            raise ValueError(
-                f"{param_name}: the module uses spectral_norm, which divides the weight by its top singular "
-                "value and so would undo FIRE's scale; remove it (torch.nn.utils.remove_spectral_norm) or exclude "
-                "the layer"
-            )
-        if kind == "WeightNorm":
-            raise ValueError(
-                f"{param_name}: the module uses the hook-based torch.nn.utils.weight_norm, which FIRE cannot write "
-                "through; use torch.nn.utils.parametrizations.weight_norm (supported) or exclude the layer"
             )
 
 
@@ -638,12 +1329,6 @@ def _originals_for(t: _Target, new: torch.Tensor) -> tuple:
                 "remove the parametrization or exclude the layer"
             )
     return values
-
-
-def _check_optimizer(optimizer) -> None:
-    state = getattr(optimizer, "state", None)
-    if not hasattr(state, "pop") or not hasattr(optimizer, "param_groups"):
-        raise TypeError(f"expected a torch.optim.Optimizer (with .state keyed by parameter), got {type(optimizer).__name__}")
 
 
 # --- probe (function drift) and normalization statistics -------------------------------

@@ -12,93 +12,24 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
-from torch_models import GPT, GPTBlock, HFConv1D, TinyResNet, Transformer  # noqa: E402
+from torch_models import (  # noqa: E402
+    GPT,
+    GPTBlock,
+    HFConv1D,
+    TinyResNet,
+    Transformer,
+    assert_same,
+    assert_state,
+    expected_state,
+    fire_loop,
+    ns_loop,
+    seeded,
+    snapshot,
+    trained_adam,
+)
 
 import fire_core  # noqa: E402
 import fire_core.torch as ft  # noqa: E402
-
-# --- the reference semantics, written as plain loops ----------------------------------
-
-
-def ns_loop(m: np.ndarray, steps: int) -> np.ndarray:
-    """The reference iteration on one matrix: tall side, Frobenius-normalized, cubic steps."""
-    wide = m.shape[1] > m.shape[0]
-    x = m.T if wide else m
-    x = x / np.linalg.norm(x)
-    for _ in range(steps):
-        x = 1.5 * x - 0.5 * x @ (x.T @ x)
-    return x.T if wide else x
-
-
-def fire_loop(w: np.ndarray, steps: int, transposed: bool = False) -> np.ndarray:
-    """FIRE on one weight (out, in, *taps) -- or (in, out, *taps) if ``transposed`` -- tap by tap."""
-    out = np.empty_like(w)
-    taps = math.prod(w.shape[2:])
-    for tap in np.ndindex(*w.shape[2:]):
-        idx = (slice(None), slice(None)) + tap
-        m = w[idx].T if transposed else w[idx]
-        p = ns_loop(m, steps) * math.sqrt(m.shape[0] / m.shape[1]) / taps
-        out[idx] = p.T if transposed else p
-    return out
-
-
-def expected_state(model: nn.Module, steps: int, fused: dict[str, int] | None = None) -> dict[str, np.ndarray]:
-    """Every state-dict entry as the reference would leave it (plain isinstance walk, float64)."""
-    fused = fused or {}
-    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    for name, mod in model.named_modules():
-        key = f"{name}.weight"
-        if isinstance(mod, nn.MultiheadAttention):
-            w = state[f"{name}.in_proj_weight"]
-            state[f"{name}.in_proj_weight"] = np.concatenate([fire_loop(b, steps) for b in np.split(w, 3)])
-        elif isinstance(mod, nn.Linear) and name in fused:
-            w = state[key]
-            state[key] = np.concatenate([fire_loop(b, steps) for b in np.split(w, fused[name])])
-        elif isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            state[key] = fire_loop(state[key], steps)
-        elif isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-            state[key] = fire_loop(state[key], steps, transposed=True)
-    return state
-
-
-def assert_state(model: nn.Module, expected: dict[str, np.ndarray], atol: float = 1e-12) -> None:
-    got = model.state_dict()
-    assert set(got) == set(expected)
-    for k, v in expected.items():
-        np.testing.assert_allclose(got[k].detach().numpy(), v, rtol=0, atol=atol, err_msg=k)
-
-
-def snapshot(model: nn.Module, optimizer=None) -> list:
-    """Every parameter, buffer and optimizer-state tensor, as bytes, for exact comparisons."""
-    out = [(k, v.detach().clone()) for k, v in model.state_dict(keep_vars=True).items()]
-    if optimizer is not None:
-        for p, st in optimizer.state.items():
-            for k, v in st.items():
-                out.append((f"{id(p)}.{k}", v.detach().clone() if torch.is_tensor(v) else v))
-    return out
-
-
-def assert_same(before: list, after: list) -> None:
-    assert [k for k, _ in before] == [k for k, _ in after]
-    for (k, a), (_, b) in zip(before, after):
-        if torch.is_tensor(a):
-            assert a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), k
-        else:
-            assert a == b, k
-
-
-def seeded(cls, *args, dtype=torch.float64, **kw):
-    torch.manual_seed(0)
-    return cls(*args, **kw).to(dtype)
-
-
-def trained_adam(model, batch):
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model(batch).float().square().mean().backward()
-    opt.step()
-    opt.zero_grad()
-    return opt
-
 
 # --- coverage against the reference loop -----------------------------------------------
 
@@ -130,10 +61,10 @@ def test_gpt_fused_qkv_split_matches_reference_loop():
     ]
 
 
-def test_fused_qkv_without_split_is_one_matrix():
+def test_fused_qkv_split_into_one_block_is_one_matrix():
     model = seeded(GPTBlock)
     w = model.attn.c_attn.weight.detach().numpy().copy()
-    ft.apply(model, include="attn.c_attn")
+    ft.apply(model, include="attn.c_attn", split={"attn.c_attn": 1})
     np.testing.assert_allclose(model.attn.c_attn.weight.detach().numpy(), fire_loop(w, 5), rtol=0, atol=1e-12)
 
 
@@ -276,11 +207,12 @@ def test_callable_include_gets_name_and_tensor():
     assert ("stem.weight", (8, 3, 3, 3)) in seen
 
 
-def test_include_pattern_matching_nothing_is_noted():
+def test_include_pattern_matching_nothing_is_an_error_with_the_closest_names():
     model = seeded(TinyResNet)
-    report = ft.apply(model, include=["fc", "nope"], dry_run=True)
-    assert report.names == ["fc.weight"]
-    assert any("'nope'" in n for n in report.notes)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"include pattern 'layer2.0.conv' matches no weight.*closest: .*layer2.0.conv1.weight"):
+        ft.apply(model, include=["fc", "layer2.0.conv"])
+    assert_same(before, snapshot(model))
 
 
 def test_tied_weight_is_projected_once():
@@ -314,7 +246,7 @@ def test_overlapping_parameters_are_refused_and_nothing_changes():
     a.weight = nn.Parameter(flat[:24].view(4, 6))
     b.weight = nn.Parameter(flat[12:36].view(4, 6))  # rows 2-3 of a are rows 0-1 of b
     before = flat.clone()
-    with pytest.raises(ValueError, match=r"1\.weight: shares memory with 0\.weight"):
+    with pytest.raises(ValueError, match=r"0\.weight and 1\.weight: share memory without being the same weight"):
         ft.apply(nn.Sequential(a, b))
     assert torch.equal(flat, before)
     # Side by side in one buffer, without overlap, they are two weights.
@@ -380,7 +312,7 @@ def test_parameters_keep_identity_storage_grad_flag_and_mode():
     model.fc.weight.requires_grad_(False)
     before = {k: (id(p), p.data_ptr(), p.requires_grad, p.dtype) for k, p in model.named_parameters()}
     modes = {k: m.training for k, m in model.named_modules()}
-    ft.apply(model)
+    assert "fc.weight" in ft.apply(model, frozen=True).names
     assert {k: (id(p), p.data_ptr(), p.requires_grad, p.dtype) for k, p in model.named_parameters()} == before
     assert {k: m.training for k, m in model.named_modules()} == modes
 

@@ -1,9 +1,106 @@
-"""Small PyTorch models for the adapter tests: a ResNet-style CNN, a transformer, a GPT block."""
+"""The torch adapter tests' small models (a ResNet-style CNN, a transformer, a GPT block, ...) and the
+reference semantics written as plain loops, which the adapter is tested against."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from torch import nn
+
+# --- the reference semantics, written as plain loops ----------------------------------
+
+
+def ns_loop(m: np.ndarray, steps: int) -> np.ndarray:
+    """The reference iteration on one matrix: tall side, Frobenius-normalized, cubic steps."""
+    wide = m.shape[1] > m.shape[0]
+    x = m.T if wide else m
+    x = x / np.linalg.norm(x)
+    for _ in range(steps):
+        x = 1.5 * x - 0.5 * x @ (x.T @ x)
+    return x.T if wide else x
+
+
+def fire_loop(w: np.ndarray, steps: int, transposed: bool = False) -> np.ndarray:
+    """FIRE on one weight (out, in, *taps) -- or (in, out, *taps) if ``transposed`` -- tap by tap."""
+    out = np.empty_like(w)
+    taps = math.prod(w.shape[2:])
+    for tap in np.ndindex(*w.shape[2:]):
+        idx = (slice(None), slice(None)) + tap
+        m = w[idx].T if transposed else w[idx]
+        p = ns_loop(m, steps) * math.sqrt(m.shape[0] / m.shape[1]) / taps
+        out[idx] = p.T if transposed else p
+    return out
+
+
+def expected_state(model: nn.Module, steps: int, fused: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Every state-dict entry as the reference would leave it (plain isinstance walk, float64).
+
+    As the reference's language code, a Linear named ``c_attn`` is cut into 3 equal blocks (q, k, v);
+    ``fused`` gives other Linears (by name) a block count.
+    """
+    fused = dict(fused or {})
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and name.rpartition(".")[2] == "c_attn":
+            fused.setdefault(name, 3)
+    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    for name, mod in model.named_modules():
+        key = f"{name}.weight"
+        if isinstance(mod, nn.MultiheadAttention):
+            w = state[f"{name}.in_proj_weight"]
+            state[f"{name}.in_proj_weight"] = np.concatenate([fire_loop(b, steps) for b in np.split(w, 3)])
+        elif isinstance(mod, nn.Linear) and name in fused:
+            w = state[key]
+            state[key] = np.concatenate([fire_loop(b, steps) for b in np.split(w, fused[name])])
+        elif isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            state[key] = fire_loop(state[key], steps)
+        elif isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            state[key] = fire_loop(state[key], steps, transposed=True)
+    return state
+
+
+def assert_state(model: nn.Module, expected: dict[str, np.ndarray], atol: float = 1e-12) -> None:
+    got = model.state_dict()
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        np.testing.assert_allclose(got[k].detach().numpy(), v, rtol=0, atol=atol, err_msg=k)
+
+
+def snapshot(model: nn.Module, optimizer=None) -> list:
+    """Every parameter, buffer, gradient and optimizer-state tensor, as bytes, for exact comparisons."""
+    out = [(k, v.detach().clone()) for k, v in model.state_dict(keep_vars=True).items()]
+    out += [(f"{k}.grad", p.grad.clone()) for k, p in model.named_parameters() if p.grad is not None]
+    if optimizer is not None:
+        for p, st in optimizer.state.items():
+            for k, v in st.items():
+                out.append((f"{id(p)}.{k}", v.detach().clone() if torch.is_tensor(v) else v))
+    return out
+
+
+def assert_same(before: list, after: list) -> None:
+    assert [k for k, _ in before] == [k for k, _ in after]
+    for (k, a), (_, b) in zip(before, after):
+        if torch.is_tensor(a):
+            assert a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), k
+        else:
+            assert a == b, k
+
+
+def seeded(cls, *args, dtype=torch.float64, **kw):
+    torch.manual_seed(0)
+    return cls(*args, **kw).to(dtype)
+
+
+def trained_adam(model, batch):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(batch).float().square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+    return opt
+
+
+# --- models --------------------------------------------------------------------------
 
 
 class BasicBlock(nn.Module):
