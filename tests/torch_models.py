@@ -69,8 +69,9 @@ def assert_state(model: nn.Module, expected: dict[str, np.ndarray], atol: float 
 
 def snapshot(model: nn.Module, optimizer=None) -> list:
     """Every parameter, buffer, gradient and optimizer-state tensor, as bytes, for exact comparisons."""
-    out = [(k, v.detach().clone()) for k, v in model.state_dict(keep_vars=True).items()]
-    out += [(f"{k}.grad", p.grad.clone()) for k, p in model.named_parameters() if p.grad is not None]
+    dense = lambda v: v.detach().to_dense().clone() if v.layout != torch.strided else v.detach().clone()  # noqa: E731
+    out = [(k, dense(v)) for k, v in model.state_dict(keep_vars=True).items()]
+    out += [(f"{k}.grad", p.grad.clone()) for k, p in model.named_parameters() if p.is_leaf and p.grad is not None]
     if optimizer is not None:
         for p, st in optimizer.state.items():
             for k, v in st.items():
