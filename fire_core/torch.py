@@ -430,19 +430,17 @@ class Slot:
 
     ``layout`` None: the weight is left alone, for ``reason``. Otherwise it is
     projected in ``layout``, as the blocks ``blocks`` (labels) cut along its
-    ``axis`` (``"o"`` or ``"i"``), of ``sizes`` (None: equal blocks), after
-    reading it as the shape ``view`` (a grouped conv's groups as a stack
-    axis). ``note`` is said in the report row; ``problem`` is raised when
-    the weight is selected and no ``split=`` says how to cut it. ``shape``:
-    the shape of a weight that is no tensor FIRE can see (a quantized
-    module's packed weight).
+    output axis, of ``sizes`` (None: equal blocks), after reading it as the
+    shape ``view`` (a grouped conv's groups as a stack axis). ``note`` is
+    said in the report row; ``problem`` is raised when the weight is selected
+    and no ``split=`` says how to cut it. ``shape``: the shape of a weight
+    that is no tensor FIRE can see (a quantized module's packed weight).
     """
 
     layout: str | None = None
     reason: str | None = None
     blocks: tuple[str, ...] | None = None
     sizes: tuple[int, ...] | None = None
-    axis: str = "o"
     view: tuple[int, ...] | None = None
     note: str | None = None
     problem: str | None = None
@@ -490,7 +488,10 @@ _GATES = {"LSTM": ("i", "f", "g", "o"), "GRU": ("r", "z", "n"), "RNN_TANH": None
 _CELL_GATES = ((nn.LSTMCell, ("i", "f", "g", "o")), (nn.GRUCell, ("r", "z", "n")), (nn.RNNCell, None))
 _FUSED_QKV = ("c_attn", "qkv", "qkv_proj")
 _FUSED_GATE_UP = ("gate_up_proj",)
-_FUSED_NOTE = "recognised fused projections, split into their blocks as the reference splits c_attn (split={pattern: 1} projects one whole)"
+_FUSED_NOTE = (
+    "recognised fused projections, split into their blocks as the reference splits c_attn "
+    "(split={pattern: 1} projects one whole)"
+)
 
 
 def _attention_weights(mod: nn.MultiheadAttention, where: _Where) -> dict[str, Slot]:
@@ -533,9 +534,10 @@ def _is_hf_conv1d(mod: nn.Module) -> bool:
 def _hf_conv1d_weights(mod: nn.Module, where: _Where) -> dict[str, Slot]:
     """A Linear that stores its weight as (in, out) = (nx, nf): layout ``"io"``."""
     weight = mod._parameters.get("weight")
-    if weight is None or weight.ndim != 2 or weight.shape[1] != mod.nf:
-        return {}
-    return {"weight": Slot("io", **_fused(where, mod.nf, int(weight.shape[0])))}
+    d_in = getattr(mod, "nx", None) if weight is None else int(weight.shape[0])
+    if not isinstance(d_in, int) or weight is not None and tuple(weight.shape) != (d_in, mod.nf):
+        return {}  # not stored as Conv1D stores it: left to layouts=
+    return {"weight": Slot("io", **_fused(where, mod.nf, d_in))}
 
 
 def _conv_weights(mod: nn.Module, where: _Where) -> dict[str, Slot]:
@@ -546,8 +548,8 @@ def _conv_weights(mod: nn.Module, where: _Where) -> dict[str, Slot]:
     if groups == 1:
         return {"weight": Slot(features)}
     # The stored tap is out x in/groups (conv) or out/groups x in (transposed): every group in one matrix.
-    d_out, d_in = (mod.out_channels // groups, mod.in_channels) if transposed else (mod.out_channels, mod.in_channels // groups)
-    depthwise = min(d_out, d_in) == 1
+    stored = (mod.out_channels // groups, mod.in_channels) if transposed else (mod.out_channels, mod.in_channels // groups)
+    depthwise = min(stored) == 1
     if where.conv_groups == "stored":
         note = (
             "depthwise convs: each tap is a single column (or row), which FIRE only normalizes, so DfI after is "
@@ -588,9 +590,8 @@ def _conv_weights(mod: nn.Module, where: _Where) -> dict[str, Slot]:
 
 def _is_quantized(mod: nn.Module) -> bool:
     """A torch.ao quantized (static or dynamic) module: its weight is a method returning packed integers."""
-    return type(mod).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized")) and callable(
-        getattr(mod, "weight", None)
-    )
+    quantized = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized")
+    return type(mod).__module__.startswith(quantized) and callable(getattr(mod, "weight", None))
 
 
 def _quantized_weights(mod: nn.Module, where: _Where) -> dict[str, Slot]:
@@ -673,7 +674,7 @@ def _qkv_blocks(where: _Where, d_out: int, d_in: int) -> dict:
         q, kv = heads * head_dim, (kv_heads or heads) * head_dim
         if q + 2 * kv == d_out:
             return dict(blocks=("q", "k", "v"), sizes=None if q == kv else (q, kv, kv), note=_FUSED_NOTE)
-        why = f"{heads} heads and {kv_heads or heads} key/value heads of {head_dim} give {q} + 2 x {kv} rows, not {d_out}"
+        why = f"{heads} heads, {kv_heads or heads} key/value heads of {head_dim} give {q} + 2 x {kv} rows, not {d_out}"
         return dict(problem=_fused_problem(where, d_out, d_in, "q/k/v", why))
     if d_out == 3 * d_in:
         return dict(blocks=("q", "k", "v"), note=_FUSED_NOTE)
@@ -990,7 +991,7 @@ def _user_split(slot: Slot, spec, name: str) -> Slot:
         blocks, sizes = tuple(str(j) for j in range(len(spec))), tuple(spec)
         if len(spec) == 1:
             blocks = None  # one block of the whole size: checked against the weight below
-    return Slot(slot.layout, blocks=blocks, sizes=sizes, axis="o")
+    return Slot(slot.layout, blocks=blocks, sizes=sizes)
 
 
 def _override(slot: Slot | None, layout: str) -> Slot:
@@ -1220,24 +1221,24 @@ def _problem(w: _Weight, slot: Slot, o: _Options):
 
 
 def _blocks(name: str, shape: tuple, slot: Slot) -> list[tuple[str, tuple]]:
-    """(name, index) of the blocks a weight is projected as, cut along the slot's axis."""
+    """(name, index) of the blocks a weight is projected as, cut along its (first) output axis."""
     if not slot.blocks and slot.sizes is None:
         return [(name, ())]
-    if slot.axis not in slot.layout or len(slot.layout) != len(shape):
-        raise ValueError(f"{name}: layout {slot.layout!r} does not fit the weight of shape {shape} to cut it into blocks")
-    axis = slot.layout.index(slot.axis)
+    if slot.layout.count("o") != 1:
+        raise ValueError(f"{name}: cannot cut layout {slot.layout!r} (shape {shape}) into blocks: it needs one 'o' axis")
+    axis = slot.layout.index("o")
     size = shape[axis]
-    what = "output" if slot.axis == "o" else "input"
     labels = slot.blocks or ("0",)
     if slot.sizes is None:
         if size % len(labels):
-            raise ValueError(f"{name}: cannot split {size} {what} features into {len(labels)} equal blocks (shape {shape})")
+            raise ValueError(f"{name}: cannot split {size} output features into {len(labels)} equal blocks (shape {shape})")
         sizes = (size // len(labels),) * len(labels)
     else:
         sizes = slot.sizes
         if sum(sizes) != size:
             raise ValueError(
-                f"{name}: split sizes {sizes} sum to {sum(sizes)}, but the weight has {size} {what} features (shape {shape})"
+                f"{name}: split sizes {sizes} sum to {sum(sizes)}, but the weight has {size} output features "
+                f"(shape {shape})"
             )
     if not slot.blocks:  # split=(n,): one block that is the whole weight
         return [(name, ())]
