@@ -33,8 +33,12 @@ set ``FIRE_CORE_DEBUG=1`` for the traceback.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
+import pickletools
 import re
+import struct
 import sys
 import tempfile
 import zipfile
@@ -49,11 +53,13 @@ from .layout import parse_layout, scale_factor, to_matrices
 from .metrics import dfi
 from .plan import reinit_many
 from .polar import METHODS
+from .report import Report
 
 __all__ = ["main"]
 
 PROG = "fire-core"
-FORMATS = {".safetensors": "safetensors", ".npz": "npz", ".pt": "torch", ".pth": "torch", ".bin": "torch"}
+FORMATS = {".safetensors": "safetensors", ".npz": "npz", ".pt": "torch", ".pth": "torch", ".bin": "torch",
+           ".ckpt": "torch"}
 PLOT_LAYERS = 24  # at most this many small panels in --plot
 
 
@@ -72,31 +78,173 @@ class Checkpoint:
     arrays: dict  # flat name -> numpy array or torch tensor
     save: Callable[[str, dict], None]  # (path, {name: new tensor}) -> writes all tensors
     notes: list = field(default_factory=list)
-    aliases: dict = field(default_factory=dict)  # name -> earlier name of the same tensor (tied weights)
+    aliases: dict = field(default_factory=dict)  # name -> first name of the same tensor (tied weights)
 
 
-def _format_of(path: str) -> str:
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in FORMATS:
-        known = ", ".join(FORMATS)
-        raise CliError(f"{path}: unsupported file type {ext or '(no extension)'!r}; expected one of {known}")
-    return FORMATS[ext]
+# What each format is called in messages, and the extension a file of it should carry.
+_DESCRIBED = {"safetensors": "a safetensors file", "npz": "a NumPy .npz archive", "torch": "a torch checkpoint"}
+_EXTENSION = {"safetensors": ".safetensors", "npz": ".npz", "torch": ".pt"}
+_UNREADABLE = {"safetensors": "not a readable safetensors file", "npz": "not a readable .npz archive",
+               "torch": "not a readable torch checkpoint"}
+_ZIP_MAGIC = b"PK\x03\x04"
+_TORCH_MAGIC = 0x1950A86A20F9469CFC6C  # the first object of torch's legacy (pre-zip) pickle format
+_SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors format's own limit on its JSON header
+_INCOMPLETE = "the file is incomplete (an interrupted download, copy or save?)"
+_OBJECTS = (
+    "holds Python objects ({what}), and fire-core loads only tensors (in dicts, lists and tuples, with numbers "
+    "and strings): unpickling objects can run code, so it never does; save the tensors alone, e.g. "
+    "torch.save(model.state_dict(), path)"
+)
 
 
-def _check_input(path: str) -> str:
+@dataclass
+class _Content:
+    """What a file is, read from its first bytes (and, for a zip, its directory)."""
+
+    format: str | None  # "safetensors", "npz", "torch", or None when fire-core does not read it
+    what: str  # for messages: "a safetensors file", "a Python pickle", ...
+    problem: str | None = None  # set when the file is of that format but cannot be read as it is
+    legacy: bool = False  # torch's pre-zip pickle format
+    protocol: int | None = None  # pickle protocol of a torch file
+
+
+def _sniff(path: str) -> _Content:
+    """The file's format by its content; the extension plays no part.
+
+    safetensors: an 8-byte little-endian header length, then a JSON header;
+    its offsets tell how long the file must be. A zip archive (``PK\\x03\\x04``)
+    is a torch checkpoint when it has a ``*/data.pkl`` entry and an ``.npz``
+    when its entries are ``*.npy`` (a truncated zip has lost its directory,
+    which zip keeps at the end: the first entry's name tells the format). A
+    pickle whose first object is torch's magic number is a legacy torch
+    checkpoint; any other pickle holds Python objects.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if size >= 9 and head[8:9] == b"{":
+        (length,) = struct.unpack("<Q", head[:8])
+        if length <= _SAFETENSORS_MAX_HEADER:
+            return _sniff_safetensors(path, size, length)
+    if head.startswith(_ZIP_MAGIC):
+        return _sniff_zip(path, head)
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # PROTO 2-5: a pickle
+        return _sniff_pickle(path, size)
+    return _Content(None, "none of the formats fire-core reads (safetensors, .npz, torch zip or legacy torch pickle)")
+
+
+def _sniff_safetensors(path: str, size: int, length: int) -> _Content:
+    found = _Content("safetensors", _DESCRIBED["safetensors"])
+    if 8 + length > size:
+        found.problem = f"is truncated: its safetensors header says it is {length} bytes, but the file ends first; {_INCOMPLETE}"
+        return found
+    with open(path, "rb") as f:
+        f.seek(8)
+        try:
+            header = json.loads(f.read(length))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            found.problem = f"{_UNREADABLE['safetensors']} (its header is not a valid safetensors header: {e})"
+            return found
+    if 8 + length + end > size:
+        found.problem = (
+            f"is truncated: its safetensors header describes {8 + length + end} bytes, the file has {size}; "
+            f"{_INCOMPLETE}"
+        )
+    return found
+
+
+def _sniff_zip(path: str, head: bytes) -> _Content:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+            protocol = None
+            if pickles:
+                with zf.open(pickles[0]) as p:
+                    start = p.read(2)
+                protocol = start[1] if start[:1] == b"\x80" and len(start) == 2 else None
+    except zipfile.BadZipFile:
+        # The zip directory is the end of the file: without it the file was cut short (or damaged at its end).
+        # The first entry's name, in the local header at the start, still tells what it was.
+        (name_length,) = struct.unpack("<H", head[26:28]) if len(head) >= 28 else (0,)
+        first = head[30 : 30 + name_length].decode("utf-8", "replace") if len(head) >= 30 + name_length else ""
+        fmt = "torch" if first.endswith("/data.pkl") else "npz" if first.endswith(".npy") else None
+        what = _DESCRIBED[fmt] if fmt else "a zip archive"
+        return _Content(fmt, what, f"is truncated: it starts as {what} (a zip archive) but its end, the zip "
+                                   f"directory, is missing; {_INCOMPLETE}")
+    if pickles:
+        return _Content("torch", _DESCRIBED["torch"], protocol=protocol)
+    if all(n.endswith(".npy") for n in names):
+        return _Content("npz", _DESCRIBED["npz"])
+    return _Content(None, "a zip archive that is neither a torch checkpoint (no */data.pkl) nor an .npz (not all *.npy)")
+
+
+def _sniff_pickle(path: str, size: int) -> _Content:
+    """A legacy torch checkpoint (five pickles, then the storages' bytes) or another pickle."""
+    protocol, ops = None, []
+    with open(path, "rb") as f:
+        try:
+            for op, arg, _ in pickletools.genops(f):  # reads opcodes; runs nothing
+                ops.append((op.name, arg))
+                if op.name == "PROTO":
+                    protocol = arg
+                if len(ops) >= 3 or op.name == "STOP":
+                    break
+        except ValueError:
+            if f.tell() >= size:  # cut within its first object: too short to say more
+                return _Content(None, "a pickle", f"is truncated: it ends within its first pickled object; {_INCOMPLETE}")
+    magic = [arg for name, arg in ops if name not in ("PROTO", "FRAME")][:1] == [_TORCH_MAGIC]
+    if not magic:
+        return _Content(None, "a Python pickle, not a torch checkpoint",
+                        _OBJECTS.format(what="a plain Python pickle, not written by torch.save"))
+    found = _Content("torch", _DESCRIBED["torch"], legacy=True, protocol=protocol)
+    with open(path, "rb") as f:
+        try:
+            for _ in range(5):  # magic, protocol version, system info, the object, the storage keys
+                for _op in pickletools.genops(f):
+                    pass
+        except ValueError:
+            if f.tell() >= size:
+                found.problem = f"is truncated: its pickled part ends before it is complete; {_INCOMPLETE}"
+    return found
+
+
+def _check_input(path: str) -> _Content:
+    """The file's format by its content, checked against its extension (a CliError if anything is wrong)."""
     if not os.path.exists(path):
         raise CliError(f"{path}: no such file")
     if os.path.isdir(path):
         raise CliError(f"{path}: is a directory, not a checkpoint file")
-    fmt = _format_of(path)
+    ext = os.path.splitext(path)[1].lower()
     try:
         with open(path, "rb") as f:
             empty = not f.read(1)
+        content = _sniff(path)
     except OSError as e:
         raise CliError(f"{path}: cannot read: {e.strerror or e}") from None
     if empty:
         raise CliError(f"{path}: is empty (0 bytes)")
-    return fmt
+    expected = FORMATS.get(ext)
+    if expected is None:
+        known = ", ".join(FORMATS)
+        what = f" (by its content it is {content.what})" if content.format else ""
+        raise CliError(f"{path}: unsupported file type {ext or '(no extension)'!r}{what}; expected one of {known}")
+    if content.format is None and content.problem:
+        raise CliError(f"{path}: {content.problem}")
+    if content.format is None:
+        raise CliError(f"{path}: {_UNREADABLE[expected]}: its content is {content.what}")
+    if content.format != expected:
+        # Refused rather than read in its real format: the output is written in the input's format and must be
+        # named for it, and a file whose name lies would go on misleading every other tool that reads it.
+        stem = os.path.splitext(os.path.basename(path))[0]
+        raise CliError(
+            f"{path}: is {content.what} (by its content), not {_DESCRIBED[expected]} as its extension says; "
+            f"rename it to {stem}{_EXTENSION[content.format]}"
+        )
+    if content.problem:
+        raise CliError(f"{path}: {content.problem}")
+    return content
 
 
 def _one_line(e: BaseException) -> str:
@@ -104,12 +252,19 @@ def _one_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def _load(path: str, fmt: str) -> Checkpoint:
-    loader = {"safetensors": _load_safetensors, "npz": _load_npz, "torch": _load_torch}[fmt]
-    ckpt = loader(path)
+def _load(path: str, content: _Content) -> Checkpoint:
+    if content.format == "torch":
+        ckpt = _load_torch(path, content)
+    else:
+        ckpt = {"safetensors": _load_safetensors, "npz": _load_npz}[content.format](path)
     if not ckpt.arrays:
         raise CliError(f"{path}: holds no tensors")
     return ckpt
+
+
+def _c_order(a: np.ndarray) -> np.ndarray:
+    """``a`` in C order, copied only if it is not (``np.ascontiguousarray`` would make a 0-d array 1-d)."""
+    return a if a.flags.c_contiguous else a.copy(order="C")
 
 
 def _load_safetensors(path: str) -> Checkpoint:
@@ -144,7 +299,7 @@ def _load_safetensors(path: str) -> Checkpoint:
 
     def save(out: str, tensors: dict) -> None:
         if numpy_ok:
-            tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+            tensors = {k: _c_order(np.asarray(v)) for k, v in tensors.items()}
         else:
             tensors = {k: v.contiguous() for k, v in tensors.items()}
         save_file(tensors, out, metadata=metadata)
@@ -173,34 +328,76 @@ def _load_npz(path: str) -> Checkpoint:
     return Checkpoint("npz", arrays, save)
 
 
-def _load_torch(path: str) -> Checkpoint:
-    try:
-        import torch
-    except ImportError:
-        raise CliError(f"{path}: reading torch checkpoints needs torch: pip install 'fire-core[torch]'") from None
+# Top-level keys of a torch checkpoint that hold training state, not weights: copied as they are.
+_TRAINING_STATE = ("optim", "lr_sched", "sched", "scaler", "grad_scaler")
+_LIGHTNING_KEYS = ("pytorch-lightning_version", "optimizer_states", "loops")
+
+
+def _torch_load(path: str, content: _Content):
+    """``torch.load(weights_only=True)`` with fire-core's own message for each way it can refuse a file."""
     import pickle
     import warnings
 
+    import torch
+
+    if content.protocol is not None and content.protocol >= 4:
+        raise CliError(
+            f"{path}: was saved with pickle protocol {content.protocol}, which torch.load(weights_only=True) "
+            "cannot read; fire-core reads torch files only that way (anything else can run code); re-save it "
+            "with torch.save's default protocol (2)"
+        )
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols it may not read
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
         found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
         if found:
-            raise CliError(
-                f"{path}: refused: it holds objects other than tensors and plain containers ({found.group(1)}), "
-                "and unpickling them could run code; torch.load(weights_only=True) stopped before running any"
-            ) from None
+            raise CliError(f"{path}: " + _OBJECTS.format(what=found.group(1))) from None
         found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
         detail = found.group(1).strip() if found else _one_line(e)
         raise CliError(f"{path}: not a readable torch checkpoint (weights-only unpickler: {detail})") from None
     except Exception as e:
+        if content.legacy and "unexpected EOF" in str(e):  # the storages' bytes after the pickles end early
+            raise CliError(f"{path}: is truncated: its tensors' data ends before it is complete; {_INCOMPLETE}") from None
         raise CliError(f"{path}: not a readable torch checkpoint ({_one_line(e)})") from None
+
+
+def _load_torch(path: str, content: _Content) -> Checkpoint:
+    try:
+        import torch
+    except ImportError:
+        raise CliError(f"{path}: reading torch checkpoints needs torch: pip install 'fire-core[torch]'") from None
+
+    obj = _torch_load(path, content)
     if not isinstance(obj, dict):
         raise CliError(f"{path}: holds a {type(obj).__name__}, not a state dict (a dict of tensors)")
+    notes = []
+    lightning = isinstance(obj.get("state_dict"), dict) and any(k in obj for k in _LIGHTNING_KEYS)
+    if lightning:
+        # A Lightning checkpoint: the weights are its state_dict, named as LightningModule.state_dict() names them.
+        roots = [(obj["state_dict"], ())]
+        kept = [k for k in obj if k != "state_dict"]
+        notes.append(
+            f"note: Lightning checkpoint: projected the weights in 'state_dict'; {', '.join(map(repr, kept))} "
+            "copied unchanged"
+        )
+        state = [k for k in kept if k in ("optimizer_states", "lr_schedulers")]
+    else:
+        state = [k for k in obj if isinstance(k, str) and k.lower().startswith(_TRAINING_STATE)]
+        roots = [({k: v for k, v in obj.items() if k not in state}, ())]
+        if state:
+            notes.append(f"note: {', '.join(map(repr, state))} copied unchanged")
+    if any(isinstance(k, str) and k.lower().startswith("optim") for k in state):
+        notes.append(
+            "note: the file's optimizer state is now stale for the projected weights (their moments describe the "
+            "old weights); resuming from this file restores it: start the projected weights' moments afresh, "
+            "e.g. load only the weights into a new optimizer, or use fire_core.torch.apply(model, optimizer=opt) "
+            "in training"
+        )
     arrays, paths, originals = {}, {}, {}  # the math sees detached tensors; `originals` keeps the kind
+    base = ("state_dict",) if lightning else ()
 
     def walk(node: dict, prefix: tuple) -> None:
         for key, value in node.items():
@@ -211,24 +408,18 @@ def _load_torch(path: str) -> Checkpoint:
                 name = ".".join(str(k) for k in where)
                 if name in arrays:
                     raise CliError(f"{path}: two tensors flatten to the same name {name!r}")
-                arrays[name], paths[name], originals[name] = value.detach(), where, value
+                arrays[name], paths[name], originals[name] = value.detach(), base + where, value
 
-    walk(obj, ())
-    first, aliases = {}, {}
-    for name, t in arrays.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-        if t.numel() and key in first:
-            aliases[name] = first[key]
-        first.setdefault(key, name)
-    notes = []
-    if any(isinstance(k, str) and k.lower().startswith("optim") for k in obj):
-        notes.append(
-            "note: the file's optimizer state was copied unchanged; the moments of the projected weights are "
-            "stale (fire_core.torch.apply(model, optimizer=opt) resets them)"
-        )
+    for root, prefix in roots:
+        walk(root, prefix)
 
     def storage_key(t):
         return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+    first, aliases = {}, {}
+    for name, t in arrays.items():
+        if t.numel():
+            aliases[name] = first.setdefault(storage_key(t), name)
 
     def kept_kind(old, new, written: dict):
         """``new`` as the kind of tensor ``old`` was (a Parameter, requires_grad), made once per tensor."""
@@ -244,16 +435,16 @@ def _load_torch(path: str) -> Checkpoint:
     def save(out: str, tensors: dict) -> None:
         written = {}
         # Tensors that shared storage (tied weights) share the new one.
-        by_storage = {storage_key(arrays[n]): (n, tensors[n]) for n in arrays if tensors[n] is not arrays[n]}
+        by_storage = {storage_key(arrays[n]): tensors[n] for n in arrays if tensors[n] is not arrays[n]}
         for name, where in paths.items():
             node = obj
             for key in where[:-1]:
                 node = node[key]
-            owner, new = by_storage.get(storage_key(arrays[name]), (name, tensors[name]))
-            if owner != name and tensors[name] is arrays[name]:
-                notes.append(f"note: {name} shares storage with {owner} (tied) and was written with it")
+            new = by_storage.get(storage_key(arrays[name]), tensors[name])
             node[where[-1]] = originals[name] if new is arrays[name] else kept_kind(originals[name], new, written)
-        torch.save(obj, out)
+        # The same container as the input: legacy pickle or zip, and its pickle protocol.
+        torch.save(obj, out, _use_new_zipfile_serialization=not content.legacy,
+                   pickle_protocol=content.protocol or 2)
 
     return Checkpoint("torch", arrays, save, notes, aliases)
 
@@ -296,6 +487,17 @@ def _check_output(src: str, out: str, fmt: str, force: bool, what: str = "output
 
 
 # --------------------------------------------------------------------------- selection
+# Option values are checked by argparse (type=): a bad one exits with status 2 and the usage line.
+
+
+def _parse_steps(text: str) -> int:
+    try:
+        steps = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of steps (0 or more), got {text!r}") from None
+    if steps < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of steps (0 or more), got {steps}")
+    return steps
 
 
 def _parse_scale(text: str):
@@ -304,48 +506,60 @@ def _parse_scale(text: str):
     if text.lower() == "none":
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected fire, variance, norm, none or a number, got {text!r}") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected fire, variance, norm, none or a finite number, got {text!r}")
+    return value
 
 
-def _parse_pairs(items, what: str, convert) -> dict:
-    out = {}
-    for item in items or ():
-        pattern, sep, value = item.rpartition("=")
-        if not sep or not pattern:
-            raise CliError(f"{what} {item!r}: expected PATTERN=VALUE")
-        try:
-            out[pattern] = convert(value)
-        except ValueError:
-            raise CliError(f"{what} {item!r}: bad value {value!r}") from None
-    return out
+def _pair(text: str) -> tuple[str, str]:
+    pattern, sep, value = text.rpartition("=")
+    if not sep or not pattern or not value:
+        raise argparse.ArgumentTypeError(f"expected PATTERN=VALUE, got {text!r}")
+    return pattern, value
 
 
-def _select(ckpt: Checkpoint, args) -> tuple[list, str]:
-    floats = {k: v for k, v in ckpt.arrays.items() if conventions.is_real_float(v)}
-    # A tied tensor is projected once, under the first of its names that is a target; save() writes it to all.
+def _parse_layout(text: str) -> tuple[str, str]:
+    pattern, value = _pair(text)
+    if not value.isalpha():
+        raise argparse.ArgumentTypeError(f"expected PATTERN=LAYOUT with a layout of letters (oi, iohw), got {text!r}")
+    return pattern, value
+
+
+def _parse_split(text: str) -> tuple[str, int | tuple[int, ...]]:
+    """``PAT=N`` (N equal blocks) or ``PAT=n1,n2,...`` (blocks of those sizes)."""
+    pattern, value = _pair(text)
+    try:
+        sizes = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected PATTERN=N (N equal blocks) or PATTERN=n1,n2,... (block sizes), all positive, got {text!r}"
+        )
+    return pattern, (sizes[0] if "," not in value else sizes)
+
+
+def _select(ckpt: Checkpoint, args) -> tuple[conventions.Selection, str]:
+    # A tied tensor is decided once, under the first of its names a rule takes; save() writes it to all.
     convention = args.convention
     if convention == "auto":
         convention = conventions.detect_convention(ckpt.arrays)
     try:
-        chosen = conventions.targets(
-            {k: tuple(v.shape) for k, v in floats.items()},
+        selection = conventions.select(
+            ckpt.arrays,
             convention,
             include=args.include,
             exclude=args.exclude,
-            layouts=_parse_pairs(args.layout, "--layout", str),
-            split=_parse_pairs(args.split, "--split", int),
+            layouts=dict(args.layout or ()),
+            split=dict(args.split or ()),
+            tied=ckpt.aliases,
         )
     except (TypeError, ValueError) as e:
         raise CliError(_one_line(e)) from None
-    done, unique = set(), []
-    for t in chosen:
-        block = (ckpt.aliases.get(t.source_key, t.source_key), t.name[len(t.source_key):])  # e.g. "[q]" or ""
-        if block not in done:
-            done.add(block)
-            unique.append(t)
-    return unique, convention
+    return selection, convention
 
 
 def _block(ckpt: Checkpoint, t):
@@ -384,47 +598,58 @@ def _table(header: list[str], rows: list[list[str]], left: int) -> str:
 # --------------------------------------------------------------------------- commands
 
 
+def _left_alone(selection: conventions.Selection) -> list[str]:
+    """The lines a Report prints for the tensors left alone and the rules' notes."""
+    return selection.annotate(Report(method="fire", steps=0, scale="fire")).skipped_lines() + selection.notes
+
+
 def _cmd_inspect(args) -> int:
-    fmt = _check_input(args.file)
-    ckpt = _load(args.file, fmt)
-    chosen, convention = _select(ckpt, args)
+    content = _check_input(args.file)
+    ckpt = _load(args.file, content)
+    selection, convention = _select(ckpt, args)
+    chosen = selection.targets
     print(f"{args.file}: {len(ckpt.arrays)} tensors, {len(chosen)} FIRE targets (convention {convention})")
-    if not chosen:
-        return 0
-    rows = []
-    for t in chosen:
-        w = _block(ckpt, t)
-        s = _spectrum(w, t.layout)
-        lay = parse_layout(t.layout, t.shape)
-        before = _dfi_to_target(w, t.layout)
-        rows.append(
-            [
-                t.name, "x".join(map(str, t.shape)), t.layout, str(w.dtype).replace("torch.", ""),
-                f"{before:.4g}", f"{before / (lay.taps * min(lay.d_out, lay.d_in)):.3g}",
-                f"{s[-1]:.3g}", f"{np.median(s):.3g}", f"{s[0]:.3g}",
-            ]
-        )
-    header = ["name", "shape", "layout", "dtype", "DfI", "DfI/n", "s_min", "s_median", "s_max"]
-    print(_table(header, rows, left=4))
-    print("DfI: deviation from isometry of the weight over its FIRE scale (0 at the FIRE target); "
-          "s: singular values over that scale (1 at the target)")
+    if chosen:
+        rows = []
+        for t in chosen:
+            w = _block(ckpt, t)
+            s = _spectrum(w, t.layout)
+            lay = parse_layout(t.layout, t.shape)
+            before = _dfi_to_target(w, t.layout)
+            name = f"{t.name} (= {', '.join(t.aliases)})" if t.aliases else t.name
+            rows.append(
+                [
+                    name, "x".join(map(str, t.shape)), t.layout, str(w.dtype).replace("torch.", ""),
+                    f"{before:.4g}", f"{before / (lay.taps * min(lay.d_out, lay.d_in)):.3g}",
+                    f"{s[-1]:.3g}", f"{np.median(s):.3g}", f"{s[0]:.3g}",
+                ]
+            )
+        header = ["name", "shape", "layout", "dtype", "DfI", "DfI/n", "s_min", "s_median", "s_max"]
+        print(_table(header, rows, left=4))
+        print("DfI: deviation from isometry of the weight over its FIRE scale (0 at the FIRE target); "
+              "s: singular values over that scale (1 at the target)")
+    for line in _left_alone(selection) + ckpt.notes:
+        print(line)
     return 0
 
 
 def _cmd_project(args) -> int:
-    fmt = _check_input(args.file)
-    _check_output(args.file, args.output, fmt, args.force)
+    content = _check_input(args.file)
+    _check_output(args.file, args.output, content.format, args.force)
     if args.plot:
         _check_output(args.file, args.plot, None, args.force, what="plot")
         if not args.plot.lower().endswith(".png"):
             raise CliError(f"{args.plot}: the plot is written as PNG; name it *.png")
         pyplot = _pyplot()
-    ckpt = _load(args.file, fmt)
-    chosen, convention = _select(ckpt, args)
+    ckpt = _load(args.file, content)
+    selection, convention = _select(ckpt, args)
+    chosen = selection.targets
     if not chosen:
+        alone = "; ".join(f"{s['name']}: {s['reason']}" for s in selection.skipped[:3])
         raise CliError(
             f"{args.file}: none of its {len(ckpt.arrays)} tensors is a FIRE target under the {convention} "
             "convention and the given --include/--exclude; nothing written"
+            + (f" (left alone: {alone}{'; ...' if len(selection.skipped) > 3 else ''})" if alone else "")
         )
     blocks = {}
     report = reinit_many(
@@ -445,6 +670,7 @@ def _cmd_project(args) -> int:
         _atomic_write(args.output, lambda tmp: ckpt.save(tmp, tensors))
     except OSError as e:
         raise CliError(f"{args.output}: cannot write: {e.strerror or _one_line(e)}") from None
+    selection.annotate(report)
     report.notes.extend(ckpt.notes)
     report.notes.append(f"convention {convention}; wrote {args.output}")
     if args.plot:
@@ -508,29 +734,30 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="FIRE (Frobenius-Isometry REinitialization) on checkpoint files "
-        "(.safetensors, .npz, torch .pt/.pth/.bin).",
+        "(.safetensors, .npz, torch .pt/.pth/.bin, Lightning .ckpt).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,project,demo}")
 
     def selection(p):
-        p.add_argument("file", help="checkpoint file: .safetensors, .npz, .pt, .pth or .bin")
+        p.add_argument("file", help="checkpoint file: .safetensors, .npz, .pt, .pth, .bin or .ckpt")
         p.add_argument("--convention", choices=("auto", *conventions.CONVENTIONS), default="auto",
                        help="naming convention of the tensors (default: auto-detect)")
         p.add_argument("--include", action="append", metavar="PAT",
                        help="glob on tensor names or module prefixes to select (repeatable)")
         p.add_argument("--exclude", action="append", metavar="PAT", help="glob to leave out (repeatable)")
-        p.add_argument("--layout", action="append", metavar="PAT=LAYOUT",
+        p.add_argument("--layout", action="append", metavar="PAT=LAYOUT", type=_parse_layout,
                        help="layout for matching weights, e.g. 'decoder.up*=iohw' for ConvTranspose2d (repeatable)")
-        p.add_argument("--split", action="append", metavar="PAT=N",
-                       help="project a fused weight as N blocks along its output axis, e.g. '*.c_attn=3'")
+        p.add_argument("--split", action="append", metavar="PAT=N|SIZES", type=_parse_split,
+                       help="project a fused weight as N equal blocks along its output axis, or as blocks of the "
+                            "given sizes: '*.c_attn=3', '*.qkv_proj=3072,1024,1024' (repeatable)")
 
     p = sub.add_parser("inspect", help="show each FIRE target's distance from isometry; writes nothing")
     selection(p)
     p = sub.add_parser("project", help="write the FIRE-projected checkpoint")
     selection(p)
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file, same format as the input")
-    p.add_argument("--steps", type=int, default=5, help="Newton-Schulz steps (default 5, the reference's)")
+    p.add_argument("--steps", type=_parse_steps, default=5, help="Newton-Schulz steps (default 5, the reference's)")
     p.add_argument("--method", choices=METHODS, default="fire", help="fire (reference), fast or svd")
     p.add_argument("--scale", type=_parse_scale, default="fire",
                    help="fire (default), variance, norm, none or a number")

@@ -256,7 +256,7 @@ class _Rule:
     problem: str | None = None
 
 
-_SPLIT_NOTE = "fused weights split into their blocks by default ({what}; split={{PATTERN: 1}} keeps one whole)"
+_SPLIT_NOTE = "fused weights split into their blocks by default ({what}; split={{'PAT': 1}}, --split 'PAT=1', keeps one whole)"
 _CONV1D_NOTE = (
     "Hugging Face Conv1D weights, stored (in, out), read as 'io' (told by the c_attn shape (E, 3E) and the "
     "biases' lengths)"
@@ -690,6 +690,8 @@ def select(
 
     def skip(name, shape, reason, aliases):
         if len(shape) >= 2:
+            if aliases:  # the line under a report's table names every name of the tensor
+                reason += f" (one tensor, also named {', '.join(aliases)})"
             entry = {"name": name, "shape": tuple(shape), "reason": reason}
             if aliases:
                 entry["aliases"] = list(aliases)

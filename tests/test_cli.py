@@ -121,7 +121,9 @@ def test_project_prints_the_report(st_run):
     text = st_run["res"].stdout
     for name in ("attn.in_proj_weight[q]", "attn.in_proj_weight[v]", "c_attn.weight[2]", "up.weight", "fc.weight"):
         assert re.search(rf"^{re.escape(name)}\s", text, re.M), name
-    assert "embed.weight" not in text and "quant.weight" not in text
+    assert not re.search(r"^(embed|quant)\.weight\s", text, re.M)  # no rows: left alone, with the reasons
+    assert "left alone (an embedding, by its name): embed.weight (20x8)" in text
+    assert "left alone (not floating point (int8)): quant.weight (5x6)" in text
     assert "projected 10 weights" in text
 
 
@@ -136,7 +138,7 @@ def test_inspect_reports_dfi_and_spectrum_and_writes_nothing(st_run):
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in d.iterdir()) == listing and digest(st_run["src"]) == st_run["before"]
     rows = {}
-    for line in res.stdout.splitlines():
+    for line in res.stdout.split("\nDfI: ")[0].splitlines():
         cells = line.split()
         if len(cells) == 9 and cells[0] != "name" and not cells[0].startswith("-"):
             rows[cells[0]] = cells
@@ -277,7 +279,8 @@ def test_project_pt_restores_nesting_and_other_values(torch_run):
     for k, state in src["optimizer"]["state"].items():
         for key, value in state.items():
             assert torch.equal(got["optimizer"]["state"][k][key], value)
-    assert "optimizer state was copied unchanged" in torch_run["res"].stdout
+    assert "note: 'optimizer' copied unchanged" in torch_run["res"].stdout
+    assert "optimizer state is now stale for the projected weights" in torch_run["res"].stdout
 
 
 def test_project_pt_equals_reinit_per_weight(torch_run):
@@ -326,7 +329,7 @@ def test_project_pt_projects_tied_targets_once(tmp_path):
     torch.save({"enc.weight": w, "dec.weight": w}, src)  # one tensor under two names
     res = run("project", src, "-o", out)
     assert res.returncode == 0, res.stderr
-    assert "projected 1 weights" in res.stdout and "dec.weight shares storage with enc.weight" in res.stdout
+    assert "projected 1 weights" in res.stdout and re.search(r"^enc\.weight \(= dec\.weight\)\s", res.stdout, re.M)
     got = torch.load(out, weights_only=True)
     assert got["dec.weight"].data_ptr() == got["enc.weight"].data_ptr()
     torch.testing.assert_close(got["enc.weight"], fire_core.reinit(w, "oi"), rtol=0, atol=1e-12)
@@ -578,14 +581,14 @@ BAD_INPUTS = {
     "garbage-safetensors": "not a readable safetensors file",
     "garbage-npz": "not a readable .npz archive",
     "garbage-pt": "not a readable torch checkpoint",
-    "truncated-safetensors": "not a readable safetensors file",
-    "truncated-pt": "not a readable torch checkpoint",
+    "truncated-safetensors": "is truncated",
+    "truncated-pt": "is truncated",
     "npz-object-array": "refused: Object arrays cannot be loaded",
     "unsupported-extension": "unsupported file type '.txt'",
     "pt-not-a-dict": "holds a Tensor, not a state dict",
     "no-tensors": "holds no tensors",
-    "malicious-torch-zip": "refused: it holds objects other than tensors",
-    "malicious-pickle": "refused: it holds objects other than tensors",
+    "malicious-torch-zip": "holds Python objects (io.open), and fire-core loads only tensors",
+    "malicious-pickle": "holds Python objects (a plain Python pickle, not written by torch.save)",
     "nan-weight": "fc.weight: contains NaN or Inf",
     "no-targets": "none of its 2 tensors is a FIRE target",
     "unreadable": "cannot read",
@@ -627,3 +630,496 @@ def test_malicious_payload_would_run_without_protection(tmp_path):
 def test_usage_error_exits_2():
     res = run("project")
     assert res.returncode == 2 and "usage:" in res.stderr
+
+
+# --------------------------------------------------------------------------- untouched tensors, every format
+
+
+def tensor_hash(t) -> str:
+    """sha256 of a tensor's bytes (C order), dtype and shape: equal only for an exact copy."""
+    if hasattr(t, "detach"):  # torch: bytes through a uint8 view, so bfloat16 needs no NumPy dtype
+        import torch
+
+        data = t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    else:
+        data = np.asarray(t).tobytes(order="C")
+    return hashlib.sha256(data + f"|{t.dtype}|{tuple(t.shape)}".encode()).hexdigest()
+
+
+def numpy_state():
+    """fc.weight is the one target; every other kind of tensor a checkpoint holds is left alone."""
+    rng = np.random.default_rng(11)
+    return {
+        "fc.weight": rng.normal(size=(6, 8)),
+        "fc.bias": rng.normal(size=6),
+        "logit_scale": np.array(2.6592, dtype=np.float32),  # 0-d
+        "bn.num_batches_tracked": np.array(7, dtype=np.int64),  # 0-d
+        "bn.running_mean": rng.normal(size=6).astype(np.float32),
+        "embed.weight": rng.normal(size=(10, 8)).astype(np.float16),
+        "pos_table": np.asfortranarray(rng.normal(size=(5, 7))),  # no rule for the name; Fortran order
+        "mask": rng.random((4, 4)) > 0.5,
+        "quant.weight": rng.integers(-128, 127, size=(5, 6)).astype(np.int8),
+        "empty.weight": np.zeros((0, 4)),
+        "none": np.zeros(0, dtype=np.float32),
+    }
+
+
+def torch_state(torch):
+    sd = {k: torch.from_numpy(np.ascontiguousarray(v) if v.ndim else v.copy()) for k, v in numpy_state().items()}
+    sd["embed.weight"] = sd["embed.weight"].to(torch.bfloat16)
+    sd["view_table"] = torch.randn(8, 5, dtype=torch.float64).t()[:3]  # a strided view; no rule for its name
+    return sd
+
+
+def _flat(obj, prefix=""):
+    out = {}
+    for k, v in obj.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif hasattr(v, "shape"):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def write_checkpoint(fmt, path):
+    """A checkpoint in ``fmt``; returns its flat name -> tensor before projection, and a loader of the output."""
+    if fmt in ("safetensors", "npz", "npz-compressed"):
+        sd = numpy_state()
+        if fmt == "safetensors":
+            safetensors_numpy.save_file({k: np.ascontiguousarray(v) if v.ndim else v for k, v in sd.items()}, path)
+            return sd, lambda out: safetensors_numpy.load_file(out)
+        (np.savez_compressed if fmt == "npz-compressed" else np.savez)(path, **sd)
+
+        def load(out):
+            with np.load(out) as z:
+                return {k: z[k] for k in z.files}
+
+        return sd, load
+    torch = pytest.importorskip("torch")
+    if fmt == "safetensors-bf16":
+        from safetensors.torch import load_file, save_file
+
+        sd = {k: v.contiguous() for k, v in torch_state(torch).items() if v.dtype != torch.bool}
+        sd["fc.weight"] = sd["fc.weight"].to(torch.bfloat16)
+        save_file(sd, path)
+        return sd, lambda out: load_file(out)
+    sd = torch_state(torch)
+    obj = {"model": sd, "epoch": 3, "note": "kept"}
+    if fmt == "lightning":
+        obj = lightning_checkpoint(torch, sd)
+    torch.save(obj, path, _use_new_zipfile_serialization=fmt != "torch-legacy")
+    flat = _flat(obj["state_dict"]) if fmt == "lightning" else _flat(obj)
+    load = (lambda out: _flat(torch.load(out, weights_only=True)["state_dict"])) if fmt == "lightning" else (
+        lambda out: _flat(torch.load(out, weights_only=True)))
+    return flat, load
+
+
+FILE_FORMATS = {"safetensors": ".safetensors", "safetensors-bf16": ".safetensors", "npz": ".npz",
+                "npz-compressed": ".npz", "torch-zip": ".pt", "torch-legacy": ".pth", "lightning": ".ckpt"}
+
+
+@pytest.mark.parametrize("fmt", list(FILE_FORMATS))
+def test_untouched_tensors_are_copied_bit_for_bit_shape_included(tmp_path, capsys, fmt):
+    src, out = tmp_path / f"in{FILE_FORMATS[fmt]}", tmp_path / f"out{FILE_FORMATS[fmt]}"
+    before, load = write_checkpoint(fmt, str(src))
+    assert cli.main(["project", str(src), "-o", str(out)]) == 0, capsys.readouterr().err
+    after = load(str(out))
+    assert set(after) == set(before)
+    target = "model.fc.weight" if fmt in ("torch-zip", "torch-legacy") else "fc.weight"
+    for name in set(before) - {target}:
+        assert tensor_hash(after[name]) == tensor_hash(before[name]), name
+    assert tensor_hash(after[target]) != tensor_hash(before[target])  # the one target was projected
+
+
+def test_legacy_torch_input_is_written_in_the_legacy_format(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    w = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    src, out = tmp_path / "old.pt", tmp_path / "new.pt"
+    torch.save({"fc.weight": w}, src, _use_new_zipfile_serialization=False)
+    assert cli.main(["project", str(src), "-o", str(out)]) == 0, capsys.readouterr().err
+    assert out.read_bytes()[:4] == src.read_bytes()[:4] == b"\x80\x02\x8a\x0a"  # protocol 2, then torch's magic
+    torch.testing.assert_close(torch.load(out, weights_only=True)["fc.weight"], fire_core.reinit(w, "oi"),
+                               rtol=0, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- formats by content
+
+
+def _content(tmp_path, kind):
+    """A file of ``kind`` at a temporary path without extension."""
+    p = tmp_path / f"{kind}.raw"
+    if kind == "safetensors":
+        safetensors_numpy.save_file({"fc.weight": np.ones((4, 4))}, str(p))
+    elif kind == "npz":
+        np.savez(p.with_suffix(".npz"), **{"fc.weight": np.ones((4, 4))})
+        p.with_suffix(".npz").rename(p)
+    else:
+        torch = pytest.importorskip("torch")
+        torch.save({"fc.weight": torch.ones(4, 4)}, p, _use_new_zipfile_serialization=kind == "torch")
+    return p
+
+
+@pytest.mark.parametrize(
+    "kind, ext, message",
+    [
+        ("safetensors", ".pt", "is a safetensors file (by its content), not a torch checkpoint as its extension "
+                               "says; rename it to x.safetensors"),
+        ("npz", ".pt", "is a NumPy .npz archive (by its content), not a torch checkpoint as its extension says; "
+                       "rename it to x.npz"),
+        ("torch", ".safetensors", "is a torch checkpoint (by its content), not a safetensors file as its "
+                                  "extension says; rename it to x.pt"),
+        ("torch", ".npz", "is a torch checkpoint (by its content), not a NumPy .npz archive"),
+        ("legacy", ".npz", "is a torch checkpoint (by its content), not a NumPy .npz archive"),
+        ("safetensors", ".npz", "is a safetensors file (by its content), not a NumPy .npz archive"),
+        ("safetensors", ".txt", "unsupported file type '.txt' (by its content it is a safetensors file)"),
+    ],
+)
+def test_an_extension_that_lies_is_named_with_what_the_file_is(tmp_path, capsys, kind, ext, message):
+    path = _content(tmp_path, kind).rename(tmp_path / f"x{ext}")
+    out = tmp_path / f"o{ext}"
+    assert cli.main(["project", str(path), "-o", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"fire-core: error: {path}: {message}" or message in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["zip", "legacy"])
+def test_truncated_torch_file_says_it_is_truncated_at_every_cut(tmp_path, capsys, kind):
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "full.pt"
+    torch.save({"model": {"fc.weight": torch.randn(32, 32, generator=g), "fc.bias": torch.randn(32, generator=g)},
+                "epoch": 3}, path, _use_new_zipfile_serialization=kind == "zip")
+    data = path.read_bytes()
+    cuts = sorted({8, 14, 20, 40, 100, len(data) // 3, len(data) // 2, len(data) - 200, len(data) - 20,
+                   len(data) - 1})
+    for n in cuts:
+        cut = tmp_path / f"cut{n}.pt"
+        cut.write_bytes(data[:n])
+        assert cli.main(["inspect", str(cut)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{cut}: is truncated" in err[0], (n, err)
+
+
+def test_truncated_safetensors_data_says_it_is_truncated(tmp_path, capsys):
+    path = _valid_safetensors(tmp_path / "v.safetensors")
+    path.write_bytes(path.read_bytes()[:-10])
+    assert cli.main(["inspect", str(path)]) == 1
+    assert "is truncated: its safetensors header describes" in capsys.readouterr().err
+
+
+class Hyper(dict):
+    """Stands in for Lightning's AttributeDict: a dict subclass, so a pickled object."""
+
+
+@pytest.mark.parametrize("case", ["namespace", "dict-subclass", "numpy", "plain-pickle-4", "legacy-object"])
+def test_a_pickle_holding_python_objects_gets_one_message_of_ours(tmp_path, capsys, case):
+    import argparse
+
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "x.pt"
+    sd = {"fc.weight": torch.ones(4, 4)}
+    if case == "namespace":
+        torch.save({"model": sd, "args": argparse.Namespace(lr=0.1)}, path)
+        what = "argparse.Namespace"
+    elif case == "dict-subclass":
+        torch.save({"state_dict": sd, "hyper_parameters": Hyper(lr=0.1)}, path)
+        what = f"{__name__}.Hyper"
+    elif case == "numpy":
+        torch.save({"model": sd, "mean": np.zeros(3)}, path)
+        what = "numpy"
+    elif case == "plain-pickle-4":
+        path.write_bytes(pickle.dumps({"fc.weight": [[1.0, 0.0], [0.0, 1.0]]}, protocol=4))
+        what = "a plain Python pickle, not written by torch.save"
+    else:
+        torch.save({"model": sd, "args": argparse.Namespace(lr=0.1)}, path, _use_new_zipfile_serialization=False)
+        what = "argparse.Namespace"
+    assert cli.main(["inspect", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"fire-core: error: {path}: holds Python objects ({what}") and "\n" not in err, err
+    assert "fire-core loads only tensors" in err
+    assert "weights_only=False" not in err and "Unsupported operand" not in err
+
+
+def test_a_torch_file_saved_with_pickle_protocol_4_says_so(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "p4.pt"
+    torch.save({"fc.weight": torch.ones(4, 4)}, path, pickle_protocol=4)
+    assert cli.main(["inspect", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "was saved with pickle protocol 4, which torch.load(weights_only=True) cannot read" in err
+    assert "Unsupported operand" not in err
+
+
+# --------------------------------------------------------------------------- Lightning checkpoints
+
+
+def lightning_checkpoint(torch, state_dict, hyper_parameters=None):
+    """What Lightning's Trainer.save_checkpoint writes, built with torch.save (lightning is not installed)."""
+    g = torch.Generator().manual_seed(1)
+    params = [v for k, v in state_dict.items() if k.endswith("weight") and v.is_floating_point()]
+    opt = torch.optim.Adam([torch.nn.Parameter(p.detach().clone().float()) for p in params], lr=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2)
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    sched.step()
+    score = torch.tensor(0.25)
+    monitor = "ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min', 'every_n_train_steps': 0, 'every_n_epochs': 1}"
+    return {
+        "epoch": 3,
+        "global_step": 120,
+        "pytorch-lightning_version": "2.4.0",
+        "state_dict": state_dict,
+        "loops": {"fit_loop": {"state_dict": {}, "epoch_loop.state_dict": {"_batches_that_stepped": 120},
+                               "epoch_progress": {"total": {"ready": 4, "completed": 3}}}},
+        "callbacks": {
+            monitor: {"monitor": "val_loss", "best_model_score": score, "best_model_path": "/ckpts/epoch=2.ckpt",
+                      "current_score": score, "best_k_models": {"/ckpts/epoch=2.ckpt": score}, "last_model_path": ""},
+            "EMA": {"ema_weights": {"model.fc.weight": torch.randn(6, 8, generator=g)}},  # weights, not projected
+        },
+        "optimizer_states": [opt.state_dict()],
+        "lr_schedulers": [sched.state_dict()],
+        "hparams_name": "kwargs",
+        "hyper_parameters": hyper_parameters if hyper_parameters is not None else {"lr": 1e-3, "hidden": 16},
+    }
+
+
+def _same(a, b) -> bool:
+    """Deep equality of checkpoint contents: tensors bit for bit (dtype and shape), the rest by ==."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if hasattr(a, "detach"):
+        return hasattr(b, "detach") and tensor_hash(a) == tensor_hash(b)
+    return a == b
+
+
+@pytest.fixture(scope="module")
+def lightning_run(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    torch.manual_seed(2)
+    model = nn.Module()
+    model.model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.LayerNorm(4)).double()
+    ckpt = lightning_checkpoint(torch, model.state_dict())
+    d = tmp_path_factory.mktemp("ckpt")
+    src, out = d / "epoch=3-step=120.ckpt", d / "fired.ckpt"
+    torch.save(ckpt, src)
+    res = run("project", src, "-o", out)
+    return dict(torch=torch, src=src, out=out, res=res)
+
+
+def test_lightning_checkpoint_projects_its_state_dict(lightning_run):
+    torch = lightning_run["torch"]
+    assert lightning_run["res"].returncode == 0, lightning_run["res"].stderr
+    src = torch.load(lightning_run["src"], weights_only=True)["state_dict"]
+    got = torch.load(lightning_run["out"], weights_only=True)["state_dict"]
+    assert list(got) == list(src)
+    for name, value in got.items():
+        if name in ("model.0.weight", "model.2.weight"):
+            torch.testing.assert_close(value, fire_core.reinit(src[name], "oi"), rtol=0, atol=1e-12, msg=name)
+        else:
+            assert tensor_hash(value) == tensor_hash(src[name]), name
+    assert re.search(r"^model\.0\.weight\s", lightning_run["res"].stdout, re.M)  # named as in the module
+
+
+def test_lightning_checkpoint_keeps_everything_else_exactly(lightning_run):
+    torch = lightning_run["torch"]
+    src = torch.load(lightning_run["src"], weights_only=True)
+    got = torch.load(lightning_run["out"], weights_only=True)
+    assert list(got) == list(src)
+    for key in src:
+        if key != "state_dict":
+            assert _same(got[key], src[key]), key
+
+
+def test_lightning_checkpoint_says_its_optimizer_states_are_stale(lightning_run):
+    text = lightning_run["res"].stdout
+    assert "note: Lightning checkpoint: projected the weights in 'state_dict'" in text
+    assert "'optimizer_states'" in text and "optimizer state is now stale for the projected weights" in text
+
+
+def test_lightning_checkpoint_with_an_object_in_its_hyper_parameters_gets_our_message(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "last.ckpt"
+    sd = {"model.fc.weight": torch.ones(4, 4)}
+    torch.save(lightning_checkpoint(torch, sd, hyper_parameters=Hyper(lr=1e-3)), path)
+    assert cli.main(["project", str(path), "-o", str(tmp_path / "o.ckpt")]) == 1
+    err = capsys.readouterr().err
+    assert f"holds Python objects ({__name__}.Hyper), and fire-core loads only tensors" in err
+    assert not (tmp_path / "o.ckpt").exists()
+
+
+# --------------------------------------------------------------------------- option values and names
+
+
+@pytest.mark.parametrize("option", [["--steps", "-3"], ["--steps", "x"], ["--steps", "2.5"], ["--scale", "bogus"],
+                                    ["--scale", "nan"], ["--split", "c_attn=x"], ["--split", "c_attn=0"],
+                                    ["--split", "c_attn=4,0"], ["--split", "c_attn"], ["--layout", "fc"],
+                                    ["--layout", "fc=o-i"]])
+def test_a_bad_option_value_exits_2_with_the_usage_line(small, option):
+    out = small.with_name("o.npz")
+    res = run("project", small, "-o", out, *option)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith("usage: fire-core project") and f"argument {option[0]}" in res.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("what", ["include", "exclude"])
+def test_a_pattern_that_matches_nothing_is_one_line_naming_the_closest(small, capsys, what):
+    out = small.with_name("o.npz")
+    assert cli.main(["project", str(small), "-o", str(out), f"--{what}", "fc.wieght"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"fire-core: error: {what} pattern 'fc.wieght' matches no weight FIRE would project; " \
+                  "closest: fc.weight\n"
+    assert not out.exists()
+
+
+def test_split_sizes_on_the_command_line(tmp_path, capsys):
+    w = np.random.default_rng(4).normal(size=(12, 8))  # grouped-query attention: q 8 rows, k and v 2 each
+    src, out = tmp_path / "m.npz", tmp_path / "o.npz"
+    np.savez(src, **{"attn.qkv_proj.weight": w})
+    assert cli.main(["project", str(src), "-o", str(out)]) == 1
+    assert "--split '*.qkv_proj=Q,K,V'" in capsys.readouterr().err
+    assert cli.main(["project", str(src), "-o", str(out), "--split", "*.qkv_proj=8,2,2"]) == 0
+    want = np.concatenate([fire_core.reinit(w[:8], "oi"), fire_core.reinit(w[8:10], "oi"),
+                           fire_core.reinit(w[10:], "oi")])
+    with np.load(out) as z:
+        np.testing.assert_allclose(z["attn.qkv_proj.weight"], want, rtol=0, atol=1e-12)
+
+
+def test_project_and_inspect_list_what_is_left_alone(st_run):
+    lines = st_run["res"].stdout.splitlines()
+    assert "left alone (an embedding, by its name): embed.weight (20x8)" in lines
+    res = run("inspect", st_run["src"], "--layout", "up=iohw", "--exclude", "*.in_proj_weight[k]")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert "left alone (excluded by exclude pattern '*.in_proj_weight[k]'): attn.in_proj_weight[k] (8x8)" in lines
+    assert "left alone (not floating point (int8)): quant.weight (5x6)" in lines
+    assert not any(line.startswith("attn.in_proj_weight[k] ") for line in lines)
+
+
+# --------------------------------------------------------------------------- GPT-2 and nanoGPT state dicts
+
+
+def gpt2_expected(sd: dict) -> dict:
+    """The reference's treatment of Hugging Face GPT-2, block by block: Conv1D weights are (in, out),
+    c_attn is q, k, v along its output (second) axis, the tied head is a Linear."""
+    out = dict(sd)
+    for name, w in sd.items():
+        if name.endswith("attn.c_attn.weight"):
+            out[name] = np.concatenate([fire_core.reinit(b, "io") for b in np.split(w, 3, axis=1)], axis=1)
+        elif name.endswith(("c_proj.weight", "c_fc.weight")):
+            out[name] = fire_core.reinit(w, "io")
+    out["lm_head.weight"] = out["transformer.wte.weight"] = fire_core.reinit(sd["lm_head.weight"], "oi")
+    return out
+
+
+def nanogpt(torch, bias):
+    """A nanoGPT-style model built from nn.Linear (c_attn (3E, E)), its head tied to the token embedding."""
+    from torch import nn
+
+    e, v = 16, 48
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(e), nn.LayerNorm(e)
+            self.attn = nn.Module()
+            self.attn.c_attn, self.attn.c_proj = nn.Linear(e, 3 * e, bias=bias), nn.Linear(e, e, bias=bias)
+            self.mlp = nn.Module()
+            self.mlp.c_fc, self.mlp.c_proj = nn.Linear(e, 4 * e, bias=bias), nn.Linear(4 * e, e, bias=bias)
+
+    model = nn.Module()
+    model.transformer = nn.ModuleDict(dict(wte=nn.Embedding(v, e), wpe=nn.Embedding(8, e),
+                                           h=nn.ModuleList([Block(), Block()]), ln_f=nn.LayerNorm(e)))
+    model.lm_head = nn.Linear(e, v, bias=False)
+    model.transformer.wte.weight = model.lm_head.weight  # nanoGPT's weight tying
+    return model.double()
+
+
+def nanogpt_expected(sd: dict) -> dict:
+    out = dict(sd)
+    for name, w in sd.items():
+        if name.endswith("attn.c_attn.weight"):
+            out[name] = np.concatenate([fire_core.reinit(b, "oi") for b in np.split(w, 3, axis=0)])
+        elif name.endswith(("c_proj.weight", "c_fc.weight")):
+            out[name] = fire_core.reinit(w, "oi")
+    out["lm_head.weight"] = out["transformer.wte.weight"] = fire_core.reinit(sd["lm_head.weight"], "oi")
+    return out
+
+
+@pytest.fixture(scope="module")
+def gpt_files(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(5)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=16)
+    hf = transformers.GPT2LMHeadModel(config).double()
+    nano = nanogpt(torch, bias=False)
+    d = tmp_path_factory.mktemp("gpt")
+    files = {}
+    for name, model in (("hf", hf), ("nano", nano)):
+        src, out = d / f"{name}.pt", d / f"{name}-fired.pt"
+        torch.save(model.state_dict(), src)
+        files[name] = dict(model=model, src=src, out=out, res=run("project", src, "-o", out))
+    return torch, files
+
+
+@pytest.mark.parametrize("which, expected", [("hf", gpt2_expected), ("nano", nanogpt_expected)])
+def test_gpt_state_dict_equals_the_references_block_by_block_treatment(gpt_files, which, expected):
+    torch, files = gpt_files
+    f = files[which]
+    assert f["res"].returncode == 0, f["res"].stderr
+    sd = {k: v.numpy() for k, v in torch.load(f["src"], weights_only=True).items()}
+    want = expected(sd)
+    got = torch.load(f["out"], weights_only=True)
+    assert list(got) == list(sd)
+    for name, value in got.items():
+        np.testing.assert_allclose(value.numpy(), want[name], rtol=0, atol=1e-12 if want[name] is not sd[name] else 0,
+                                   err_msg=name)
+    assert got["lm_head.weight"].data_ptr() == got["transformer.wte.weight"].data_ptr()  # still tied
+
+
+@pytest.mark.parametrize("which", ["hf", "nano"])
+def test_gpt_state_dict_equals_torch_apply_with_the_references_split(gpt_files, which):
+    try:
+        import fire_core.torch as fc_torch
+    except ImportError as e:
+        pytest.skip(f"fire_core.torch not importable: {e}")
+    torch, files = gpt_files
+    model = files[which]["model"]
+    model.load_state_dict(torch.load(files[which]["src"], weights_only=True))
+    conv1d = {"*.c_attn.weight": "io", "*.c_proj.weight": "io", "*.c_fc.weight": "io"} if which == "hf" else None
+    fc_torch.apply(model, 5, split={"*.c_attn": 3}, layouts=conv1d)
+    got = torch.load(files[which]["out"], weights_only=True)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-12, msg=name)
+
+
+def test_gpt2_report_names_the_split_the_conv1d_reading_and_the_tie(gpt_files):
+    text = gpt_files[1]["hf"]["res"].stdout
+    for block in "qkv":
+        assert re.search(rf"^transformer\.h\.0\.attn\.c_attn\.weight\[{block}\]\s+32x32\s+io\s", text, re.M)
+    assert re.search(r"^transformer\.h\.1\.mlp\.c_fc\.weight\s+32x128\s+io\s", text, re.M)
+    assert re.search(r"^lm_head\.weight \(= transformer\.wte\.weight\)\s+64x32\s+oi\s", text, re.M)
+    assert "note: fused weights split into their blocks by default (c_attn as q, k, v" in text
+    assert "note: Hugging Face Conv1D weights, stored (in, out), read as 'io'" in text
+    assert "left alone (an embedding, by its name): transformer.wpe.weight (16x32)" in text
+
+
+@pytest.mark.parametrize("pattern", ["transformer.wte", "lm_head"])
+def test_excluding_the_tied_head_by_either_name_leaves_both_alone(gpt_files, tmp_path, pattern):
+    torch, files = gpt_files
+    out = tmp_path / "o.pt"
+    res = run("project", files["hf"]["src"], "-o", out, "--exclude", pattern)
+    assert res.returncode == 0, res.stderr
+    src = torch.load(files["hf"]["src"], weights_only=True)
+    got = torch.load(out, weights_only=True)
+    for name in ("lm_head.weight", "transformer.wte.weight"):
+        assert tensor_hash(got[name]) == tensor_hash(src[name]), name
+    assert f"left alone (excluded by exclude pattern {pattern!r} (one tensor, also named transformer.wte.weight)): " \
+           "lm_head.weight (64x32)" in res.stdout

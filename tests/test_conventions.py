@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fire_core.conventions import Patterns, Target, detect_convention, glob_match, is_real_float, matches, targets
+from fire_core.conventions import (
+    Patterns, Target, detect_convention, glob_match, is_real_float, matches, select, targets,
+)
 
 
 def layouts_of(found: list[Target]) -> dict[str, str]:
@@ -164,6 +166,195 @@ def test_a_pattern_that_matches_nothing_is_an_error(option):
 def test_include_pattern_that_selects_nothing_is_an_error():
     with pytest.raises(ValueError, match="include pattern 'layr1' matches no weight"):
         targets({"layer1.weight": (4, 4)}, "torch", include=["layer1", "layr1"])
+
+
+# --------------------------------------------------------------------------- torch rules: fused, transposed, tied
+
+
+def blocks_of(found: list[Target]) -> list[tuple]:
+    return [(t.name, t.layout, t.shape) for t in found]
+
+
+@pytest.mark.parametrize(
+    "name, shape, layout, labels, axis",
+    [
+        ("h.0.attn.c_attn.weight", (24, 8), "oi", ("q", "k", "v"), 0),  # nanoGPT nn.Linear(E, 3E)
+        ("h.0.attn.c_attn.weight", (8, 24), "io", ("q", "k", "v"), 1),  # Hugging Face GPT-2 Conv1D (in, out)
+        ("h.0.crossattention.c_attn.weight", (8, 16), "io", ("k", "v"), 1),  # GPT-2 cross-attention: k, v
+        ("blocks.0.attn.qkv.weight", (24, 8), "oi", ("q", "k", "v"), 0),  # timm
+        ("layers.0.self_attn.qkv_proj.weight", (24, 8), "oi", ("q", "k", "v"), 0),  # Phi-3, heads == kv_heads
+        ("layers.0.mlp.gate_up_proj.weight", (32, 8), "oi", ("gate", "up"), 0),  # Phi-3
+    ],
+)
+def test_recognised_fusions_are_split_by_default(name, shape, layout, labels, axis):
+    w = np.arange(float(np.prod(shape))).reshape(shape)
+    selection = select({name: shape}, "torch")
+    assert [(t.name, t.layout) for t in selection.targets] == [(f"{name}[{b}]", layout) for b in labels]
+    for t, block in zip(selection.targets, np.split(w, len(labels), axis=axis)):
+        np.testing.assert_array_equal(w[t.index], block)
+    assert any("split into their blocks by default" in n and name in n for n in selection.notes)
+
+
+def test_a_user_split_replaces_the_default_blocks_and_its_note():
+    selection = select({"h.0.attn.c_attn.weight": (24, 8)}, "torch", split={"*.c_attn": 1})
+    assert blocks_of(selection.targets) == [("h.0.attn.c_attn.weight", "oi", (24, 8))]
+    assert selection.notes == []
+
+
+def test_grouped_query_qkv_proj_is_refused_with_the_split_to_pass():
+    # 4 query heads and 1 kv head of size 2: q 8 rows, k and v 2 each, of a width-8 model
+    with pytest.raises(ValueError, match=r"qkv_proj\.weight.*\(12, 8\).*grouped-query.*--split '\*\.qkv_proj=Q,K,V'"):
+        select({"attn.qkv_proj.weight": (12, 8)}, "torch")
+
+
+def test_grouped_query_qkv_proj_with_its_sizes_is_split_so():
+    found = targets({"attn.qkv_proj.weight": (12, 8)}, "torch", split={"*.qkv_proj": (8, 2, 2)})
+    assert blocks_of(found) == [("attn.qkv_proj.weight[0]", "oi", (8, 8)), ("attn.qkv_proj.weight[1]", "oi", (2, 8)),
+                                ("attn.qkv_proj.weight[2]", "oi", (2, 8))]
+
+
+def test_an_unclear_weight_that_is_excluded_is_left_alone_not_refused():
+    selection = select({"attn.qkv_proj.weight": (12, 8), "fc.weight": (4, 4)}, "torch", exclude="attn")
+    assert names(selection.targets) == ["fc.weight"]
+    assert selection.skipped == [{"name": "attn.qkv_proj.weight", "shape": (12, 8),
+                                  "reason": "excluded by exclude pattern 'attn'"}]
+
+
+def test_c_attn_of_an_unknown_shape_is_refused_until_given_a_layout():
+    with pytest.raises(ValueError, match=r"c_attn\.weight.*\(10, 4\).*neither nanoGPT's \(3E, E\) nor .*Conv1D"):
+        select({"c_attn.weight": (10, 4)}, "torch")
+    assert blocks_of(targets({"c_attn.weight": (10, 4)}, "torch", layouts={"c_attn": "oi"})) == [
+        ("c_attn.weight", "oi", (10, 4))]
+
+
+def test_odd_gate_up_proj_is_refused():
+    with pytest.raises(ValueError, match=r"gate_up_proj\.weight.*odd number of rows.*--split"):
+        select({"mlp.gate_up_proj.weight": (9, 4)}, "torch")
+
+
+def test_fused_name_with_three_axes_is_refused():
+    with pytest.raises(ValueError, match=r"experts\.qkv\.weight: a fused qkv weight with 3 axes"):
+        select({"experts.qkv.weight": (4, 24, 8)}, "torch")
+
+
+GPT2_HF = {  # Hugging Face GPT-2, width 8: Conv1D weights (in, out) with biases of the out length
+    "h.0.attn.c_attn.weight": (8, 24), "h.0.attn.c_attn.bias": (24,),
+    "h.0.attn.c_proj.weight": (8, 8), "h.0.attn.c_proj.bias": (8,),
+    "h.0.mlp.c_fc.weight": (8, 32), "h.0.mlp.c_fc.bias": (32,),
+    "h.0.mlp.c_proj.weight": (32, 8), "h.0.mlp.c_proj.bias": (8,),
+}
+
+
+def test_hugging_face_conv1d_weights_are_read_as_in_out():
+    found = layouts_of(targets(GPT2_HF, "torch"))
+    assert found == {"h.0.attn.c_attn.weight[q]": "io", "h.0.attn.c_attn.weight[k]": "io",
+                     "h.0.attn.c_attn.weight[v]": "io", "h.0.attn.c_proj.weight": "io",
+                     "h.0.mlp.c_fc.weight": "io", "h.0.mlp.c_proj.weight": "io"}
+    assert any("Conv1D" in n and "h.0.mlp.c_fc.weight" in n for n in select(GPT2_HF, "torch").notes)
+
+
+@pytest.mark.parametrize("evidence", ["bias", "c_attn"])
+def test_conv1d_orientation_is_told_by_the_bias_or_by_c_attn(evidence):
+    hf = {"h.0.mlp.c_fc.weight": (8, 32)}
+    nano = {"h.0.mlp.c_fc.weight": (32, 8)}
+    if evidence == "bias":
+        hf["h.0.mlp.c_fc.bias"], nano["h.0.mlp.c_fc.bias"] = (32,), (32,)
+    else:
+        hf["h.0.attn.c_attn.weight"], nano["h.0.attn.c_attn.weight"] = (8, 24), (24, 8)
+    assert layouts_of(targets(hf, "torch"))["h.0.mlp.c_fc.weight"] == "io"
+    assert layouts_of(targets(nano, "torch"))["h.0.mlp.c_fc.weight"] == "oi"
+
+
+def test_non_square_c_fc_with_no_evidence_is_refused_with_the_layout_to_pass():
+    with pytest.raises(ValueError, match=r"c_fc\.weight.*nothing in the state dict tells.*--layout '\*\.c_fc=io'"):
+        select({"mlp.c_fc.weight": (8, 32)}, "torch")
+
+
+def test_conv1d_evidence_that_disagrees_is_refused():
+    shapes = {"attn.c_attn.weight": (24, 8), "mlp.c_fc.weight": (8, 32), "mlp.c_fc.bias": (32,)}
+    with pytest.raises(ValueError, match=r"mlp\.c_fc\.weight.*its bias and the model's c_attn disagree"):
+        select(shapes, "torch")
+
+
+def test_square_c_proj_needs_no_evidence():
+    assert layouts_of(targets({"attn.c_proj.weight": (8, 8)}, "torch")) == {"attn.c_proj.weight": "oi"}
+
+
+def test_tied_tensor_is_one_target_under_the_heads_name_with_its_aliases():
+    shapes = {"transformer.wte.weight": (64, 8), "h.0.mlp.fc.weight": (32, 8), "lm_head.weight": (64, 8)}
+    found = targets(shapes, "torch", tied={"lm_head.weight": "transformer.wte.weight"})
+    assert [(t.name, t.aliases) for t in found] == [("h.0.mlp.fc.weight", ()),
+                                                     ("lm_head.weight", ("transformer.wte.weight",))]
+
+
+@pytest.mark.parametrize("pattern", ["transformer.wte", "lm_head", "*.wte.weight"])
+def test_excluding_a_tied_tensor_by_any_of_its_names_leaves_it_alone(pattern):
+    shapes = {"transformer.wte.weight": (64, 8), "fc.weight": (8, 8), "lm_head.weight": (64, 8)}
+    selection = select(shapes, "torch", exclude=pattern, tied={"lm_head.weight": "transformer.wte.weight"})
+    assert names(selection.targets) == ["fc.weight"]
+    assert selection.skipped == [{
+        "name": "lm_head.weight", "shape": (64, 8), "aliases": ["transformer.wte.weight"],
+        "reason": f"excluded by exclude pattern {pattern!r} (one tensor, also named transformer.wte.weight)",
+    }]
+
+
+def test_tied_tensor_is_included_by_any_of_its_names():
+    shapes = {"transformer.wte.weight": (64, 8), "fc.weight": (8, 8), "lm_head.weight": (64, 8)}
+    found = targets(shapes, "torch", include="transformer.wte", tied={"lm_head.weight": "transformer.wte.weight"})
+    assert names(found) == ["lm_head.weight"]
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_patterns_match_names_without_ddp_or_compile_prefixes(prefix):
+    shapes = {f"{prefix}fc.weight": (4, 4), f"{prefix}layer1.0.weight": (4, 4)}
+    assert names(targets(shapes, "torch", exclude="fc")) == [f"{prefix}layer1.0.weight"]
+    assert names(targets(shapes, "torch", layouts={"layer1.0": "io"})) == list(shapes)
+
+
+def test_select_lists_every_tensor_it_leaves_alone_with_the_reason():
+    arrays = {
+        "embed_tokens.weight": np.zeros((10, 4)),
+        "pos_embed": np.zeros((1, 5, 4)),
+        "cls_token": np.zeros((1, 1, 4)),
+        "lstm.weight_ih_l0": np.zeros((16, 4)),
+        "quant.weight": np.zeros((4, 4), np.int8),
+        "empty.weight": np.zeros((0, 4)),
+        "head.weight": np.zeros((2, 4)),
+        "fc.weight": np.zeros((4, 4)),
+        "fc.bias": np.zeros(4),  # 1-D: not listed
+        "bn.num_batches_tracked": np.array(3),
+    }
+    selection = select(arrays, "torch", exclude="head")
+    assert names(selection.targets) == ["fc.weight"]
+    no_rule = "no rule for its name (not a layer weight the rules know; layouts= adds it)"
+    assert {s["name"]: s["reason"] for s in selection.skipped} == {
+        "embed_tokens.weight": "an embedding, by its name",
+        "pos_embed": "an embedding, by its name",
+        "cls_token": no_rule,
+        "lstm.weight_ih_l0": no_rule,
+        "quant.weight": "not floating point (int8)",
+        "empty.weight": "empty (an axis of length 0)",
+        "head.weight": "excluded by exclude pattern 'head'",
+    }
+    assert all(s["shape"] == arrays[s["name"]].shape for s in selection.skipped)
+
+
+def test_not_selected_by_include_is_listed():
+    selection = select({"a.weight": (4, 4), "b.weight": (4, 4)}, "torch", include="a")
+    assert selection.skipped == [{"name": "b.weight", "shape": (4, 4), "reason": "not selected by include"}]
+
+
+def test_a_layouts_none_is_listed_as_the_reason():
+    selection = select({"head.weight": (2, 4), "fc.weight": (4, 4)}, "torch", layouts={"head": None})
+    assert selection.skipped == [{"name": "head.weight", "shape": (2, 4),
+                                  "reason": "layouts pattern 'head' maps it to None"}]
+
+
+@pytest.mark.parametrize("kw", [{"layouts": ["fc=oi"]}, {"split": "c_attn=3"}, {"tied": [("a", "b")]},
+                                {"convention": 3}, {"split": {3: 2}}])
+def test_options_of_a_wrong_type_are_a_type_error(kw):
+    with pytest.raises(TypeError):
+        select({"fc.weight": (4, 4)}, **kw)
 
 
 # --------------------------------------------------------------------------- flax rules

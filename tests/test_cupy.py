@@ -9,9 +9,11 @@ a CUDA device and skip with the reason otherwise.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -233,6 +235,141 @@ def test_flax_convention_on_a_flat_dict():
 def test_a_non_mapping_is_a_type_error():
     with pytest.raises(TypeError, match="mapping of names to arrays"):
         apply_inplace([np.zeros((2, 2))], 5)
+
+
+def test_a_tied_array_is_one_row_naming_all_its_names():
+    arrays = state()
+    arrays["head.weight"] = arrays["fc.weight"]  # tied
+    row = apply_inplace(arrays, 5)["fc.weight"]
+    assert row["aliases"] == ["head.weight"]
+
+
+def test_a_tied_array_excluded_by_its_second_name_is_left_alone():
+    arrays = state()
+    arrays["head.weight"] = arrays["fc.weight"]
+    before = arrays["fc.weight"].copy()
+    report = apply_inplace(arrays, 5, exclude="head")
+    assert "fc.weight" not in report.names
+    np.testing.assert_array_equal(arrays["fc.weight"], before)
+    assert {"name": "fc.weight", "shape": (5, 6), "aliases": ["head.weight"],
+            "reason": "excluded by exclude pattern 'head' (one tensor, also named head.weight)"} in report.skipped
+
+
+def test_report_lists_every_array_left_alone_with_the_reason():
+    arrays = state()
+    arrays["quant.weight"] = np.ones((5, 6), np.int8)
+    arrays["empty.weight"] = np.zeros((0, 6))
+    report = apply_inplace(arrays, 5, exclude="conv")
+    assert {s["name"]: s["reason"] for s in report.skipped} == {
+        "embed.weight": "an embedding, by its name",
+        "conv.weight": "excluded by exclude pattern 'conv'",
+        "quant.weight": "not floating point (int8)",
+        "empty.weight": "empty (an axis of length 0)",
+    }
+    assert "left alone (an embedding, by its name): embed.weight (20x8)" in str(report)
+
+
+def test_an_empty_weight_does_not_fail_the_call():
+    arrays = {"fc.weight": np.random.default_rng(0).normal(size=(4, 6)), "out.weight": np.zeros((0, 6))}
+    report = apply_inplace(arrays, 5)
+    assert report.names == ["fc.weight"] and arrays["out.weight"].shape == (0, 6)
+
+
+def test_a_call_that_selects_nothing_is_an_error_naming_what_was_left_alone():
+    arrays = {"embed.weight": np.ones((4, 4)), "fc.bias": np.ones(4)}
+    with pytest.raises(ValueError, match=r"none of the 2 arrays is a FIRE target.*embed\.weight: an embedding"):
+        apply_inplace(arrays, 5)
+
+
+def test_fused_c_attn_is_split_and_the_report_says_so():
+    w = np.random.default_rng(2).normal(size=(24, 8))
+    arrays = {"h.0.attn.c_attn.weight": w.copy()}
+    report = apply_inplace(arrays, 5)
+    want = np.concatenate([fire_core.reinit(b, "oi") for b in np.split(w, 3, axis=0)])
+    np.testing.assert_allclose(arrays["h.0.attn.c_attn.weight"], want, rtol=0, atol=1e-12)
+    assert report.names == [f"h.0.attn.c_attn.weight[{b}]" for b in "qkv"]
+    assert any("split into their blocks by default" in n for n in report.notes)
+
+
+WRONG_TYPES = [
+    {"include": 3}, {"exclude": 2.5}, {"include": [["fc"]]}, {"layouts": ["fc=oi"]}, {"split": "c_attn=3"},
+    {"split": {"fc": 1.5}}, {"convention": 3}, {"steps": "5"}, {"steps": 2.0}, {"method": 1}, {"scale": [1]},
+    {"dry_run": "no"},
+]
+
+
+@pytest.mark.parametrize("kw", WRONG_TYPES, ids=lambda kw: "-".join(f"{k}={v!r}" for k, v in kw.items()))
+def test_apply_inplace_arguments_of_a_wrong_type_are_type_errors(kw):
+    arrays, original = state(), state()
+    with pytest.raises(TypeError):
+        apply_inplace(arrays, **kw)
+    for name in arrays:
+        np.testing.assert_array_equal(arrays[name], original[name])
+
+
+# --------------------------------------------------------------------------- fire_core.cupy on a stand-in
+
+
+class FakeCupyArray(np.ndarray):
+    """A NumPy array that passes for a CuPy one in fire_core.cupy: ``.device.id`` names its (pretend) GPU."""
+
+    @property
+    def device(self):
+        return types.SimpleNamespace(id=0)
+
+
+class _PassesForCupy(type):
+    """``isinstance(x, cupy.ndarray)`` holds for the stand-ins, but no class is a subclass, so the core
+    (array_api_compat tells CuPy arrays by ``issubclass``) computes on them as the NumPy arrays they are."""
+
+    def __instancecheck__(cls, obj):
+        return isinstance(obj, FakeCupyArray)
+
+    def __subclasscheck__(cls, sub):
+        return False
+
+
+class FakeNdarray(metaclass=_PassesForCupy):
+    pass
+
+
+@pytest.fixture
+def fc_cupy(monkeypatch):
+    """fire_core.cupy imported against a stand-in ``cupy`` module (ndarray, cuda.Device), without a GPU."""
+    fake = types.ModuleType("cupy")
+    fake.ndarray = FakeNdarray
+    fake.cuda = types.SimpleNamespace(Device=lambda index: contextlib.nullcontext())
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.delitem(sys.modules, "fire_core.cupy", raising=False)
+    module = importlib.import_module("fire_core.cupy")
+    yield module
+    sys.modules.pop("fire_core.cupy", None)
+
+
+def test_cupy_apply_projects_in_place_on_stand_in_arrays(fc_cupy):
+    host = state()
+    expected = expected_state(host, steps=5)
+    arrays = {k: v.copy().view(FakeCupyArray) for k, v in host.items()}
+    report = fc_cupy.apply(arrays, 5)
+    for name in arrays:
+        np.testing.assert_allclose(arrays[name], expected[name], rtol=0, atol=1e-12, err_msg=name)
+    assert {s["name"] for s in report.skipped} == {"embed.weight"}
+
+
+@pytest.mark.parametrize("kw", WRONG_TYPES, ids=lambda kw: "-".join(f"{k}={v!r}" for k, v in kw.items()))
+def test_cupy_apply_arguments_of_a_wrong_type_are_type_errors(fc_cupy, kw):
+    arrays = {k: v.copy().view(FakeCupyArray) for k, v in state().items()}
+    with pytest.raises(TypeError):
+        fc_cupy.apply(arrays, **kw)
+    for name, value in state().items():
+        np.testing.assert_array_equal(arrays[name], value)
+
+
+@pytest.mark.parametrize("what", ["include", "exclude"])
+def test_cupy_apply_pattern_that_matches_nothing_names_the_closest(fc_cupy, what):
+    arrays = {k: v.copy().view(FakeCupyArray) for k, v in state().items()}
+    with pytest.raises(ValueError, match=rf"{what} pattern 'attn.out_prj' matches no weight.*closest: attn.out_proj"):
+        fc_cupy.apply(arrays, **{what: "attn.out_prj"})
 
 
 # --------------------------------------------------------------------------- on a GPU
