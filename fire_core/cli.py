@@ -14,20 +14,35 @@
 ``fire-core demo``
     Runs :mod:`fire_core.demo`.
 
-Formats, chosen by the file extension: ``.safetensors`` (bfloat16 tensors
-need torch installed, since NumPy has no bfloat16), ``.npz`` (loaded with
-``allow_pickle=False``), and torch ``.pt`` / ``.pth`` / ``.bin`` (loaded
-with ``torch.load(weights_only=True)``, which refuses any pickle that would
-run code). A torch file may nest dicts (``{"model": {...}, "epoch": 3}``):
+Formats, told by the file's content (the extension must agree, see below):
+``.safetensors`` (bfloat16 tensors need torch installed, since NumPy has no
+bfloat16), ``.npz`` (loaded with ``allow_pickle=False``), and torch
+``.pt`` / ``.pth`` / ``.bin`` / ``.ckpt``, zip or legacy pickle (loaded with
+``torch.load(weights_only=True)``, which refuses any pickle that would run
+code). A torch file may nest dicts (``{"model": {...}, "epoch": 3}``):
 tensors are named by their keys joined with ``.`` (``model.fc.weight``),
 the nesting and every non-tensor value are written back as they were, and
-tensors that shared storage (tied weights) still share it.
+tensors that shared storage (tied weights) still share it; top-level
+optimizer and scheduler state is copied unchanged (and said to be stale).
+A Lightning checkpoint (``state_dict`` beside ``optimizer_states``,
+``loops``, ...) has its ``state_dict`` projected, named as the
+LightningModule names it, and everything else copied unchanged. The output
+has the input's format: a legacy torch file stays legacy, and every tensor
+that is not projected is copied bit for bit, shape included.
+
+A file whose extension names another format than its content is refused,
+saying what it is (renaming it is the fix: the output is named for its
+format, and other tools trust the name). A truncated file says it is; a
+pickle holding Python objects gets one message: fire-core loads only
+tensors, and never unpickles objects.
 
 Which tensors are targets, and in which layout, follows
 :mod:`fire_core.conventions` (``--convention torch|flax``; the default
 ``auto`` picks ``flax`` when the names have ``kernel`` leaves and no torch
-weights). Errors are one line on stderr with exit status 1 (2 for usage);
-set ``FIRE_CORE_DEBUG=1`` for the traceback.
+weights). Every tensor of two or more axes that is not projected is listed
+under the report with the reason. Errors are one line on stderr with exit
+status 1; a bad option value (``--steps -3``) exits 2 with the usage line,
+as argparse does. Set ``FIRE_CORE_DEBUG=1`` for the traceback.
 """
 
 from __future__ import annotations

@@ -11,20 +11,51 @@ and keep their own rules, which these mirror.)
     ``"oihw"``, ``"oidhw"`` (Conv1d/2d/3d). ``*.in_proj_weight`` of
     ``nn.MultiheadAttention`` (``(3E, E)``) is split into three row blocks
     named ``NAME[q]``, ``NAME[k]``, ``NAME[v]``; ``*.q_proj_weight``,
-    ``*.k_proj_weight``, ``*.v_proj_weight`` are ``"oi"``. Skipped: anything
-    with fewer than 2 axes (biases, norms, running statistics), names not
-    ending in one of those, and **embeddings**: a weight whose owning module
-    (the name component before ``weight``) contains ``embed`` in any case, or
-    is ``wte`` / ``wpe`` (GPT-2). So ``embed_tokens.weight`` and
-    ``embeddings.word_embeddings.weight`` are skipped, but a patch-embedding
-    convolution ``patch_embed.proj.weight`` is projected, as the torch adapter
-    does for an ``nn.Conv2d``. Exclude other tables (T5's ``shared``) by name.
+    ``*.k_proj_weight``, ``*.v_proj_weight`` are ``"oi"``.
+
+    Fused weights are split as the reference splits GPT's ``c_attn``, and a
+    note in the report names them: ``*.c_attn.weight`` of shape ``(3E, E)``
+    (nanoGPT's ``nn.Linear``) into row blocks ``[q]``, ``[k]``, ``[v]``; of
+    shape ``(E, 3E)`` (Hugging Face GPT-2's ``Conv1D``, stored ``(in,
+    out)``) read as ``"io"`` and split along its columns; ``(E, 2E)`` under
+    ``crossattention`` (GPT-2 cross-attention) into ``[k]``, ``[v]``;
+    timm's ``*.qkv.weight`` and ``*.qkv_proj.weight`` when their rows are
+    exactly 3x their columns; ``*.gate_up_proj.weight`` into ``[gate]``,
+    ``[up]`` halves. A ``qkv``/``qkv_proj`` of any other shape is
+    grouped-query attention, whose unequal q, k, v sizes a state dict does
+    not record: refused, asking for ``split={"*.qkv_proj": (Q, K, V)}``.
+    GPT's ``c_fc``, ``c_proj`` and ``q_attn`` are ``(out, in)`` in nanoGPT
+    and ``(in, out)`` in Hugging Face's Conv1D: a non-square one is read by
+    the evidence in the same state dict (its bias has the length of the
+    output axis; a model stores them like its ``c_attn``) and refused when
+    there is none or it disagrees (a square one is the same either way).
+    Recurrent weights (``weight_ih_l0``, ``weight_hh_l1_reverse``, cells'
+    ``weight_ih``/``weight_hh``) are projected gate by gate, the gate count
+    told by ``weight_hh``: LSTM ``[i]``, ``[f]``, ``[g]``, ``[o]``; GRU
+    ``[r]``, ``[z]``, ``[n]``; RNN whole; an LSTM's ``weight_hr_l0`` whole.
+
+    Left alone, and listed with the reason (:class:`Selection` ``skipped``;
+    ``Report.skipped``): **embeddings**, a weight whose owning module (the
+    name component before ``weight``) contains ``embed`` in any case, or is
+    ``wte`` / ``wpe`` (GPT-2), and parameters named ``*embed*``
+    (``pos_embed``); names no rule knows (``cls_token``); tensors that are
+    not floating point; empty ones; and whatever ``include`` / ``exclude`` /
+    ``layouts=None`` leave out. Tensors of fewer than 2 axes (biases, norms,
+    running statistics) are left alone without a listing. So
+    ``embed_tokens.weight`` is skipped, but a patch-embedding convolution
+    ``patch_embed.proj.weight`` is projected, as the torch adapter does for
+    an ``nn.Conv2d``. Exclude other tables (T5's ``shared``) by name.
+
+    One tensor under several names (``tied``: a GPT-2 ``lm_head.weight``
+    and ``transformer.wte.weight``) is projected once, under the first of
+    its names a rule takes (the head, a Linear, as the reference does),
+    with the others as its ``aliases``; a pattern matching any of its names
+    selects or excludes it. Patterns also match names without the
+    ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes.
 
     A state dict cannot tell ``ConvTranspose2d`` (weight ``(in, out, kh, kw)``)
     from ``Conv2d`` by shape: name them in ``layouts``, e.g.
-    ``layouts={"decoder.up*": "iohw"}``. The same goes for weights stored
-    transposed, such as Hugging Face GPT-2's ``Conv1D`` (``{"*.c_attn":
-    "io", ...}``).
+    ``layouts={"decoder.up*": "iohw"}``.
 
 ``"flax"`` (names joined by ``/``, or by ``.`` when there is no ``/``)
     As :mod:`fire_core.flax`: leaves named ``kernel`` (a trailing nnx
@@ -64,7 +95,9 @@ Options, for both conventions:
   GPT-2-style fused q/k/v; ``{"*.in_proj_weight": 1}`` projects a fused
   ``in_proj_weight`` whole).
 
-A ``layouts`` or ``split`` pattern that matches no weight is a ValueError.
+A ``layouts`` or ``split`` pattern that matches no weight is a ValueError;
+an argument of the wrong type (``include=3``, ``split="c_attn=3"``) is a
+TypeError.
 """
 
 from __future__ import annotations
@@ -359,6 +392,8 @@ def _default_torch(name: str, shape: tuple[int, ...], siblings=None) -> _Rule | 
     """
     parts = name.split(".")
     leaf, owner = parts[-1], (parts[-2] if len(parts) > 1 else "")
+    if leaf.startswith(("weight_ih", "weight_hh", "weight_hr")) and len(shape) == 2:
+        return _rnn_rule(name, parts, leaf, shape, siblings)
     if leaf not in _TORCH_WEIGHTS or len(shape) < 2:
         return None
     if leaf == "weight":
@@ -377,6 +412,42 @@ def _default_torch(name: str, shape: tuple[int, ...], siblings=None) -> _Rule | 
     if len(shape) != 2:
         return None
     return _Rule("oi", _QKV if leaf == "in_proj_weight" else None)
+
+
+def _rnn_rule(name: str, parts: list[str], leaf: str, shape: tuple[int, ...], context) -> _Rule | None:
+    """``nn.RNN``/``LSTM``/``GRU`` (``weight_ih_l0``, ``weight_hh_l1_reverse``, ``weight_hr_l0``) and their cells.
+
+    The gates are stacked along the rows, ``(gates * hidden, ...)``, and the
+    hidden weight tells their number: ``weight_hh`` is ``(gates * hidden,
+    hidden)``, or ``(4 * hidden, proj)`` next to an LSTM's projection
+    ``weight_hr`` ``(proj, hidden)``. 4 gates are an LSTM's (i, f, g, o),
+    3 a GRU's (r, z, n), 1 a plain RNN's (whole); each gate block is
+    projected on its own, as ``nn.MultiheadAttention``'s q, k, v.
+    """
+    kind, suffix = leaf[len("weight_"):len("weight_") + 2], leaf[len("weight_ih"):]
+    layer = suffix.removeprefix("_l").removesuffix("_reverse")
+    if suffix and not (suffix.startswith("_l") and layer.isdigit()):
+        return None
+    if kind == "hr":  # an LSTM's projection: one matrix
+        return _Rule("oi")
+    base = ".".join(parts[:-1] + [""])
+    shapes = getattr(context, "shapes", {})
+    hh, hr = shapes.get(f"{base}weight_hh{suffix}"), shapes.get(f"{base}weight_hr{suffix}")
+    if hh is None or len(hh) != 2:
+        return None  # no recurrent weight beside it: not an RNN's
+    hidden = hr[1] if hr is not None and len(hr) == 2 else hh[1]
+    gates = hh[0] // hidden if hidden and hh[0] % hidden == 0 else None
+    if gates not in _RNN_GATES or shape[0] != hh[0]:
+        return _Rule("oi", _UNSURE, problem=(
+            f"{name}: a recurrent weight of shape {shape} beside {base}weight_hh{suffix} {hh} is not 1, 3 or 4 gate "
+            f"blocks of the hidden size (RNN, GRU, LSTM); pass split= (--split) with its blocks, or layouts="
+        ))
+    labels = _RNN_GATES[gates]
+    return _Rule("oi", labels, (_GATE_NOTE,) if labels else ())
+
+
+_RNN_GATES = {4: ("i", "f", "g", "o"), 3: ("r", "z", "n"), 1: None}
+_GATE_NOTE = "recurrent weights projected gate by gate (LSTM i, f, g, o; GRU r, z, n)"
 
 
 def _embedding_name(owner: str) -> bool:

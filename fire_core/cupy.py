@@ -52,8 +52,11 @@ def apply(
     out)``, attention kernels). ``include`` / ``exclude`` are glob patterns on
     names and module prefixes, or a callable; ``method`` and ``scale`` as in
     :func:`fire_core.reinit`. Non-floating arrays are left alone; a value that
-    is not a CuPy array is a TypeError. With ``dry_run`` nothing is written
-    and the Report shows what would change. Returns the :class:`Report`.
+    is not a CuPy array, and an argument of the wrong type, is a TypeError.
+    ``Report.skipped`` lists every array of two or more axes that was not
+    projected, with the reason; the same array under two names is one tied
+    weight (one row, ``aliases``). With ``dry_run`` nothing is written and
+    the Report shows what would change. Returns the :class:`Report`.
     """
     return apply_inplace(
         arrays, steps, convention=convention, include=include, exclude=exclude, method=method, scale=scale,

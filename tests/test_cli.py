@@ -1123,3 +1123,52 @@ def test_excluding_the_tied_head_by_either_name_leaves_both_alone(gpt_files, tmp
         assert tensor_hash(got[name]) == tensor_hash(src[name]), name
     assert f"left alone (excluded by exclude pattern {pattern!r} (one tensor, also named transformer.wte.weight)): " \
            "lm_head.weight (64x32)" in res.stdout
+
+
+@pytest.fixture(scope="module")
+def rnn_run(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    torch.manual_seed(6)
+    model = nn.Module()
+    model.embed = nn.Embedding(20, 8)
+    model.lstm = nn.LSTM(8, 6, num_layers=2, bidirectional=True, proj_size=4)
+    model.cell = nn.GRUCell(8, 5)
+    model.head = nn.Linear(8, 20)
+    model = model.double()
+    d = tmp_path_factory.mktemp("rnn")
+    src, out = d / "rnn.pt", d / "out.pt"
+    torch.save(model.state_dict(), src)
+    return dict(torch=torch, model=model, src=src, out=out, res=run("project", src, "-o", out))
+
+
+def test_recurrent_weights_equal_a_per_gate_loop(rnn_run):
+    torch = rnn_run["torch"]
+    assert rnn_run["res"].returncode == 0, rnn_run["res"].stderr
+    sd = torch.load(rnn_run["src"], weights_only=True)
+    got = torch.load(rnn_run["out"], weights_only=True)
+    for name, w in sd.items():
+        w = w.numpy()
+        if ".weight_ih" in name or ".weight_hh" in name:
+            gates = 4 if name.startswith("lstm") else 3
+            want = np.concatenate([fire_core.reinit(b, "oi") for b in np.split(w, gates, axis=0)])
+        elif ".weight_hr" in name or name == "head.weight":
+            want = fire_core.reinit(w, "oi")
+        else:
+            want = w
+        np.testing.assert_allclose(got[name].numpy(), want, rtol=0, atol=1e-12 if want is not w else 0, err_msg=name)
+    assert "note: recurrent weights projected gate by gate" in rnn_run["res"].stdout
+
+
+def test_recurrent_weights_equal_torch_apply(rnn_run):
+    try:
+        import fire_core.torch as fc_torch
+    except ImportError as e:
+        pytest.skip(f"fire_core.torch not importable: {e}")
+    torch, model = rnn_run["torch"], rnn_run["model"]
+    model.load_state_dict(torch.load(rnn_run["src"], weights_only=True))
+    fc_torch.apply(model, 5)
+    got = torch.load(rnn_run["out"], weights_only=True)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-12, msg=name)

@@ -311,6 +311,40 @@ def test_patterns_match_names_without_ddp_or_compile_prefixes(prefix):
     assert names(targets(shapes, "torch", layouts={"layer1.0": "io"})) == list(shapes)
 
 
+def rnn_state(kind, **kw):
+    torch = pytest.importorskip("torch")
+    module = getattr(torch.nn, kind)(8, 6, **kw)
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "kind, kw, gates",
+    [("LSTM", dict(num_layers=2, bidirectional=True), "ifgo"), ("GRU", dict(num_layers=2), "rzn"),
+     ("RNN", dict(bidirectional=True), None), ("LSTMCell", {}, "ifgo"), ("GRUCell", {}, "rzn"),
+     ("RNNCell", {}, None)],
+)
+def test_recurrent_weights_are_projected_gate_by_gate(kind, kw, gates):
+    shapes = rnn_state(kind, **kw)
+    found = targets(shapes, "torch")
+    weights = [k for k in shapes if k.startswith("weight_")]
+    want = [f"{k}[{g}]" for k in weights for g in gates] if gates else weights
+    assert sorted(t.name for t in found) == sorted(want)
+    assert all(t.layout == "oi" and t.shape[0] == 6 for t in found)  # one gate of hidden size 6 each
+
+
+def test_lstm_projection_weights_are_whole_and_gates_follow_the_hidden_size():
+    shapes = rnn_state("LSTM", proj_size=4)  # weight_hh_l0 (24, 4), weight_hr_l0 (4, 6)
+    found = {t.name: t.shape for t in targets(shapes, "torch")}
+    assert found["weight_hr_l0"] == (4, 6)
+    assert [found[f"weight_hh_l0[{g}]"] for g in "ifgo"] == [(6, 4)] * 4
+    assert [found[f"weight_ih_l0[{g}]"] for g in "ifgo"] == [(6, 8)] * 4
+
+
+def test_a_recurrent_weight_whose_gates_do_not_fit_is_refused():
+    with pytest.raises(ValueError, match=r"rnn\.weight_ih_l0: a recurrent weight.*not 1, 3 or 4 gate blocks"):
+        select({"rnn.weight_ih_l0": (12, 8), "rnn.weight_hh_l0": (12, 6)}, "torch")
+
+
 def test_select_lists_every_tensor_it_leaves_alone_with_the_reason():
     arrays = {
         "embed_tokens.weight": np.zeros((10, 4)),
