@@ -114,8 +114,17 @@ def work_dtype(x, xp, what: str = "input"):
 
 
 def check_finite(x, xp, what: str = "input") -> None:
-    """ValueError if ``x`` holds NaN or Inf. Skipped (no host sync possible) under tracing."""
+    """ValueError if ``x`` holds NaN or Inf. Skipped (no host sync possible) under tracing.
+
+    A DTensor (a sharded torch weight) is judged over its whole device mesh:
+    every rank of the mesh reaches the same verdict and raises the same error
+    (see :func:`_check_finite_on_mesh`). Like every DTensor operation this is
+    a collective: all ranks of the mesh must call it, in the same order.
+    """
     if is_tracing(x):
+        return
+    if _is_dtensor(x):
+        _check_finite_on_mesh(x, what)
         return
     # One reduction instead of an elementwise test and a second reduction: a NaN
     # or Inf anywhere makes the sum NaN or Inf. Only a non-finite sum (which a
@@ -126,6 +135,73 @@ def check_finite(x, xp, what: str = "input") -> None:
         return
     if not bool(xp.all(xp.isfinite(x))):
         raise ValueError(f"{what}: contains NaN or Inf (shape {tuple(x.shape)})")
+
+
+def _is_dtensor(x) -> bool:
+    """A torch DTensor; none can exist unless ``torch.distributed.tensor`` was imported."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(x, module.DTensor)
+
+
+def _check_finite_on_mesh(x, what: str) -> None:
+    """:func:`check_finite` of a DTensor, with the verdict of every rank of its mesh.
+
+    A rank holds only its local shard, and a reduction of a sharded DTensor
+    is left ``Partial`` (each rank's value covers its shard only), which
+    ``bool()`` reads locally: the rank whose shard holds the NaN would raise
+    while the others went on into the next collective and waited there for
+    ever. Here each rank tests its own shard and the integer flags are
+    summed over every mesh dimension (an exact all-reduce), so every rank
+    holds the same numbers and decides alike. As for any array, the first
+    pass is one sum of the shard (NaN or Inf anywhere makes it non-finite);
+    only when some rank's sum is not finite (which a finite shard can also
+    give, by overflow) does every rank count its non-finite elements, and
+    the error names the ranks whose shards hold them. A replicated copy is
+    tested on every rank too, so a NaN in one replica only is found.
+    """
+    torch = sys.modules["torch"]
+    mesh = x.device_mesh
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:  # this rank is outside the mesh: it holds nothing and joins none of its collectives
+        return
+    placements = list(x.placements)
+    if any(p.is_partial() for p in placements):  # the local values are addends of the weight's, not its elements
+        replicate = sys.modules["torch.distributed.tensor"].Replicate()
+        x = x.redistribute(mesh, [replicate if p.is_partial() else p for p in placements])
+    with torch.no_grad():
+        local = x.to_local()
+        suspect = torch.logical_not(torch.isfinite(local.sum())).to(torch.int32).reshape(1)
+        sum_over_mesh(suspect, mesh)
+        if int(suspect.item()) == 0:
+            return
+        # One slot per rank of the mesh, each filled by its own rank only: the sum is every rank's count.
+        counts = torch.zeros(mesh.size(), dtype=torch.int64, device=local.device)
+        counts[int(np.ravel_multi_index(tuple(coordinate), tuple(mesh.shape)))] = torch.logical_not(
+            torch.isfinite(local)
+        ).sum()
+        sum_over_mesh(counts, mesh)
+        counts = counts.tolist()
+    if not any(counts):  # every element finite: some local sum overflowed
+        return
+    ranks = mesh.mesh.flatten().tolist()
+    held = [f"rank {ranks[k]} ({n} value{'s' if n > 1 else ''})" for k, n in enumerate(counts) if n]
+    shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more ranks" if len(held) > 4 else "")
+    raise ValueError(
+        f"{what}: contains NaN or Inf (shape {tuple(x.shape)}, sharded {tuple(placements)}; "
+        f"non-finite values in the local shard of {shown})"
+    )
+
+
+def sum_over_mesh(t, mesh) -> None:
+    """All-reduce the torch tensor ``t`` in place over every rank of ``mesh``: a sum along each mesh dimension in turn.
+
+    Exact for integers, and each rank ends with the same values: after the
+    sums along dimensions ``0..k`` a rank holds the sum over the ranks that
+    differ from it in those coordinates only.
+    """
+    dist = sys.modules["torch.distributed"]
+    for dim in range(mesh.ndim):
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=mesh.get_group(dim))
 
 
 def dense(x, xp):

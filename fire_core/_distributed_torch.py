@@ -32,10 +32,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from ._array import sum_over_mesh
 from .layout import parse_layout
 from .plan import reinit_many
 
@@ -93,7 +95,10 @@ def placement_axis(tensor) -> tuple[Axis, object] | None:
     """``(axis, placement)`` of a DTensor this module can project by owner ranks, else None.
 
     The axis is the mesh dimension of its one ``Shard`` placement (dimension
-    0 if it is replicated everywhere), the placement that one.
+    0 if it is replicated everywhere), the placement that one. Decided from
+    the placements alone, which every rank holds alike; that each rank's
+    shard is ``torch.chunk``'s piece is checked by :func:`split_owned`, over
+    the whole mesh.
     """
     if not isinstance(tensor, DTensor):
         return None
@@ -101,15 +106,16 @@ def placement_axis(tensor) -> tuple[Axis, object] | None:
     if len(split) > 1 or any(type(pl) is not Shard for _, pl in split):  # _StridedShard and Partial: not chunk-split
         return None
     k, placement = split[0] if split else (0, Replicate())
-    axis = Axis(tensor.device_mesh, k)
-    if type(placement) is Shard:
-        if tuple(tensor.to_local().shape) != _piece_shape(tensor.shape, placement.dim, axis.size, axis.rank):
-            return None
-    return axis, placement
+    return Axis(tensor.device_mesh, k), placement
 
 
 def split_owned(targets) -> tuple[list, dict]:
-    """``targets`` -> (those left to the caller, {mesh axis: targets projected here by owner ranks})."""
+    """``targets`` -> (those left to the caller, {mesh axis: targets projected here by owner ranks}).
+
+    Collective over the meshes of the owned targets (every rank calls it
+    with the same targets): a weight whose shards are not ``torch.chunk``'s
+    pieces is a ValueError on every rank, before anything is written.
+    """
     rest, axes = [], {}
     for t in targets:
         found = placement_axis(t.param)
@@ -117,7 +123,55 @@ def split_owned(targets) -> tuple[list, dict]:
             axes.setdefault(found[0], []).append(t)
         else:
             rest.append(t)
+    _check_chunk_pieces(axes)
     return rest, axes
+
+
+def _check_chunk_pieces(axes: dict) -> None:
+    """ValueError on every rank if some rank's shard of an owned weight is not its ``torch.chunk`` piece.
+
+    The gather and scatter of the owner path, and DTensor's own
+    redistribution, assume that split (``distribute_tensor`` and
+    ``fully_shard`` make it; ``DTensor.from_local`` with ``shape=`` takes any
+    local shapes). A rank sees only its own shard, so a verdict from it alone
+    would send the ranks down different paths, into collectives that never
+    match; the mismatch flags are summed over each mesh, so all decide alike.
+    """
+    by_mesh: dict = {}  # mesh -> {id(param): (target, axis, Shard placement)}, in target order
+    for axis, on_axis in axes.items():
+        for t in on_axis:
+            placement = placement_axis(t.param)[1]
+            if type(placement) is Shard:
+                by_mesh.setdefault(axis.mesh, {}).setdefault(id(t.param), (t, axis, placement))
+    for mesh, params in by_mesh.items():
+        if mesh.get_coordinate() is None:  # not a rank of this mesh: it joins none of its collectives
+            continue
+        params = list(params.values())
+        local = [tuple(t.param.to_local().shape) for t, _, _ in params]
+        expected = [_piece_shape(t.param.shape, pl.dim, axis.size, axis.rank) for t, axis, pl in params]
+        device = params[0][0].param.to_local().device
+        wrong = torch.tensor([int(a != b) for a, b in zip(local, expected)], dtype=torch.int32, device=device)
+        sum_over_mesh(wrong, mesh)
+        if not wrong.any():
+            continue
+        t, axis, pl = params[int(torch.nonzero(wrong)[0])]
+        # Each rank's size along the split dimension, in its own slot of the mesh, for the message.
+        me = int(np.ravel_multi_index(tuple(mesh.get_coordinate()), tuple(mesh.shape)))
+        sizes = torch.zeros(mesh.size(), dtype=torch.int64, device=device)
+        sizes[me] = t.param.to_local().shape[pl.dim]
+        sum_over_mesh(sizes, mesh)
+        ranks, sizes = mesh.mesh.flatten().tolist(), sizes.tolist()
+        size, world = t.param.shape[pl.dim], axis.size
+        chunk = -(-size // world)
+        want = [max(0, min(chunk, size - r * chunk)) for r in range(world)]
+        coords = [tuple(c) for c in np.ndindex(*tuple(mesh.shape))]
+        held = [f"rank {ranks[k]}: {sizes[k]}" for k, c in enumerate(coords) if sizes[k] != want[c[axis.dim]]]
+        name = getattr(t, "param_name", t.name)
+        raise ValueError(
+            f"{name}: its shards are not torch.chunk's split of dimension {pl.dim} (size {size}) over the {world} "
+            f"ranks of mesh dimension {axis.dim}, which gives {want} ({'; '.join(held[:4])}); FIRE's gather and "
+            "DTensor's own ops assume that split. Shard it with distribute_tensor or fully_shard, or exclude it"
+        )
 
 
 def _piece_shape(shape, dim: int, world: int, r: int) -> tuple:
@@ -189,10 +243,11 @@ class OwnerRun:
 def project_owned(targets, axis: Axis, *, steps, method, scale, dry_run, report) -> OwnerRun:
     """Gather, project and check the weights of ``targets`` (``_Target``s split along ``axis``); nothing is written.
 
-    Collective: every rank of the axis's group must call it with the same
+    Collective: every rank of the axis's mesh must call it with the same
     targets in the same order (as ``apply`` does on an FSDP2 model). An error
-    on any owner (a NaN weight, a bad option) is raised on every rank, before
-    any write.
+    on any owner (a NaN weight, a bad option) is raised on every rank of the
+    mesh, the same error everywhere (on a 2-D mesh in the other replica
+    groups too), before any write.
     """
     world, me, group = axis.size, axis.rank, axis.group
     params: dict[int, _Param] = {}
@@ -265,12 +320,19 @@ def project_owned(targets, axis: Axis, *, steps, method, scale, dry_run, report)
     # 3. Every rank learns every owner's rows and errors; then nothing or everything is written.
     everything = [None] * world
     dist.all_gather_object(everything, (error, rows), group=group)
-    if error is not None:
-        raise failure
-    for err, _ in everything:
-        if err is not None:
-            kind, message = err
-            raise {"TypeError": TypeError, "ValueError": ValueError}.get(kind, RuntimeError)(message)
+    first = next((err for err, _ in everything if err is not None), None)
+    # On a 2-D mesh (HSDP) the other groups of the mesh did the same work on their own copies: a failure
+    # in one (a NaN in one replica only) must stop them all, or the replicas would part ways.
+    for dim in range(axis.mesh.ndim):
+        if dim != axis.dim:
+            seen = [None] * axis.mesh.size(dim)
+            dist.all_gather_object(seen, first, group=axis.mesh.get_group(dim))
+            first = next((err for err in seen if err is not None), None)
+    if first is not None:  # the same error on every rank of the mesh: the first in mesh order
+        if error == first:
+            raise failure
+        kind, message = first
+        raise {"TypeError": TypeError, "ValueError": ValueError}.get(kind, RuntimeError)(message)
     all_rows = [row for _, part in everything for row in part]
     return OwnerRun(params, axis, all_rows, dry_run)
 

@@ -1,9 +1,11 @@
-"""Distributed FIRE: FSDP2 (DTensor) models on 2 gloo ranks, and sharded JAX arrays on 4 host devices.
+"""Distributed FIRE: DTensor models on gloo ranks (FSDP2 and tensor parallel on 2 ranks, HSDP and TP + FSDP2
+on 2 x 2 meshes of 4 ranks), and sharded JAX arrays on 4 host devices.
 
 Each distributed case runs in a subprocess (ranks are spawned there; JAX's
-device count is fixed before jax is imported). The FSDP2 results are compared
-with the unsharded ``fire_core.torch.apply`` on the same weights, computed in
-this process.
+device count is fixed before jax is imported); the torch cases share one
+2-rank and one 4-rank run, since starting ranks costs most of the time. The
+results are compared with the unsharded ``fire_core.torch.apply`` on the
+same weights, computed in this process.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import textwrap
@@ -50,7 +53,7 @@ def test_matrix_cost_counts_taps_and_the_gram_side():
     assert matrix_cost((4, 6, 3, 3), "oihw") == 9 * 4 * 6 * 4
 
 
-# --- FSDP2 on 2 gloo ranks ----------------------------------------------------------------------------
+# --- DTensor models on gloo ranks: FSDP2 and TP on 2 ranks, HSDP and TP + FSDP2 on 4 -----------------
 
 MODEL = textwrap.dedent(
     """
@@ -74,12 +77,145 @@ MODEL = textwrap.dedent(
     """
 )
 
-FSDP2_SCRIPT = MODEL + textwrap.dedent(
+MLP = textwrap.dedent(
     """
-    import json, sys, numpy as np, torch.distributed as dist, torch.multiprocessing as mp
+    import torch
+    from torch import nn
+
+    def mlp():  # under TP the first two Linears are split over the ranks, the last stays a plain tensor
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 5)).double()
+    """
+)
+
+RANK_HELPERS = textwrap.dedent(
+    """
+    import datetime, json, sys
+    import numpy as np, torch, torch.distributed as dist, torch.multiprocessing as mp
+    from torch.distributed.tensor import DTensor
+
+    STRATEGIES = ("owner", "replicate")
+
+    def start(rank, port, world):
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))  # a mismatched collective fails, not hangs
+
+    def local_part(t):
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    def snapshot(model, opt=None):
+        # this rank's own bytes: the local shards of the parameters and of the optimizer state
+        params = {n: local_part(p).detach().clone() for n, p in model.named_parameters()}
+        state = {} if opt is None else {
+            n: {k: local_part(v).detach().clone() for k, v in opt.state[p].items()}
+            for n, p in model.named_parameters() if p in opt.state
+        }
+        return params, state
+
+    def same(a, b):
+        (pa, sa), (pb, sb) = a, b
+        return (pa.keys() == pb.keys() and all(torch.equal(pa[n], pb[n]) for n in pa) and sa.keys() == sb.keys()
+                and all(sa[n].keys() == sb[n].keys() and all(torch.equal(sa[n][k], sb[n][k]) for k in sa[n])
+                        for n in sa))
+
+    def restore(model, saved):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                local_part(p).copy_(saved[0][n])
+
+    def poisoned(rank, model, opt, strategy, name, bad_rank, value):
+        # apply with `value` in one element of `bad_rank`'s local shard of `name` only; the others hold it clean
+        import fire_core.torch as ft
+        before = snapshot(model, opt)
+        shard = local_part(dict(model.named_parameters())[name])
+        error = None
+        with torch.no_grad():
+            if rank == bad_rank:
+                shard[0, 0] = value
+        try:
+            ft.apply(model, optimizer=opt, distributed=strategy)
+        except ValueError as err:
+            error = str(err)
+        with torch.no_grad():
+            if rank == bad_rank:
+                shard[0, 0] = before[0][name][0, 0]
+        return dict(strategy=strategy, weight=name, bad_rank=bad_rank, value=value, error=error,
+                    unchanged=same(before, snapshot(model, opt)))
+
+    def trained(model):
+        # an optimizer with state for every parameter, after one step of the sharded model
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        torch.manual_seed(1)
+        model(torch.randn(4, 6, dtype=torch.float64)).square().mean().backward()
+        opt.step()
+        return opt
+
+    def full(model):
+        return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().numpy().copy()
+                for n, p in model.named_parameters()}
+
+    def results(rank, model, opt, bad):
+        # each poisoned call, then each strategy's clean result from the same weights
+        import fire_core.torch as ft
+        old, saved = full(model), snapshot(model)
+        cases = [poisoned(rank, model, opt, s, name, bad_rank, value)
+                 for s in STRATEGIES for name, bad_rank, value in bad]
+        new, names = {}, {}
+        for s in STRATEGIES:
+            restore(model, saved)
+            names[s] = ft.apply(model, distributed=s).names
+            new.update({f"{s}/{n}": v for n, v in full(model).items()})
+        restore(model, saved)
+        arrays = {**{"old/" + n: v for n, v in old.items()}, **new}
+        return cases, names, arrays
+
+    def finish(rank, out, arrays, info):
+        np.savez(f"{out}-{rank}.npz", **arrays)
+        with open(f"{out}-{rank}.json", "w") as f:
+            json.dump(info, f)
+        dist.barrier()  # no rank tears gloo down while another still talks
+        dist.destroy_process_group()
+    """
+)
+
+TWO_RANK_SCRIPT = MODEL + MLP + RANK_HELPERS + textwrap.dedent(
+    """
+    def tp(rank, mesh):
+        # tensor parallel on the 2 ranks: poisoned calls and clean results, and check_finite on DTensors
+        from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+        from fire_core._array import array_namespace, check_finite
+
+        model = mlp()
+        parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        placements = {n: str(getattr(p, "placements", None)) for n, p in model.named_parameters()}
+        opt = trained(model)
+        cases, names, arrays = results(rank, model, opt, [("0.weight", 0, float("nan")), ("2.weight", 1, float("inf"))])
+
+        def verdict(x):  # check_finite's error text on this rank, or None
+            try:
+                check_finite(x, array_namespace(x), "w")
+            except ValueError as err:
+                return str(err)
+            return None
+
+        copy = torch.ones(3, 4, dtype=torch.float64)
+        if rank == 1:
+            copy[2, 1] = float("nan")
+        direct = dict(
+            # a replicated weight whose copy on rank 1 alone holds a NaN
+            replica=verdict(DTensor.from_local(copy, mesh, [Replicate()])),
+            # Partial(sum): a finite addend on each rank, an Inf in the weight they add up to
+            partial=verdict(DTensor.from_local(torch.full((3, 4), 1e308, dtype=torch.float64), mesh, [Partial()])),
+            # finite values whose local sums overflow to Inf
+            overflow=verdict(distribute_tensor(torch.full((4, 4), 1e308, dtype=torch.float64), mesh, [Shard(0)])),
+        )
+        info = dict(cases=cases, names=names, placements=placements, direct=direct)
+        return {"tp/" + k: v for k, v in arrays.items()}, info
 
     def run(rank, port, out):
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        start(rank, port, 2)
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         import fire_core.torch as ft
@@ -136,14 +272,14 @@ FSDP2_SCRIPT = MODEL + textwrap.dedent(
         new = {n: p.full_tensor().detach().numpy() for n, p in model.named_parameters()}
         twin_new = {n: p.full_tensor().detach().numpy() for n, p in twin.named_parameters()}
         kept_state = sorted(n for n, p in model.named_parameters() if p in opt.state)
-        np.savez(f"{out}-{rank}.npz", **{"old/" + n: v for n, v in old.items()}, **{"new/" + n: v for n, v in new.items()},
-                 **{"twin/" + n: v for n, v in twin_new.items()}, solo=solo_new)
-        with open(f"{out}-{rank}.json", "w") as f:
-            json.dump(dict(report=report.to_dict(), replicated=replicated.to_dict(), stats=stats, owners=owners,
-                           storage_kept=storage == after, failed=failed, unchanged=unchanged, states=states,
-                           n_params=len(names), kept_state=kept_state, solo_names=solo_report.names), f)
-        dist.barrier()  # no rank tears gloo down while the other still talks
-        dist.destroy_process_group()
+        tp_arrays, tp_info = tp(rank, mesh)
+        arrays = {**{"old/" + n: v for n, v in old.items()}, **{"new/" + n: v for n, v in new.items()},
+                  **{"twin/" + n: v for n, v in twin_new.items()}, "solo": solo_new, **tp_arrays}
+        finish(rank, out, arrays, dict(
+            report=report.to_dict(), replicated=replicated.to_dict(), stats=stats, owners=owners,
+            storage_kept=storage == after, failed=failed, unchanged=unchanged, states=states, n_params=len(names),
+            kept_state=kept_state, solo_names=solo_report.names, tp=tp_info,
+        ))
 
     if __name__ == "__main__":
         mp.spawn(run, args=(int(sys.argv[1]), sys.argv[2]), nprocs=2)
@@ -159,34 +295,68 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+RANK_TIMEOUT = 300  # seconds for a whole rank script; the scripts' own gloo timeout (60 s) usually fires first
+
+
 def _run_ranks(source: str, tmp, world: int):
-    """Run a rank script; each rank's (arrays from ``r-<rank>.npz``, dict from ``r-<rank>.json``), and the
-    unsharded model loaded with the weights the script started from (its ``old/`` arrays)."""
+    """Run a rank script; each rank's (arrays from ``r-<rank>.npz``, dict from ``r-<rank>.json``).
+
+    The script and the ranks it spawns run in a session of their own, killed
+    whole if they outlive ``RANK_TIMEOUT``: ranks waiting in a collective that
+    never completes fail the test and leave nothing behind.
+    """
     script = tmp / "ranks.py"
     script.write_text(source)
-    out = subprocess.run(
-        [sys.executable, str(script), str(_free_port()), str(tmp / "r")], capture_output=True, text=True, timeout=300
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(_free_port()), str(tmp / "r")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
-    assert out.returncode == 0, out.stderr[-4000:]
+    try:
+        _, err = proc.communicate(timeout=RANK_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"the {world} ranks did not finish within {RANK_TIMEOUT} s (a collective hung):\n{err[-4000:]}")
+    assert proc.returncode == 0, err[-4000:]
     ranks = []
     for rank in range(world):
         with np.load(tmp / f"r-{rank}.npz") as arrays:
             tensors = {k: arrays[k] for k in arrays.files}
         ranks.append((tensors, json.loads((tmp / f"r-{rank}.json").read_text())))
+    return ranks
+
+
+def _loaded(ranks, source: str = MODEL, build: str = "transformer", prefix: str = ""):
+    """The unsharded model ``build()`` of ``source``, loaded with the weights the script started from
+    (its ``<prefix>old/`` arrays)."""
     namespace = {}
-    exec(MODEL, namespace)
-    plain = namespace["transformer"]()
-    old = {k[len("old/") :]: v for k, v in ranks[0][0].items() if k.startswith("old/")}
+    exec(source, namespace)
+    plain = namespace[build]()
+    start = prefix + "old/"
+    old = {k[len(start) :]: v for k, v in ranks[0][0].items() if k.startswith(start)}
     plain.load_state_dict({k: torch.from_numpy(v) for k, v in old.items()})
-    return ranks, plain
+    return plain
 
 
 @pytest.fixture(scope="module")
-def fsdp2_run(tmp_path_factory):
-    """Run the 2-rank FSDP2 script once; its per-rank outputs and the unsharded model's, for the tests below."""
-    ranks, plain = _run_ranks(FSDP2_SCRIPT, tmp_path_factory.mktemp("fsdp2"), 2)
+def two_ranks(tmp_path_factory):
+    """The 2-rank script's per-rank outputs (FSDP2 and tensor parallel), run once for the tests below."""
+    return _run_ranks(TWO_RANK_SCRIPT, tmp_path_factory.mktemp("two_ranks"), 2)
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    """The 4-rank script's per-rank outputs (HSDP and TP + FSDP2 on 2 x 2 meshes), run once."""
+    return _run_ranks(FOUR_RANK_SCRIPT, tmp_path_factory.mktemp("four_ranks"), 4)
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(two_ranks):
+    """The FSDP2 part of the 2-rank run, and the unsharded model after ``apply`` with its report."""
+    plain = _loaded(two_ranks)
     report = ft.apply(plain)
-    return ranks, plain, report
+    return two_ranks, plain, report
 
 
 def test_fsdp2_owner_result_equals_unsharded_apply(fsdp2_run):
@@ -258,12 +428,50 @@ def test_fsdp2_work_is_split_over_owners(fsdp2_run):
         assert 0 < s["received"] and 0 < s["sent"]
 
 
-HSDP_SCRIPT = MODEL + textwrap.dedent(
+FOUR_RANK_SCRIPT = MODEL + MLP + RANK_HELPERS + textwrap.dedent(
     """
-    import json, sys, numpy as np, torch.distributed as dist, torch.multiprocessing as mp
+    def tp_fsdp2(rank, hsdp_mesh):
+        # TP + FSDP2 on a 2 x 2 mesh; then a NaN in one replica of an HSDP weight, and shards that are not
+        # torch.chunk's pieces
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Shard
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+        import fire_core.torch as ft
+
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        model = mlp()
+        parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        fully_shard(model, mesh=mesh["dp"])
+        placements = {n: str(p.placements) for n, p in model.named_parameters()}
+        opt = trained(model)
+        cases, names, arrays = results(rank, model, opt, [("0.weight", 0, float("nan")), ("2.weight", 3, float("inf"))])
+
+        # HSDP (Replicate, Shard): owner ranks in each shard group; the NaN in rank 0's shard is in one
+        # replica only, and the other replica group must stop too
+        hsdp = mlp()
+        fully_shard(hsdp, mesh=hsdp_mesh)
+        hsdp_case = poisoned(rank, hsdp, trained(hsdp), "owner", "2.weight", 0, float("nan"))
+        hsdp_case["placements"] = str(hsdp[2].weight.placements)
+
+        # 8 rows held 2 / 3 / 1 / 2 where torch.chunk gives 2 each: ranks 0 and 3 hold a piece of the size
+        # torch.chunk gives, ranks 1 and 2 do not, and all four must refuse alike
+        odd = nn.Linear(5, 8).double()
+        torch.manual_seed(3)
+        piece = torch.randn([2, 3, 1, 2][rank], 5, dtype=torch.float64)
+        line = init_device_mesh("cpu", (4,))
+        odd.weight = nn.Parameter(DTensor.from_local(piece, line, [Shard(0)], shape=(8, 5), stride=(5, 1)))
+        try:
+            ft.apply(odd)
+            odd_error = None
+        except ValueError as err:
+            odd_error = str(err)
+        odd_case = dict(error=odd_error, unchanged=torch.equal(odd.weight.to_local(), piece))
+        info = dict(cases=cases, names=names, placements=placements, hsdp=hsdp_case, odd=odd_case)
+        return {"tp/" + k: v for k, v in arrays.items()}, info
 
     def run(rank, port, out):
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=4)
+        start(rank, port, 4)
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -287,12 +495,12 @@ HSDP_SCRIPT = MODEL + textwrap.dedent(
         solo = nn.Linear(6, 4).double()
         solo.weight = nn.Parameter(distribute_tensor(solo.weight.detach(), mesh, [Replicate(), Replicate()]))
         ft.apply(solo)
-        np.savez(f"{out}-{rank}.npz", **{"old/" + n: v for n, v in old.items()}, **{"new/" + n: v for n, v in new.items()},
-                 solo=solo.weight.to_local().detach().numpy())
-        with open(f"{out}-{rank}.json", "w") as f:
-            json.dump(dict(report=report.to_dict(), stats=stats, placements=placements, storage_kept=storage == after), f)
-        dist.barrier()
-        dist.destroy_process_group()
+        tp_arrays, tp_info = tp_fsdp2(rank, mesh)
+        arrays = {**{"old/" + n: v for n, v in old.items()}, **{"new/" + n: v for n, v in new.items()},
+                  "solo": solo.weight.to_local().detach().numpy(), **tp_arrays}
+        finish(rank, out, arrays, dict(
+            report=report.to_dict(), stats=stats, placements=placements, storage_kept=storage == after, tp=tp_info
+        ))
 
     if __name__ == "__main__":
         mp.spawn(run, args=(int(sys.argv[1]), sys.argv[2]), nprocs=4)
@@ -300,9 +508,10 @@ HSDP_SCRIPT = MODEL + textwrap.dedent(
 )
 
 
-def test_hsdp_owner_ranks_on_a_2d_mesh_equal_unsharded_apply(tmp_path):
+def test_hsdp_owner_ranks_on_a_2d_mesh_equal_unsharded_apply(four_ranks):
     """HSDP (Replicate, Shard) on a 2 x 2 mesh: owners within each shard group, same result as unsharded."""
-    ranks, plain = _run_ranks(HSDP_SCRIPT, tmp_path, 4)
+    ranks = four_ranks
+    plain = _loaded(ranks)
     report = ft.apply(plain)
     torch.manual_seed(2)
     solo = nn.Linear(6, 4).double()
@@ -319,6 +528,137 @@ def test_hsdp_owner_ranks_on_a_2d_mesh_equal_unsharded_apply(tmp_path):
     assert stats[0]["owners"] == stats[1]["owners"] == stats[2]["owners"] and sorted(set(stats[0]["owners"])) == [0, 1]
     # each shard group projects every matrix once; the two replica groups do the same work
     assert stats[0]["weights"] + stats[1]["weights"] == stats[2]["weights"] + stats[3]["weights"] == len(report)
+
+
+# --- failures are collective: a NaN or Inf in one rank's shard ----------------------------------------------
+#
+# Tensor parallel (ColwiseParallel / RowwiseParallel) on 2 ranks, and TP + FSDP2 on a 2 x 2 mesh of 4 ranks,
+# with a NaN or an Inf in one rank's local shard only: every rank must raise the same error and keep every
+# byte of its parameters and optimizer state. A verdict read from one rank's shard alone lets only that rank
+# raise while the others wait in the next collective: the rank scripts set a 60 s gloo timeout and the runner
+# kills them after RANK_TIMEOUT, so a hang fails the test instead of stalling CI. (The cases run in the
+# 2-rank and the 4-rank scripts above: their `tp` and `tp_fsdp2` functions.)
+
+
+def _tp_part(ranks):
+    """The tensor-parallel part of a rank run: per rank (its ``tp/`` arrays unprefixed, its ``tp`` dict),
+    and the unsharded MLP with the weights it started from, after ``apply``, with its report."""
+    plain = _loaded(ranks, MLP, "mlp", prefix="tp/")
+    report = ft.apply(plain)
+    part = [({k[len("tp/") :]: v for k, v in t.items() if k.startswith("tp/")}, info["tp"]) for t, info in ranks]
+    return part, (plain, report)
+
+
+@pytest.fixture(scope="module")
+def tp_run(two_ranks):
+    return _tp_part(two_ranks)
+
+
+@pytest.fixture(scope="module")
+def tp_fsdp2_run(four_ranks):
+    return _tp_part(four_ranks)
+
+
+def _cases(ranks, strategy):
+    """Per poisoned call: the ranks' (error, unchanged) results, one list per call."""
+    per_rank = [[c for c in info["cases"] if c["strategy"] == strategy] for _, info in ranks]
+    return list(zip(*per_rank))
+
+
+def _assert_same_error_everywhere(results, weight):
+    errors = [r["error"] for r in results]
+    assert errors[0] is not None, f"no rank raised for {weight}"
+    assert all(e == errors[0] for e in errors), errors  # every rank: the same ValueError
+    assert weight in errors[0] and "NaN or Inf" in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("strategy", ["owner", "replicate"])
+def test_tp_nan_in_one_ranks_shard_fails_every_rank_with_the_same_error(tp_run, strategy):
+    ranks, _ = tp_run
+    assert ranks[0][1]["placements"]["0.weight"] == "(Shard(dim=0),)"  # colwise
+    assert ranks[0][1]["placements"]["2.weight"] == "(Shard(dim=1),)"  # rowwise
+    for results in _cases(ranks, strategy):
+        _assert_same_error_everywhere(results, results[0]["weight"])
+
+
+@pytest.mark.parametrize("strategy", ["owner", "replicate"])
+def test_tp_failed_call_leaves_every_ranks_weights_and_optimizer_state_bitwise_unchanged(tp_run, strategy):
+    ranks, _ = tp_run
+    for results in _cases(ranks, strategy):
+        assert all(r["unchanged"] for r in results), [(r["weight"], r["unchanged"]) for r in results]
+
+
+@pytest.mark.parametrize("strategy", ["owner", "replicate"])
+def test_tp_result_equals_unsharded_apply(tp_run, strategy):
+    ranks, (plain, report) = tp_run
+    for tensors, info in ranks:
+        assert info["names"][strategy] == report.names
+        for name, p in plain.named_parameters():
+            got = tensors[f"{strategy}/{name}"]
+            np.testing.assert_allclose(got, p.detach().numpy(), rtol=0, atol=1e-10, err_msg=name)
+
+
+def test_check_finite_on_a_replicated_dtensor_with_a_nan_in_one_copy_fails_every_rank(tp_run):
+    ranks, _ = tp_run
+    errors = [info["direct"]["replica"] for _, info in ranks]
+    assert errors[0] is not None and errors[0] == errors[1] and "rank 1" in errors[0], errors
+
+
+def test_check_finite_on_a_partial_dtensor_judges_the_summed_weight(tp_run):
+    ranks, _ = tp_run  # 1e308 + 1e308 overflows: the weight is Inf although each rank's addend is finite
+    errors = [info["direct"]["partial"] for _, info in ranks]
+    assert errors[0] is not None and errors[0] == errors[1] and "NaN or Inf" in errors[0], errors
+
+
+def test_check_finite_on_a_dtensor_whose_local_sums_overflow_passes_on_every_rank(tp_run):
+    ranks, _ = tp_run
+    assert [info["direct"]["overflow"] for _, info in ranks] == [None, None]
+
+
+@pytest.mark.parametrize("strategy", ["owner", "replicate"])
+def test_tp_fsdp2_2x2_nan_in_one_ranks_shard_fails_every_rank_with_the_same_error(tp_fsdp2_run, strategy):
+    ranks, _ = tp_fsdp2_run
+    # two sharded mesh dimensions: the owner path hands these weights to the DTensor ("replicate") path
+    assert ranks[0][1]["placements"]["0.weight"] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
+    assert ranks[0][1]["placements"]["2.weight"] == "(Shard(dim=0), Shard(dim=1))"
+    for results in _cases(ranks, strategy):
+        _assert_same_error_everywhere(results, results[0]["weight"])
+
+
+@pytest.mark.parametrize("strategy", ["owner", "replicate"])
+def test_tp_fsdp2_2x2_failed_call_leaves_every_ranks_weights_and_optimizer_state_bitwise_unchanged(
+    tp_fsdp2_run, strategy
+):
+    ranks, _ = tp_fsdp2_run
+    for results in _cases(ranks, strategy):
+        assert all(r["unchanged"] for r in results), [(r["weight"], r["unchanged"]) for r in results]
+
+
+@pytest.mark.parametrize("strategy", ["owner", "replicate"])
+def test_tp_fsdp2_2x2_result_equals_unsharded_apply(tp_fsdp2_run, strategy):
+    ranks, (plain, report) = tp_fsdp2_run
+    for tensors, info in ranks:
+        assert info["names"][strategy] == report.names
+        for name, p in plain.named_parameters():
+            got = tensors[f"{strategy}/{name}"]
+            np.testing.assert_allclose(got, p.detach().numpy(), rtol=0, atol=1e-10, err_msg=name)
+
+
+def test_hsdp_nan_in_one_replica_fails_both_replica_groups_and_changes_nothing(tp_fsdp2_run):
+    ranks, _ = tp_fsdp2_run
+    results = [info["hsdp"] for _, info in ranks]
+    assert results[0]["placements"] == "(Replicate(), Shard(dim=0))"
+    _assert_same_error_everywhere(results, "2.weight")
+    assert all(r["unchanged"] for r in results)
+
+
+def test_shards_that_are_not_torch_chunk_pieces_are_refused_alike_on_every_rank(tp_fsdp2_run):
+    ranks, _ = tp_fsdp2_run
+    results = [info["odd"] for _, info in ranks]
+    errors = [r["error"] for r in results]
+    assert errors[0] is not None and all(e == errors[0] for e in errors), errors
+    assert "weight" in errors[0] and "torch.chunk" in errors[0] and "rank 1: 3" in errors[0], errors[0]
+    assert all(r["unchanged"] for r in results)
 
 
 # --- JAX arrays sharded over 4 host devices -----------------------------------------------------------------
