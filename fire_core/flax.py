@@ -55,6 +55,7 @@ from flax import nnx
 
 from ._array import check_finite
 from .conventions import _default_flax, check_patterns, matches
+from ._optax_state import reset
 from .metrics import drift
 from .layout import parse_layout, scale_factor
 from .plan import measure, reinit_many
@@ -277,82 +278,75 @@ def _stale_stats_note(modules: list[str]) -> str:
     )
 
 
-def reset_opt_state(opt_state, before, after, *, reset_count: bool = True):
-    """Zero the optimizer moments of the leaves that FIRE changed; returns a new state.
+def reset_opt_state(opt_state, before, after, *, reset_count: bool = True, tx=None):
+    """The optimizer state with the parts of the leaves FIRE changed restarted; returns a new state.
 
     ``before`` and ``after`` are the parameters passed to and returned by
     :func:`apply` (the ``params`` collection is taken from a variables dict).
-    Every part of ``opt_state`` shaped like the parameter tree (Adam's ``mu``
-    and ``nu``, SGD's momentum ``trace``, ...) gets zeros at the leaves whose
-    values differ between ``before`` and ``after`` and keeps the rest. Works
-    under ``jax.jit``, on optax states and on an nnx Optimizer's
-    (``opt.opt_state = reset_opt_state(opt.opt_state, before, after)``).
+    Every per-parameter part of ``opt_state`` (Adam's ``mu`` and ``nu``,
+    momentum traces, adafactor's factored row and column statistics, the
+    accumulated gradients of ``optax.MultiSteps``, ...) is mapped to its
+    parameter leaf, through ``chain``, ``masked``, ``multi_transform``,
+    ``MultiSteps``, ``inject_hyperparams`` and the other optax wrappers; the
+    parts of the leaves whose values differ between ``before`` and ``after``
+    restart at their initial values, the rest are kept as they are. A
+    per-parameter array that cannot be mapped with confidence (a state type
+    fire_core does not know with arrays of other shapes) is a ValueError
+    naming the state type and its path; no state is returned with a moment
+    left stale. Works under ``jax.jit`` (the choice becomes ``jnp.where``) and
+    on an nnx Optimizer's state (its Variables are returned as Variables).
 
-    Adam-like optimizers keep one step ``count`` for the whole tree and divide
-    by ``1 - beta**count`` (bias correction). Zeroed moments with an old count
-    ``t`` make the next update of those leaves ``(1 - b1) / (1 - b1**t) /
-    sqrt((1 - b2) / (1 - b2**t))`` times a fresh Adam's: 0.98 at ``t = 100``,
-    2.5 at 1000, up to ``sqrt(1 - b2) / (1 - b1)`` = 3.2 (defaults 0.9,
-    0.999). With ``reset_count`` (the default) the ``count`` that sits next to
-    the reset moments (same optimizer state) is set to 0 when any leaf was
-    changed, so the reset leaves restart exactly like a fresh Adam; the cost
-    is that leaves FIRE did not touch (biases, norms, embeddings) take smaller
-    steps (0.40x at ``t = 1000``, 0.32x for long runs) until the correction
-    wears off, over about ``1 / (1 - b2)`` = 1000 steps. Other counts
-    (learning-rate schedules) are kept. Measured in ``benchmarks/flax_apply.py``.
+    ``tx``: the optimizer that made ``opt_state``. With it, the parts restart
+    at ``tx.init(after)``'s values, which is exact for every optimizer; it is
+    needed for states that start at a hyperparameter (adagrad's
+    ``initial_accumulator_value``, rmsprop's ``initial_scale``, rprop's step
+    sizes; ``optax.yogi``, whose moments start at 1e-6, is told apart from
+    Adam only by it), for L-BFGS and line searches (one history of all leaves
+    together, restarted whole) and for state types fire_core does not know.
+    Without it, the moments of the known types restart at zero.
+
+    Step counts (see ``docs/flax.md`` for each kind): a count that normalizes
+    the reset statistics (Adam's and Muon's bias correction, adafactor's decay,
+    ``MultiSteps``' position in its accumulation window) restarts at 0 when a
+    leaf it covers changed. Adam-like optimizers keep one ``count`` for the
+    whole tree and divide by ``1 - beta**count``: zeroed moments with an old
+    count ``t`` make the next update of those leaves ``(1 - b1) / (1 - b1**t)
+    / sqrt((1 - b2) / (1 - b2**t))`` times a fresh Adam's: 0.98 at ``t =
+    100``, 2.5 at 1000, up to ``sqrt(1 - b2) / (1 - b1)`` = 3.2 (defaults 0.9,
+    0.999). With ``reset_count`` (the default) the reset leaves restart exactly
+    like a fresh Adam; the cost is that leaves FIRE did not touch (biases,
+    norms, embeddings) take smaller steps (0.40x at ``t = 1000``, 0.32x for
+    long runs) until the correction wears off, over about ``1 / (1 - b2)`` =
+    1000 steps. Measured in ``benchmarks/flax_apply.py``. Learning-rate
+    schedule counts (``inject_hyperparams``, ``scale_by_schedule``) are kept.
     ``reset_count=False`` keeps every count.
     """
     before, after = _values(_params_only(before)), _values(_params_only(after))
-    ref = jax.tree_util.tree_structure(before)
-    if jax.tree_util.tree_structure(after) != ref:
-        raise ValueError("reset_opt_state: before and after are different trees")
-    shapes = [jnp.shape(x) for x in jax.tree_util.tree_leaves(before)]
-    changed = jax.tree_util.tree_map(lambda b, a: jnp.any(b != a), before, after)
-    any_changed = jnp.any(jnp.stack(jax.tree_util.tree_leaves(changed))) if shapes else jnp.asarray(False)
-
-    def is_moments(node) -> bool:  # a tree like the parameters (nnx Variables unwrapped)
-        if jax.tree_util.tree_structure(node, is_leaf=_is_variable).num_leaves != len(shapes):
-            return False
-        node = _values(node)
-        if jax.tree_util.tree_structure(node) != ref:
-            return False
-        return [jnp.shape(x) for x in jax.tree_util.tree_leaves(node)] == shapes
-
-    def with_count(node) -> bool:  # an optimizer state holding moments and their step count
-        fields = getattr(node, "_fields", None)
-        return bool(fields) and "count" in fields and any(is_moments(getattr(node, f)) for f in fields)
-
-    found = []
-
-    def reset(node):
-        if is_moments(node):
-            found.append(True)
-            return jax.tree_util.tree_map(_zero_where, changed, node)
-        if with_count(node):
-            fields = {f: reset(getattr(node, f)) for f in node._fields if f != "count"}
-            if reset_count:
-                fields["count"] = _zero_where(any_changed, node.count)
-            return node._replace(**fields)
-        return node
-
-    new_state = jax.tree_util.tree_map(reset, opt_state, is_leaf=lambda n: is_moments(n) or with_count(n))
-    if not found and any(jnp.ndim(_value(x)) > 0 for x in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_variable)):
-        raise ValueError(
-            "reset_opt_state: no part of opt_state has the structure and shapes of the parameters; "
-            "pass the same tree the optimizer was initialized with (the params collection, or the nnx State)"
-        )
-    return new_state
+    leaves, treedef = jax.tree_util.tree_flatten(opt_state, is_leaf=_is_variable)
+    values = jax.tree_util.tree_unflatten(treedef, [_value(x) for x in leaves])
+    new = treedef.flatten_up_to(reset(values, before, after, reset_count=reset_count, tx=tx))
+    return jax.tree_util.tree_unflatten(treedef, [_rewrap(old, v) for old, v in zip(leaves, new)])
 
 
-def _zero_where(condition, x):
-    """``x`` with its value replaced by zeros where ``condition`` (an nnx Variable stays a Variable)."""
-    value = _value(x)
-    new = jnp.where(condition, jnp.zeros_like(value), value)
-    return x.replace(new) if isinstance(x, nnx.Variable) else new
+def _rewrap(old, value):
+    """``value`` in the place of ``old``: an nnx Variable stays a Variable, an untouched leaf is ``old`` itself."""
+    if value is _value(old):
+        return old
+    return old.replace(value) if isinstance(old, nnx.Variable) else value
 
 
 def update(
-    model, steps: int = 5, *, include=None, exclude=None, layouts=None, method: str = "fire", scale="fire", probe=None
+    model,
+    steps: int = 5,
+    *,
+    include=None,
+    exclude=None,
+    layouts=None,
+    method: str = "fire",
+    scale="fire",
+    probe=None,
+    optimizer=None,
+    reset_count: bool = True,
 ):
     """FIRE on an nnx Module in place (its ``nnx.Param`` kernels); returns the :class:`fire_core.Report`.
 
@@ -365,9 +359,21 @@ def update(
     BatchNorm in train mode or a dropout RNG stream of ``model`` is not
     advanced); ``Report.drift`` is the relative change of the outputs. A
     model with ``nnx.BatchStat`` variables gets a note naming them.
+
+    ``optimizer``: an ``nnx.Optimizer`` of ``model``. Its state is restarted
+    in place for the projected leaves, as :func:`reset_opt_state` with its
+    ``tx`` (so exactly at ``tx.init``'s values, whatever the optimizer) and
+    ``reset_count``; every check runs before anything is written, so a
+    failure leaves the model and the optimizer as they were. ``optimizer.step``
+    (its count of updates, read by no optax transformation) is kept.
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"update expects an nnx.Module, got {type(model).__name__}; use apply() for parameter trees")
+    if optimizer is not None and not isinstance(optimizer, nnx.Optimizer):
+        raise TypeError(
+            f"optimizer must be an nnx.Optimizer of the model, got {type(optimizer).__name__}; "
+            "for an optax state use reset_opt_state(opt_state, before, after, tx=tx)"
+        )
     before = nnx.state(model, nnx.Param)
     kw = dict(include=include, exclude=exclude, layouts=layouts)
     after = apply(before, steps, method=method, scale=scale, **kw)
@@ -383,8 +389,38 @@ def update(
     stats = _batch_stat_modules(nnx.state(model, nnx.BatchStat))
     if stats and rep.rows:
         rep.notes.append(_stale_stats_note(stats))
+    writes = _optimizer_writes(optimizer, model, after, reset_count) if optimizer is not None else []
     nnx.update(model, after)
+    for variable, value in writes:
+        variable.set_value(value)
     return rep
+
+
+def _optimizer_writes(optimizer, model, after, reset_count):
+    """The (Variable, new value) pairs that restart ``optimizer``'s state for the leaves FIRE changed.
+
+    The optimizer's state is shaped like ``nnx.state(model, optimizer.wrt)``, which may hold fewer
+    leaves than the Params (or other ones): the parameters after FIRE are read from a copy of the
+    model with ``after`` written into it, under the same filter.
+    """
+    twin = nnx.clone(model)  # arrays shared, Variables new: `model` is not written here
+    nnx.update(twin, after)
+    before_w = _values(nnx.state(model, optimizer.wrt))
+    after_w = _values(nnx.state(twin, optimizer.wrt))
+    leaves, treedef = jax.tree_util.tree_flatten(optimizer.opt_state, is_leaf=_is_variable)
+    values = jax.tree_util.tree_unflatten(treedef, [_value(x) for x in leaves])
+    new = treedef.flatten_up_to(reset(values, before_w, after_w, reset_count=reset_count, tx=optimizer.tx))
+    writes = []
+    for old, value in zip(leaves, new):
+        if value is _value(old):
+            continue
+        if not isinstance(old, nnx.Variable):
+            raise TypeError(f"update: the optimizer state holds a bare {type(old).__name__}, not an nnx Variable; "
+                            "it cannot be written in place")
+        writes.append((old, value))
+    return writes
+
+
 
 
 # --- mapping the tree onto (name, array, layout) -------------------------------------------------
