@@ -81,9 +81,12 @@ class Report:
     def names(self) -> list[str]:
         return [row["name"] for row in self.rows]
 
-    def skip(self, name: str, shape, reason: str) -> None:
-        """Record a weight left alone, and why."""
-        self.skipped.append({"name": name, "shape": tuple(int(d) for d in shape), "reason": reason})
+    def skip(self, name: str, shape, reason: str, aliases=()) -> None:
+        """Record a weight left alone, and why (``aliases``: its other names, when tied)."""
+        entry = {"name": name, "shape": tuple(int(d) for d in shape), "reason": reason}
+        if aliases:
+            entry["aliases"] = list(aliases)
+        self.skipped.append(entry)
 
     def total(self, key: str) -> float:
         """Sum of a numeric column over all rows."""
@@ -133,7 +136,8 @@ class Report:
         """The weights left alone, one line per reason: ``left alone (reason): a (3x4), b (8x8)``."""
         by_reason: dict[str, list[str]] = {}
         for s in self.skipped:
-            by_reason.setdefault(s["reason"], []).append(f"{s['name']} ({'x'.join(map(str, s['shape']))})")
+            also = f" (= {', '.join(s['aliases'])})" if s.get("aliases") else ""
+            by_reason.setdefault(s["reason"], []).append(f"{s['name']}{also} ({'x'.join(map(str, s['shape']))})")
         lines = []
         for reason, names in by_reason.items():
             shown = ", ".join(names[:SKIPPED_SHOWN]) + (

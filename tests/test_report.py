@@ -36,3 +36,10 @@ def test_a_tied_row_shows_all_its_names():
     rep = _report()
     rep.rows[0]["aliases"] = ["head.weight"]
     assert "fc.weight (= head.weight)" in str(rep)
+
+
+def test_a_tied_skipped_weight_shows_all_its_names():
+    rep = _report()
+    rep.skip("lm_head.weight", (64, 32), "excluded by a pattern", aliases=["transformer.wte.weight"])
+    assert "left alone (excluded by a pattern): lm_head.weight (= transformer.wte.weight) (64x32)" in str(rep)
+    assert rep.to_dict()["skipped"][0]["aliases"] == ["transformer.wte.weight"]
