@@ -165,6 +165,7 @@ OPTIMIZERS = {
         {"adam": optax.adam(1e-3), "sgd": optax.sgd(1e-2, momentum=0.9)}, labels(p, "adam", "sgd")
     ),
     "apply_if_finite": lambda p: optax.apply_if_finite(optax.adam(1e-3), 3),
+    "conditionally_mask": lambda p: optax.transforms.conditionally_mask(optax.adam(1e-3), lambda step: step >= 0),
     "adan": lambda p: optax.adan(1e-3),
     "adadelta": lambda p: optax.adadelta(1e-1),
     "rprop": lambda p: optax.rprop(1e-3),
