@@ -603,6 +603,18 @@ def test_importing_fire_core_torch_is_the_only_way_torch_gets_imported():
     assert out.returncode == 0, out.stderr
 
 
+def test_hf_conv1d_is_recognised_without_importing_transformers():
+    code = (
+        "import sys, torch, fire_core.torch as ft\n"
+        "Conv1D = type('Conv1D', (torch.nn.Module,), {'__module__': 'transformers.pytorch_utils'})\n"
+        "m = Conv1D(); m.nf, m.nx = 6, 4; m.weight = torch.nn.Parameter(torch.randn(4, 6))\n"
+        "assert ft.apply(m).rows[0]['layout'] == 'io'\n"
+        "assert 'transformers' not in sys.modules"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert out.returncode == 0, out.stderr
+
+
 def test_reinit_of_one_weight_matches_apply():
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 5, 3).double()
