@@ -1009,7 +1009,8 @@ def _select(model: nn.Module, o: _Options):
     not as the refusal of the weight it was meant to leave out.
     """
     _refuse_wrappers(model)
-    targets, skipped, refusals, known = [], [], [], []
+    targets, refusals, known = [], [], []
+    skipped = Report(method="", steps=0, scale=None)  # collects the weights left alone
     used_layouts, used_splits = set(), set()
     for w in _walk(model, o.conv_groups):
         names = w.names
@@ -1107,12 +1108,12 @@ def _select(model: nn.Module, o: _Options):
         more = f" (and {len(refusals) - 1} more weights refused)" if len(refusals) > 1 else ""
         raise kind(message + more)
     if not targets:
-        lines = Report(method="", steps=0, scale=None, skipped=skipped).skipped_lines()
+        lines = skipped.skipped_lines()
         raise ValueError(
             "fire_core.torch.apply selected no weight, nothing was written"
             + (": " + "; ".join(lines) if lines else ": the model has no weights of two or more dimensions")
         )
-    return targets, skipped, _row_notes(targets)
+    return targets, skipped.skipped, _row_notes(targets)
 
 
 def _as_seen(w: _Weight) -> torch.Tensor:
@@ -1146,18 +1147,15 @@ def _weight_reason(w: _Weight, frozen: bool) -> str | None:
     return None
 
 
-def _record_skips(skipped: list, w: _Weight, blocks: list[str], left: list, aliases: tuple) -> None:
-    """One skipped entry per weight when all its blocks are left alone for one reason, else one per block."""
-    if not left:
-        return
-    tied = f"; tied: {' = '.join((w.names[0],) + aliases)}" if aliases else ""
+def _record_skips(skipped: Report, w: _Weight, blocks: list[str], left: list, aliases: tuple) -> None:
+    """One skipped entry per weight when all its blocks are left alone for one reason, else one per block.
+
+    A tied weight's entry names all its names (``aliases``), whichever of them excluded it.
+    """
     if len(left) == len(blocks) and len({r for _, r in left}) == 1:
         left = [(w.names[0], left[0][1])]
     for name, reason in left:
-        entry = {"name": name, "shape": w.shape, "reason": reason + tied}
-        if aliases:
-            entry["aliases"] = list(aliases)
-        skipped.append(entry)
+        skipped.skip(name, w.shape, reason, aliases)
 
 
 def _problem(w: _Weight, slot: Slot, o: _Options):

@@ -265,8 +265,8 @@ def test_excluding_a_tied_weight_by_any_name_leaves_it_alone(name):
     assert torch.equal(model.transformer.wte.weight.detach(), before)
     assert "lm_head.weight" not in report.names
     (entry,) = [s for s in report.skipped if s["name"] == "lm_head.weight"]
-    assert "excluded" in entry["reason"] and "lm_head.weight = transformer.wte.weight" in entry["reason"]
-    assert entry["aliases"] == ["transformer.wte.weight"]
+    assert entry["reason"] == f"excluded by {name!r}" and entry["aliases"] == ["transformer.wte.weight"]
+    assert f"left alone (excluded by {name!r}): lm_head.weight (= transformer.wte.weight) (64x32)" in str(report)
 
 
 def test_hf_llama_with_grouped_query_attention_matches_the_reference():
