@@ -58,18 +58,26 @@ and keep their own rules, which these mirror.)
     ``layouts={"decoder.up*": "iohw"}``.
 
 ``"flax"`` (names joined by ``/``, or by ``.`` when there is no ``/``)
-    As :mod:`fire_core.flax`: leaves named ``kernel`` (a trailing nnx
-    ``value`` component is ignored); 2 axes -> ``"io"`` (Dense); 3 axes under
-    ``query``, ``key`` or ``value`` of a module that has all of ``query``,
-    ``key``, ``value`` and ``out`` -> ``"ioo"``, under its ``out`` ->
-    ``"iio"`` (attention, heads merged into one matrix); under a module named
-    ``DenseGeneral_*`` / ``LinearGeneral_*`` -> ``"i"`` then ``"o"`` for
-    every other axis; otherwise 3, 4, 5 axes -> ``"wio"``, ``"hwio"``,
-    ``"dhwio"`` (Conv). ``embedding``, ``scale``, ``bias`` and the rest are
-    skipped.
+    As :mod:`fire_core.flax` without module information: leaves named
+    ``kernel`` (a trailing nnx ``value`` component is ignored). A name and a
+    shape alone are trusted only where they leave no doubt: 2 axes -> ``"io"``
+    (Dense); 3 axes under ``query``, ``key`` or ``value`` of a module that has
+    all of ``query``, ``key``, ``value`` and ``out`` -> ``"ioo"``, under its
+    ``out`` -> ``"iio"`` (attention, heads merged into one matrix); under
+    linen's own auto-names ``Conv_N`` / ``ConvTranspose_N`` -> a tap axis per
+    spatial axis, then ``"io"`` (``"wio"``, ``"hwio"``, ``"dhwio"``), if its
+    ``bias`` (when there is one) has one axis; under ``DenseGeneral_N`` ->
+    ``"i"`` for each leading axis and ``"o"`` for each trailing axis its
+    ``bias`` has. Every other kernel of 3 or more axes is refused, with the
+    reason: a user-named convolution, layers stacked by ``nn.scan`` /
+    ``nn.vmap`` (a scanned Dense is ``(L, in, out)``, 3 axes like a 1-D
+    conv), a DenseGeneral contracting several axes and a kernel under an
+    ``nn.scan``/``nn.vmap`` module (``ScanBlock_0``, ``VmapCritic_0``) look
+    alike by shape; name them in ``layouts`` (or exclude them).
+    ``embedding``, ``scale``, ``bias`` and the rest are skipped.
 
-A weight with more than 5 axes that the rules would take has no default
-layout: a ValueError asks for ``layouts`` or ``exclude``.
+A torch weight with more than 5 axes has no default layout: a ValueError
+asks for ``layouts`` or ``exclude`` (as for the Flax kernels above).
 
 Options, for both conventions:
 
@@ -104,6 +112,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import re
 from dataclasses import dataclass, field, replace
 from numbers import Integral, Real
 from typing import Callable, Iterable, Mapping
@@ -124,7 +133,13 @@ _TORCH_CONV = {2: "oi", 3: "oiw", 4: "oihw", 5: "oidhw"}
 _TORCH_WEIGHTS = ("weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_weight")
 _TORCH_EMBEDDINGS = ("wte", "wpe")
 _TORCH_WRAPPERS = ("module", "_orig_mod")  # name prefixes of DDP/DataParallel and torch.compile state dicts
-_FLAX_CONV = {2: "io", 3: "wio", 4: "hwio", 5: "dhwio"}
+_FLAX_TAPS = {1: "w", 2: "hw", 3: "dhw"}  # Flax Conv kernels: (*spatial, in, out), spatial axes named so
+# linen's own auto-names (class name + "_N"): the only names the Flax rules trust without module information.
+_FLAX_AUTO_CONV = re.compile(r"(?:Conv|ConvTranspose)_\d+")
+_FLAX_AUTO_DENSE = re.compile(r"Dense_\d+")
+_FLAX_AUTO_GENERAL = re.compile(r"DenseGeneral_\d+")
+# nn.scan / nn.vmap name the module class they lift "Scan<Class>" / "Vmap<Class>" (nn.remat adds "Checkpoint").
+_FLAX_LIFTED = re.compile(r"(?:Checkpoint|Remat|Jit)*(?:Scan|Vmap)[A-Z]\w*_\d+")
 _QKV = ("q", "k", "v")
 _ATTENTION = frozenset({"query", "key", "value", "out"})
 # Fused weights the torch rules split by default (module name -> blocks along the output axis), as the
@@ -480,24 +495,96 @@ def _flax_path(name: str) -> list[str]:
     return parts
 
 
-def _default_flax(name: str, shape: tuple[int, ...], siblings=None):
+class _FlaxTree:
+    """Names and shapes of a whole Flax tree: what the rules read of a kernel's siblings."""
+
+    def __init__(self, items=()):
+        self.children: dict[tuple, set] = {}
+        self.shapes: dict[tuple, tuple] = {}
+        for key, shape in items:
+            self.add(_flax_path(key), shape)
+
+    def add(self, parts, shape) -> None:
+        parts = tuple(parts)
+        self.shapes[parts] = tuple(int(s) for s in getattr(shape, "shape", shape))
+        if len(parts) >= 2:
+            self.children.setdefault(parts[:-2], set()).add(parts[-2])
+
+    def attention(self, parts) -> bool:
+        """Whether the kernel's module is a child of one that has ``query``, ``key``, ``value`` and ``out``."""
+        return _ATTENTION <= self.children.get(tuple(parts[:-2]), set())
+
+    def sibling(self, parts, leaf: str):
+        """The shape of the leaf ``leaf`` of the kernel's own module, or None."""
+        return self.shapes.get(tuple(parts[:-1]) + (leaf,))
+
+
+def _flax_kernel_rule(parts, shape, tree: _FlaxTree | None = None, stacked: int | None = None):
+    """``(layout, None)`` for a kernel the Flax names rules are sure of, else ``(None, why not)``.
+
+    ``parts``: the kernel's path (ending in ``kernel``); ``shape``: its shape
+    with ``stacked`` known stack axes already taken out (None: nothing is
+    known about stacking). Only Flax's own auto-names and the attention
+    structure are trusted (see the module docstring).
+    """
+    shape = tuple(shape)
+    ndim, owner = len(shape), (parts[-2] if len(parts) > 1 else "")
+    if ndim == 2:
+        return "io", None
+    lifted = [p for p in parts[:-1] if _FLAX_LIFTED.fullmatch(p)]
+    if stacked is None and lifted:
+        return None, (
+            f"it is under {lifted[-1]}, a module lifted by nn.scan/nn.vmap, whose stack axes the tree does not "
+            f"record (a scanned Dense is (L, in, out), 3 axes like a 1-D conv)"
+        )
+    bias = tree.sibling(parts, "bias") if tree is not None else None
+    bias_axes = None if bias is None else len(bias) - (stacked or 0)
+    if ndim == 3 and owner in _ATTENTION and (tree is None or tree.attention(parts)):
+        return ("iio" if owner == "out" else "ioo"), None
+    if _FLAX_AUTO_CONV.fullmatch(owner):
+        if bias_axes not in (None, 1):
+            return None, (
+                f"a Conv's bias has one axis, but {owner}/bias has shape {bias}: the module holds stacked layers "
+                f"(nn.scan/nn.vmap), at axes the tree does not record"
+            )
+        taps = _FLAX_TAPS.get(ndim - 2) or "".join(c for c in "abcdefghjklmnpqrstuvwxyz")[: ndim - 2]
+        return taps + "io", None
+    if _FLAX_AUTO_GENERAL.fullmatch(owner):
+        if bias_axes is not None and 0 < bias_axes < ndim and tuple(shape[-bias_axes:]) == tuple(bias[-bias_axes:]):
+            return "i" * (ndim - bias_axes) + "o" * bias_axes, None
+        return None, (
+            f"how many of a DenseGeneral's axes are inputs and how many outputs (its axis= and features=) is "
+            f"told by its bias, and {owner} has "
+            + ("none" if bias is None else f"one of shape {bias}, which does not end its kernel's shape")
+        )
+    if _FLAX_AUTO_DENSE.fullmatch(owner):
+        return None, (
+            f"a Dense kernel has 2 axes and this one has {ndim}: it holds stacked layers (nn.scan/nn.vmap), at "
+            f"axes the tree does not record"
+        )
+    return None, (
+        f"no rule tells what a {ndim}-axis kernel of a module named {owner!r} is (a convolution, layers stacked "
+        f"by nn.scan/nn.vmap and a DenseGeneral look alike by shape; only linen's auto-names Conv_N, "
+        f"ConvTranspose_N and DenseGeneral_N are trusted)"
+    )
+
+
+def _default_flax(name: str, shape: tuple[int, ...], siblings=None) -> _Rule | None:
+    """The Flax rule for one named array (see the module docstring), or None when the rules do not take it.
+
+    ``siblings``: a :class:`_FlaxTree` of the whole tree (the attention
+    structure and the biases the rules read), or None.
+    """
     parts = _flax_path(name)
     if parts[-1] != "kernel" or len(shape) < 2:
         return None
-    owner = parts[-2] if len(parts) > 1 else ""
-    ndim = len(shape)
-    if ndim == 2:
-        return "io", None
-    attention = siblings is None or _ATTENTION <= siblings.get(tuple(parts[:-2]), set())
-    if ndim == 3 and owner in _ATTENTION and attention:
-        return ("iio" if owner == "out" else "ioo"), None
-    if owner.startswith(("DenseGeneral_", "LinearGeneral_")):
-        return "i" + "o" * (ndim - 1), None
-    if ndim not in _FLAX_CONV:
-        raise ValueError(
-            f"{name}: a kernel of shape {shape} has no default layout; pass layouts={{{name!r}: ...}} or exclude it"
-        )
-    return _FLAX_CONV[ndim], None
+    layout, why = _flax_kernel_rule(parts, shape, siblings if isinstance(siblings, _FlaxTree) else None)
+    if layout is None:
+        return _Rule(None, problem=(
+            f"{name}: a kernel of shape {tuple(shape)} has no default layout: {why}; pass layouts={{{name!r}: ...}} "
+            f"(uppercase letters are stacked layers: 'Lio' for a scanned Dense) or exclude it"
+        ))
+    return _Rule(layout)
 
 
 def _split_spec(pattern, spec):
@@ -664,12 +751,7 @@ def select(
     tied = _mapping(tied, "tied")
     rule = _default_torch if convention == "torch" else _default_flax
     items = list(named_shapes.items() if isinstance(named_shapes, Mapping) else named_shapes)
-    siblings: dict[tuple, set] = {}
-    if convention == "flax":
-        for key, _ in items:
-            parts = _flax_path(key)
-            if len(parts) >= 2:
-                siblings.setdefault(tuple(parts[:-2]), set()).add(parts[-2])
+    siblings = _FlaxTree(items) if convention == "flax" else {}
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, str] = {}  # the non-floating ones
     for key, value in items:

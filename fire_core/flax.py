@@ -10,42 +10,54 @@ and :func:`update` does all of it in place on an nnx Module.
 
 Which leaves, and in which layout
 ---------------------------------
-A leaf is projected when its last path entry is ``kernel`` (Flax's name for
-Dense, DenseGeneral, Conv and attention weights); ``embedding``, ``scale``,
-``bias`` and batch statistics never are. The layout follows from the path and
-the number of axes:
+A leaf is a candidate when its last path entry is ``kernel`` (Flax's name for
+Dense, DenseGeneral, Conv, Einsum and attention weights) and it has two or
+more axes; ``embedding``, ``scale``, ``bias`` and batch statistics never are.
+A kernel of two axes is a Dense ``(in, out)``: ``"io"``. One of three or more
+axes is ambiguous by shape (a 1-D conv, a Dense scanned over layers and an
+ensemble are all ``(a, in, out)``), so its layout is taken from what says
+what it is, and a kernel nothing settles is a ValueError naming it (nothing
+is guessed, nothing written):
 
-====================================================  ==========================
-kernel                                                layout
-====================================================  ==========================
-2 axes (Dense, nnx Linear)                            ``"io"``
-3 axes under ``query``/``key``/``value`` of a module  ``"ioo"`` (in, heads, head_dim)
-that also has ``out`` (attention)
-3 axes under that module's ``out``                    ``"iio"`` (heads, head_dim, out)
-under a module named ``DenseGeneral_*`` /             ``"i"`` then ``"o"`` for every
-``LinearGeneral_*``                                   other axis (``axis=-1``)
-3, 4, 5 axes otherwise (Conv 1-D, 2-D, 3-D)           ``"wio"``, ``"hwio"``, ``"dhwio"``
-====================================================  ==========================
+* ``layouts={pattern: layout}`` (first match wins; ``None`` leaves it alone;
+  uppercase letters are stacked layers, each projected and scaled on its
+  own: ``"Lio"`` for a scanned Dense) and ``stacked={pattern: n}`` (the first
+  ``n`` axes of each kernel under the pattern are stacked layers; the rest
+  is read as below). A pattern matching a leaf's full path applies to that
+  leaf (any name); one matching a module path (``"proj"``,
+  ``"blocks/*/mlp"``) to its ``kernel``;
+* ``model=``: the nnx Module, or ``(linen_module, *example_inputs)`` (traced
+  once, abstractly): each kernel's module type (Dense/Linear ``"io"``,
+  DenseGeneral/LinearGeneral by their axes, Conv/ConvTranspose per tap,
+  Einsum by its equation, ConvLocal left alone) and the axes
+  ``nn.scan``/``nn.vmap``/``nnx.vmap``/``nnx.scan`` stacked;
+* partition names recorded with the weight (``nn.Partitioned``, an nnx
+  Variable's ``out_sharding``): an axis named one of :data:`STACK_NAMES`
+  (``"layers"``, ``"ensemble"``, ...) is a stack axis;
+* Flax's own names (:mod:`fire_core.conventions`' ``"flax"`` rules, shared
+  with the ``fire-core`` command): attention q/k/v ``"ioo"`` and out
+  ``"iio"`` under a module with all four, linen's auto-names ``Conv_N`` /
+  ``ConvTranspose_N`` (taps, then ``"io"``) and ``DenseGeneral_N`` (its bias
+  tells the output axes), outside an ``nn.scan``/``nn.vmap`` module.
 
-The rules are :mod:`fire_core.conventions`' ``"flax"`` convention, shared with
-the ``fire-core`` command. A kernel with fewer than 2 axes is skipped; one
-with more than 5 that no rule covers is a ValueError naming it. Anything
-else (a DenseGeneral contracting several input axes, a weight not called
-``kernel``) takes ``layouts={"glob": "layout"}``, whose first matching
-pattern wins over the rules (``None`` skips the leaf). A pattern matching a leaf's full path applies to that leaf (any name); one
-matching a module path (``"proj"``, ``"blocks/*/mlp"``) to its ``kernel``.
+``trainable=`` says which leaves are trained (a pytree of bools like an
+optax mask, a function ``params -> mask``, an nnx filter or an
+``nnx.Optimizer``); the others are frozen and left alone.
+:func:`report`'s ``Report.skipped`` lists every floating parameter of two or
+more axes that was not projected, with the reason.
 
 Paths are the tree's keys joined by ``/`` (``Dense_0/kernel``,
 ``encoder/layers/0/attn/query/kernel``); for a whole variables dict they are
 relative to its ``params`` collection, and nnx's ``Variable`` wrapper adds no
 entry. ``include``/``exclude`` take glob patterns, matched against the full
 path and each of its prefixes (so ``Dense_1`` selects that module's kernel),
-or a callable ``(path, array) -> bool`` (as the torch adapter's).
+or a callable ``(path, array) -> bool`` (as the torch adapter's). A pattern
+(include, exclude, ``layouts``, ``stacked``) that matches no kernel is a
+ValueError naming the closest paths, and so is a call that selects nothing.
 """
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Mapping
 
 import jax
@@ -54,31 +66,33 @@ import numpy as np
 from flax import nnx
 
 from ._array import check_finite
-from .conventions import _default_flax, check_patterns, matches
+from . import _flax_select
+from ._flax_select import STACK_NAMES, _key_name
+from ._flax_select import is_variables_dict as _is_variables_dict
 from ._optax_state import reset
 from .metrics import drift
-from .layout import parse_layout, scale_factor
 from .plan import measure, reinit_many
 
 __all__ = ["apply", "report", "reset_opt_state", "update", "select", "refresh_batch_stats"]
 
 
-class _Leaf:
-    """One selected weight: its position in the flattened tree, name, array and layout."""
+def select(params, *, include=None, exclude=None, layouts=None, stacked=None, model=None, trainable=None):
+    """The leaves :func:`apply` would project, as ``{path: layout}``, in tree order.
 
-    __slots__ = ("index", "path", "array", "layout")
-
-    def __init__(self, index, path, array, layout):
-        self.index, self.path, self.array, self.layout = index, path, array, layout
-
-
-def select(params, *, include=None, exclude=None, layouts=None) -> dict[str, str]:
-    """The leaves :func:`apply` would project, as ``{path: layout}``, in tree order."""
-    _, _, chosen = _plan(params, include, exclude, layouts)
+    Takes :func:`apply`'s selection arguments and raises its selection errors.
+    """
+    _, _, chosen, _ = _flax_select.plan(params, **_selection(include, exclude, layouts, stacked, model, trainable))
     return {leaf.path: leaf.layout for leaf in chosen}
 
 
-def apply(params, steps: int = 5, *, include=None, exclude=None, layouts=None, method: str = "fire", scale="fire"):
+def _selection(include, exclude, layouts, stacked, model, trainable) -> dict:
+    return dict(include=include, exclude=exclude, layouts=layouts, stacked=stacked, model=model, trainable=trainable)
+
+
+def apply(
+    params, steps: int = 5, *, include=None, exclude=None, layouts=None, stacked=None, model=None, trainable=None,
+    method: str = "fire", scale="fire",
+):
     """FIRE on every selected kernel of a Flax parameter tree; returns a new tree.
 
     ``params`` is a linen ``params`` tree (dict or ``FrozenDict``), a whole
@@ -93,9 +107,15 @@ def apply(params, steps: int = 5, *, include=None, exclude=None, layouts=None, m
     own. ``method``, ``steps`` and ``scale`` are those of
     :func:`fire_core.reinit`. Eagerly, a NaN or Inf weight is a ValueError
     naming its path, raised before any work; under tracing that check is
-    skipped. See the module docstring for which leaves are selected.
+    skipped. See the module docstring for which leaves are selected and what
+    ``layouts``, ``stacked``, ``model`` and ``trainable`` say.
+
+    A stacked tree (an ensemble's parameters with a leading member axis) may
+    also be mapped member by member: ``jax.vmap(fire_core.flax.apply)(tree)``
+    sees each member's own kernels.
     """
-    leaves, treedef, chosen = _plan(params, include, exclude, layouts)
+    pairs, treedef, chosen, _ = _flax_select.plan(params, **_selection(include, exclude, layouts, stacked, model, trainable))
+    leaves = [leaf for _, leaf in pairs]
     # Sharded leaves come back in their own shardings. With Explicit mesh axes (shardings in the
     # types, the default of jax.make_mesh) the core's sharded matmuls would need an output sharding
     # it cannot name, so those leaves run in auto mode; concrete leaves sharded over an Auto mesh
@@ -130,18 +150,21 @@ def apply(params, steps: int = 5, *, include=None, exclude=None, layouts=None, m
         new.update(zip(names, results))
     out = list(leaves)
     for leaf in chosen:
-        old = leaves[leaf.index]
-        out[leaf.index] = old.replace(new[leaf.path]) if isinstance(old, nnx.Variable) else new[leaf.path]
+        out[leaf.index] = _flax_select.rewrap(leaves[leaf.index], new[leaf.path])
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def report(
-    before, after, *, include=None, exclude=None, layouts=None, scale="fire", method=None, steps=None, probe=None
+    before, after, *, include=None, exclude=None, layouts=None, stacked=None, model=None, trainable=None,
+    scale="fire", method=None, steps=None, probe=None,
 ):
     """A :class:`fire_core.Report` of what :func:`apply` did, from the trees before and after.
 
-    Pass the same ``include``/``exclude``/``layouts`` and ``scale`` as to
-    :func:`apply`; ``method`` and ``steps`` only label the report. Rows as
+    Pass the same selection arguments (``include``, ``exclude``, ``layouts``,
+    ``stacked``, ``model``, ``trainable``) and ``scale`` as to :func:`apply`;
+    ``method`` and ``steps`` only label the report. ``Report.skipped`` names
+    every floating parameter of two or more axes left alone, with the reason
+    (an embedding, a bias, excluded, frozen, empty, ...). Rows as
     the torch adapter's (name, shape, layout, taps, n, scale, sfe,
     dfi_before, dfi_after), with ``dfi_after`` the DfI of the new weight
     divided by the factor ``scale`` applied (see :func:`fire_core.plan.measure`
@@ -167,16 +190,22 @@ def report(
     (``batch_stats``, ``nnx.BatchStat``) gets a note naming them: they were
     measured with the old weights (see ``docs/stability.md`` to refresh them).
     """
-    leaves_b, treedef_b, chosen = _plan(before, include, exclude, layouts)
-    leaves_a, treedef_a = _flatten(after)
+    _, treedef_b, chosen, skipped = _flax_select.plan(
+        before, **_selection(include, exclude, layouts, stacked, model, trainable)
+    )
+    pairs_a, treedef_a = _flax_select.flatten(after)
+    leaves_a = [leaf for _, leaf in pairs_a]
     if treedef_a != treedef_b:
         raise ValueError(f"before and after are different trees:\n{treedef_b}\nvs\n{treedef_a}")
     if probe is not None and (not isinstance(probe, tuple) or not probe or not callable(probe[0])):
         raise TypeError(f"probe must be a tuple (fn, *args) with fn(tree, *args) -> outputs, got {type(probe).__name__}")
     pairs = (  # a generator: at most one gathered weight at a time
-        (leaf.path, _gathered(leaf.array), _gathered(_value(leaves_a[leaf.index])), leaf.layout) for leaf in chosen
+        (leaf.path, _gathered(leaf.array), _gathered(_flax_select.value(leaves_a[leaf.index])), leaf.layout)
+        for leaf in chosen
     )
     rep = measure(pairs, scale=scale, method=method, steps=steps)
+    for name, shape, reason in skipped:
+        rep.skip(name, shape, reason)
     if probe is not None:
         fn, *args = probe
         out_before, out_after = fn(before, *args), fn(after, *args)
@@ -342,6 +371,8 @@ def update(
     include=None,
     exclude=None,
     layouts=None,
+    stacked=None,
+    trainable=None,
     method: str = "fire",
     scale="fire",
     probe=None,
@@ -350,9 +381,15 @@ def update(
 ):
     """FIRE on an nnx Module in place (its ``nnx.Param`` kernels); returns the :class:`fire_core.Report`.
 
-    Shorthand for ``new = apply(nnx.state(model, nnx.Param), ...)``,
-    ``nnx.update(model, new)`` and :func:`report`. A failure leaves the model
-    as it was. Eager only (the report reads values).
+    Shorthand for ``new = apply(nnx.state(model, nnx.Param), model=model,
+    ...)``, ``nnx.update(model, new)`` and :func:`report`: the module types
+    and stacked axes are read from ``model`` itself. A failure leaves the
+    model as it was. Eager only (the report reads values).
+
+    ``trainable``: as for :func:`apply` (an nnx filter, say). By default the
+    leaves ``optimizer`` trains (its ``wrt`` filter) when an optimizer is
+    given, so Params it does not train (a LoRA base) are left alone and
+    listed as frozen; ``trainable=nnx.Param`` projects them too.
 
     ``probe``: an input (or a tuple of positional inputs) the model is called
     on before and after, in its current mode, on a copy of its state (a
@@ -375,7 +412,9 @@ def update(
             "for an optax state use reset_opt_state(opt_state, before, after, tx=tx)"
         )
     before = nnx.state(model, nnx.Param)
-    kw = dict(include=include, exclude=exclude, layouts=layouts)
+    if trainable is None and optimizer is not None:
+        trainable = optimizer.wrt
+    kw = _selection(include, exclude, layouts, stacked, model, trainable)
     after = apply(before, steps, method=method, scale=scale, **kw)
     rep = report(before, after, scale=scale, method=method, steps=steps, **kw)
     if probe is not None:
@@ -421,8 +460,6 @@ def _optimizer_writes(optimizer, model, after, reset_count):
     return writes
 
 
-
-
 # --- mapping the tree onto (name, array, layout) -------------------------------------------------
 
 
@@ -437,11 +474,12 @@ def _project_stacked(items, out: dict, steps, method, scale, mesh) -> None:
     weights move once each way (all-to-all) instead of every Gram product of
     every step being all-reduced (measured in ``benchmarks/distributed.py``).
     Only groups with at least one leaf per device are stacked (fewer would
-    leave devices idle); the rest, and ``scale="norm"`` (a factor per leaf),
-    go to XLA's sharded matmuls as they are.
+    leave devices idle); the rest go to XLA's sharded matmuls as they are.
+    The stack is one more stack axis of the layout, so each leaf is scaled
+    as its own layer (``scale="norm"`` included).
     """
     devices = getattr(mesh, "size", 1)
-    if scale == "norm" or devices < 2 or not hasattr(mesh, "axis_names"):
+    if devices < 2 or not hasattr(mesh, "axis_names"):
         return _project(items, out, steps, method, scale)
     groups: dict[tuple, list] = {}
     for name, array, layout in items:
@@ -456,10 +494,9 @@ def _project_stacked(items, out: dict, steps, method, scale, mesh) -> None:
         if isinstance(mesh, jax.sharding.Mesh):  # a concrete mesh (Auto axes); Explicit ones are the context's
             spec = jax.sharding.NamedSharding(mesh, spec)
         stack = jax.lax.with_sharding_constraint(stack, spec)
-        letter = next(c for c in "zyxwvutsrqpnmlkjhgfedcba" if c not in layout)  # the stack axis: one more tap axis
-        factor = scale_factor(scale, parse_layout(layout, shape))  # each leaf's own factor, not the stack's
+        letter = next(c for c in "ZYXWVUTSRQPNMLKJHGFEDCBA" if c not in layout)  # the leaves as stacked layers
         new = {}
-        _project([("stack", stack, letter + layout)], new, steps, method, factor)
+        _project([("stack", stack, letter + layout)], new, steps, method, scale)
         # the result pinned to the stack's sharding too: else XLA propagates the leaves' own
         # shardings back into the iteration and all-gathers there (measured: 4x slower)
         result = jax.lax.with_sharding_constraint(new["stack"], spec)
@@ -494,12 +531,6 @@ def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def _flatten(tree):
-    """Leaves (nnx Variables kept whole) with their key paths, and the tree definition."""
-    pairs, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)
-    return [leaf for _, leaf in pairs], treedef
-
-
 def _value(leaf):
     return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
 
@@ -509,82 +540,5 @@ def _values(tree):
     return jax.tree_util.tree_map(_value, tree, is_leaf=_is_variable)
 
 
-def _key_name(key) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def _is_variables_dict(tree) -> bool:
-    return isinstance(tree, Mapping) and not isinstance(tree, nnx.State) and "params" in tree
-
-
 def _params_only(tree):
     return tree["params"] if _is_variables_dict(tree) else tree
-
-
-def _names(tree) -> list[tuple[str, ...] | None]:
-    """Per flattened leaf: its path as names (relative to ``params``), or None if not a parameter."""
-    pairs, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)
-    variables = _is_variables_dict(tree)
-    out = []
-    for path, leaf in pairs:
-        names = tuple(_key_name(k) for k in path)
-        if isinstance(leaf, nnx.Variable) and not isinstance(leaf, nnx.Param):
-            names = None
-        elif variables:
-            names = names[1:] if names[:1] == ("params",) else None
-        if names and isinstance(path[-1], jax.tree_util.GetAttrKey) and names[-1] == "value":
-            names = names[:-1]  # old nnx VariableState leaves end in `.value`
-        out.append(names)
-    return out
-
-
-def _layout_matches(pattern: str, names: tuple[str, ...]) -> bool:
-    """A ``layouts`` pattern names a leaf by its full path, or a module whose ``kernel`` it means."""
-    if fnmatch.fnmatchcase("/".join(names), pattern):
-        return True
-    return names[-1] == "kernel" and matches([pattern], "/".join(names[:-1]), "/")
-
-
-def _selected(rule, names, array) -> bool:
-    if callable(rule):
-        return bool(rule("/".join(names), array))
-    return matches(rule, "/".join(names), "/")
-
-
-def _plan(tree, include, exclude, layouts):
-    """Flatten ``tree`` and choose the leaves to project, validating the selection arguments."""
-    include, exclude = check_patterns(include, "include"), check_patterns(exclude, "exclude")
-    if layouts is not None and not isinstance(layouts, Mapping):
-        raise TypeError(f"layouts must be a mapping of glob patterns to layout strings, got {type(layouts).__name__}")
-    leaves, treedef = _flatten(tree)
-    all_names = _names(tree)
-    siblings: dict[tuple, set] = {}
-    for names in all_names:
-        if names and len(names) >= 2:
-            siblings.setdefault(names[:-2], set()).add(names[-2])
-    chosen = []
-    for index, (leaf, names) in enumerate(zip(leaves, all_names)):
-        if not names:
-            continue
-        array = _value(leaf)
-        if not hasattr(array, "ndim"):
-            continue
-        if include is not None and not _selected(include, names, array):
-            continue
-        if exclude is not None and _selected(exclude, names, array):
-            continue
-        layout = next((lay for pat, lay in (layouts or {}).items() if _layout_matches(pat, names)), False)
-        if layout is False:  # the Flax naming rules, shared with fire_core.conventions
-            rule = _default_flax("/".join(names), tuple(array.shape), siblings)
-            layout = rule[0] if rule else None
-        if layout is None:
-            continue
-        chosen.append(_Leaf(index, "/".join(names), array, layout))
-    if include is not None and not callable(include):
-        for pat in include:
-            if not any(matches([pat], leaf.path, "/") for leaf in chosen):
-                raise ValueError(f"include pattern {pat!r} matches no projectable weight")
-    return leaves, treedef, chosen

@@ -402,7 +402,6 @@ def test_options_of_a_wrong_type_are_a_type_error(kw):
         ("params/attn/key/kernel", (16, 2, 8), "ioo"),
         ("params/attn/value/kernel", (16, 2, 8), "ioo"),
         ("params/attn/out/kernel", (2, 8, 16), "iio"),
-        ("params/DenseGeneral_0/kernel", (16, 2, 8), "ioo"),
         ("params/Conv_0/kernel", (3, 4, 8), "wio"),
         ("params/Conv_1/kernel", (3, 3, 4, 8), "hwio"),
         ("params/Conv_2/kernel", (3, 3, 3, 4, 8), "dhwio"),
@@ -416,8 +415,44 @@ def test_flax_kernels_get_their_layout(name, shape, layout):
     assert layouts_of(targets({**attention, name: shape}, "flax"))[name] == layout
 
 
-def test_flax_query_kernel_without_attention_siblings_is_a_conv():
-    assert layouts_of(targets({"params/query/kernel": (3, 4, 8)}, "flax")) == {"params/query/kernel": "wio"}
+def test_flax_query_kernel_without_attention_siblings_is_refused():
+    # (3, 4, 8) under a user-named module: a 1-D conv, a scanned Dense (L, in, out) or a DenseGeneral
+    with pytest.raises(ValueError, match=r"params/query/kernel.*no default layout.*layouts="):
+        targets({"params/query/kernel": (3, 4, 8)}, "flax")
+
+
+@pytest.mark.parametrize(
+    "bias, layout",
+    [((2, 8), "ioo"), ((8,), "iio")],  # features=(2, 8), axis=-1; features=8, axis=(-2, -1)
+)
+def test_flax_dense_general_auto_name_reads_its_outputs_from_the_bias(bias, layout):
+    shapes = {"params/DenseGeneral_0/kernel": (16, 2, 8), "params/DenseGeneral_0/bias": bias}
+    assert layouts_of(targets(shapes, "flax")) == {"params/DenseGeneral_0/kernel": layout}
+
+
+def test_flax_dense_general_without_a_bias_is_refused():
+    with pytest.raises(ValueError, match=r"DenseGeneral_0/kernel.*bias"):
+        targets({"params/DenseGeneral_0/kernel": (16, 2, 8)}, "flax")
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        {"params/ScanBlock_0/Dense_0/kernel": (4, 8, 8)},  # nn.scan over layers
+        {"params/VmapCritic_0/Dense_0/kernel": (2, 5, 16)},  # nn.vmap ensemble
+        {"params/ScanBlock_0/Conv_0/kernel": (4, 3, 3, 8)},  # a scanned 1-D conv, not a 2-D one
+        {"params/Dense_0/kernel": (3, 8, 8)},  # a Dense has 2 axes: stacked by a decorator-style nn.scan
+        {"params/Conv_0/kernel": (3, 3, 8, 8), "params/Conv_0/bias": (3, 8)},  # a stacked conv's bias
+    ],
+)
+def test_flax_stacked_kernels_are_refused_by_name(shapes):
+    with pytest.raises(ValueError, match=r"no default layout.*stacked"):
+        targets(shapes, "flax")
+
+
+def test_flax_stacked_kernel_takes_a_layout_with_a_stack_axis():
+    found = targets({"params/ScanBlock_0/Dense_0/kernel": (4, 8, 16)}, "flax", layouts={"params/ScanBlock_0/*": "Lio"})
+    assert layouts_of(found) == {"params/ScanBlock_0/Dense_0/kernel": "Lio"}
 
 
 @pytest.mark.parametrize(
