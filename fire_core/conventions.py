@@ -657,9 +657,7 @@ class Selection:
             if row["name"] in aliases:
                 row["aliases"] = aliases[row["name"]]
         for s in self.skipped:
-            report.skip(s["name"], s["shape"], s["reason"])
-            if s.get("aliases"):
-                report.skipped[-1]["aliases"] = list(s["aliases"])
+            report.skip(s["name"], s["shape"], s["reason"], aliases=s.get("aliases", ()))
         report.notes.extend(self.notes)
         return report
 
@@ -842,9 +840,7 @@ def select(
     known: list[str] = []
 
     def skip(name, shape, reason, aliases):
-        if len(shape) >= 2:
-            if aliases:  # the line under a report's table names every name of the tensor
-                reason += f" (one tensor, also named {', '.join(aliases)})"
+        if len(shape) >= 2:  # a tied tensor's other names go with it (the report prints them)
             entry = {"name": name, "shape": tuple(shape), "reason": reason}
             if aliases:
                 entry["aliases"] = list(aliases)
