@@ -43,19 +43,65 @@ def small_gram(x, xp):
     return xt @ x if x.shape[-2] >= x.shape[-1] else x @ xt
 
 
-def gram_dfi(g, xp, *, overwrite: bool = False):
-    """``||g - I||_F^2`` over the last two axes of a batch of Gram matrices.
+def gram_dfi(g, xp, *, overwrite: bool = False, weight=None, shift=None):
+    """``||weight g - shift I||_F^2`` over the last two axes of a batch of Gram matrices.
 
-    With ``overwrite`` the caller hands ``g`` over: a PyTorch tensor then
-    has the identity subtracted from its diagonal in place, with no ``n x n``
-    temporary (those temporaries were a third of the report's time on a CPU).
+    ``weight`` and ``shift`` (default 1): one factor per matrix, shape
+    ``(..., 1, 1)``; with them a DfI too large (or too small) for the
+    dtype is measured in pieces, see :func:`dfi_split`. With ``overwrite``
+    the caller hands ``g`` over: a PyTorch tensor then has the identity
+    subtracted from its diagonal in place, with no ``n x n`` temporary
+    (those temporaries were a third of the report's time on a CPU).
     """
+    if weight is not None:
+        g = g * weight
+        overwrite = True  # the product is ours
     if overwrite and is_plain_tensor(g) and not g.requires_grad:
-        g.diagonal(dim1=-2, dim2=-1).sub_(1)
+        g.diagonal(dim1=-2, dim2=-1).sub_(1 if shift is None else shift[..., 0])
         d = g
     else:
-        d = g - xp.eye(g.shape[-1], dtype=g.dtype, device=device_of(g))
+        eye = xp.eye(g.shape[-1], dtype=g.dtype, device=device_of(g))
+        d = g - (eye if shift is None else shift * eye)
     return xp.linalg.vector_norm(d, axis=(-2, -1)) ** 2  # one pass, no squared temporary
+
+
+def unit_scale(amax, xp):
+    """A power of two ``s`` per matrix with ``amax * s`` near 1, from the largest magnitudes ``amax``.
+
+    ``x * s`` then has its largest entry in ``[1/2, 2]``, so none of its
+    squares overflows and its largest ones do not underflow; multiplying by
+    a power of two rounds nothing. ``s`` and ``1 / s`` are kept normal
+    numbers (``s`` in ``[2^-126, 2^126]`` for float32), as a division by a
+    huge ``amax`` is not: XLA on a CPU multiplies by the reciprocal and
+    flushes it to zero when it is subnormal. So the largest entry of ``x * s``
+    lies in ``[2^-23, 4]`` at the ends of the range. A zero matrix gets
+    ``s = 1``.
+    """
+    limit = -math.log2(float(xp.finfo(amax.dtype).smallest_normal))  # 126 for float32, 1022 for float64
+    safe = xp.where(amax > 0, amax, xp.ones_like(amax))
+    return 2.0 ** xp.clip(-xp.round(xp.log2(safe)), min=-limit, max=limit)
+
+
+def dfi_split(scale, nu, divisor):
+    """``(weight, shift, t, log10_t)`` with ``DfI(x / divisor) = t^2 ||weight A - shift I||_F^2``, in float64.
+
+    For a matrix ``x`` known by the Gram matrix ``A`` of ``x * scale`` and
+    ``nu = ||x * scale||_F``: ``q = nu / (scale divisor)`` is ``||x||_F /
+    divisor``, which may be far from 1 (a weight of 1e18 over its reference
+    scale), and ``DfI = ||q^2 A / nu^2 - I||^2``. With ``weight = min(q, 1)^2
+    / nu^2`` and ``shift = 1 / max(q, 1)^2`` both terms of the norm are at
+    most about 1, so nothing overflows in the compute dtype, and an
+    underflow of either is below the other term's rounding; ``t = max(q,
+    1)^2`` (``inf`` beyond float64, when ``log10_t`` still says how far).
+    Python floats in and out, one matrix each; a zero matrix (``nu = 0``)
+    gives ``(0, 1, 1, 0)``.
+    """
+    if nu == 0:
+        return 0.0, 1.0, 1.0, 0.0
+    q = nu / scale / divisor  # Python floats: inf where it overflows, no exception
+    if q <= 1:
+        return (q / nu) ** 2, 1.0, 1.0, 0.0
+    return 1 / nu**2, 1 / q / q, q * q, 2 * (math.log10(nu) - math.log10(scale) - math.log10(divisor))
 
 
 def dfi(x, /):

@@ -4,7 +4,8 @@ Adapters map their framework's structures (modules, pytrees, dicts of arrays)
 to ``(name, array, layout)`` triples and hand them to :func:`reinit_many`,
 which
 
-1. validates every weight (dtype, layout, finite values) before any work, so a
+1. validates every weight (dtype, layout, finite values, and that its new
+   values and report numbers can be represented) before any work, so a
    failure names the layer and nothing has been written;
 2. groups the matrices by (namespace, matrix shape, dtype, device), so conv
    taps and same-shaped layers share one batched projection;
@@ -17,6 +18,21 @@ which
 4. hands each new weight, in its own layout and dtype, to ``write`` as soon
    as its last matrix is done, and measures SFE and DfI from the Gram
    matrices the iteration already formed.
+
+Extreme but finite values. The projection itself is right for every finite
+input (:mod:`fire_core.polar` scales each matrix by its largest magnitude
+first). What may not fit is the result: a new entry can be as large as the
+layer's scale factor times the projection's largest singular value (1, or 2
+for ``"fast"``), and under ``scale="norm"`` as large as the layer's old
+Frobenius norm; and the report's numbers grow as the fourth power of the
+weight (DfI before of a float64 weight near 1e160 is about 1e640). The
+report is computed in pieces that fit the dtype (``metrics.dfi_split``, a
+sum of squares over its largest term) and combined in float64 on the host.
+Validation bounds every weight's new entries and report numbers from its
+largest magnitude and scale; a weight that must fail is refused there, and
+one that might is projected first, its new values checked and held until
+every such weight has passed, before anything is written. Under tracing
+(``jax.jit``) values are unknown and only the checks that need none run.
 """
 
 from __future__ import annotations
@@ -25,10 +41,12 @@ import contextlib
 import math
 from typing import Callable, ContextManager, Iterable
 
-from ._array import array_namespace, check_finite, dense, device_of, on_accelerator, to_floats, work_dtype
+import numpy as np
+
+from ._array import array_namespace, check_finite, dense, device_of, is_tracing, on_accelerator, to_floats, work_dtype
 from .layout import check_scale, from_matrices, parse_layout, scale_factor, to_matrices
-from .metrics import gram_dfi, small_gram
-from .polar import check_method, polar
+from .metrics import dfi_split, gram_dfi, small_gram, unit_scale
+from .polar import check_method, entry_bounds, polar
 from .report import Report
 
 __all__ = ["reinit", "reinit_many", "CHUNK_BYTES", "GPU_CHUNK_BYTES"]
@@ -38,6 +56,9 @@ CHUNK_BYTES = 4 * 2**20  # matrices projected in one batched call, in the comput
 # was lent to this project's sessions yet); 64 MiB keeps a chunk's temporaries well under 1 GB.
 GPU_CHUNK_BYTES = 64 * 2**20
 CHUNK_ALIGN = 2  # matrices a chunk holds a multiple of (see _chunks)
+FLOAT64_MAX = 1.7976931348623157e308
+# Bounds within this relative margin of a dtype's largest value count as possibly beyond it (rounding).
+MARGIN = 2.0**-10
 
 
 def reinit(w, /, layout: str = "oi", *, steps: int = 5, method: str = "fire", scale="fire"):
@@ -91,14 +112,24 @@ def reinit_many(
         context = _no_context
     else:
         write = _in_context(write, context, {name: w for name, w, _ in weights})
-    entries = _validate(weights, context)
+    entries = _validate(weights, context, method=method, steps=steps, scale=scale, report=report)
     rep = Report(method=method, steps=int(steps), scale=scale) if report else None
     pending = {"pieces": {}, "sums": {}}  # layers whose taps span chunks, until their last tap is done
-    for chunk in _chunks(entries, chunk_bytes, split_layers=scale != "norm"):
-        with context(chunk[0][0].array):
-            rows = _run_chunk(chunk, steps, method, scale, write, report, pending)
-        if report:
-            rep.rows.extend(rows)
+    # Weights whose new values or report numbers might not be representable go first; their new
+    # values are checked and held until every one of them has passed, then written.
+    held = []
+    for risky in (True, False):
+        run = [e for e in entries if e.risky == risky]
+        for chunk in _chunks(run, chunk_bytes, split_layers=scale != "norm"):
+            with context(chunk[0][0].array):
+                rows = _run_chunk(
+                    chunk, steps, method, scale, (lambda n, a: held.append((n, a))) if risky else write, report, pending
+                )
+            if report:
+                rep.rows.extend(rows)
+        for name, new in held:
+            write(name, new)
+        held.clear()
     if report:
         order = {e.name: k for k, e in enumerate(entries)}
         rep.rows.sort(key=lambda row: order[row["name"]])
@@ -120,14 +151,17 @@ def _in_context(write, context, arrays):
 
 
 class _Entry:
-    __slots__ = ("name", "array", "layout", "xp", "work", "key", "nbytes")
+    __slots__ = ("name", "array", "layout", "xp", "work", "key", "nbytes", "amax", "risky", "plain")
 
-    def __init__(self, name, array, layout, xp, work, key, nbytes):
+    def __init__(self, name, array, layout, xp, work, key, nbytes, amax=None, risky=False, plain=True):
         self.name, self.array, self.layout, self.xp = name, array, layout, xp
         self.work, self.key, self.nbytes = work, key, nbytes
+        self.amax = amax  # largest magnitude of each stacked layer (host floats), if it was needed
+        self.risky = risky  # new values or report numbers might not be representable: checked before any write
+        self.plain = plain  # SFE can be summed in the compute dtype as it stands (no overflow, no underflow)
 
 
-def _validate(weights, context) -> list[_Entry]:
+def _validate(weights, context, method: str = "fire", steps: int = 5, scale="fire", report: bool = False) -> list[_Entry]:
     entries, seen = [], set()
     for name, w, layout in weights:
         if name in seen:
@@ -136,12 +170,130 @@ def _validate(weights, context) -> list[_Entry]:
         xp = array_namespace(w)
         work = work_dtype(w, xp, name)
         lay = parse_layout(layout, w.shape, name)
+        factor = scale_factor(scale, lay)
+        _check_factor(name, lay, w.dtype, xp, factor, scale, method, steps)
+        concrete = not is_tracing(w)
+        amax = None
         with context(w):
             check_finite(w, xp, name)
+            if concrete and (report or factor is None):
+                amax = _layer_amax(w, lay, xp)
+                if factor is None:
+                    _check_norm_rule(name, w, lay, work, xp, amax, method, steps)
+        risky, plain = _assess(lay, w.dtype, work, xp, factor, method, steps, amax, report)
         itemsize = 8 if work == xp.float64 else 4
         key = (id(xp), lay.d_out, lay.d_in, str(w.dtype), str(device_of(w)))
-        entries.append(_Entry(name, w, lay, xp, work, key, math.prod(lay.matrix_shape) * itemsize))
+        nbytes = math.prod(lay.matrix_shape) * itemsize
+        entries.append(_Entry(name, w, lay, xp, work, key, nbytes, amax, concrete and risky, plain))
     return entries
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def _range(dtype, xp) -> tuple[float, float]:
+    """``(largest, smallest positive)`` value of a floating dtype, subnormals included."""
+    info = xp.finfo(dtype)
+    return float(info.max), float(info.smallest_normal) * float(info.eps)
+
+
+def _check_factor(name, lay, dtype, xp, factor, scale, method, steps) -> None:
+    """Refuse a scale whose new weight cannot be represented, for any nonzero weight of this shape.
+
+    A projection's entries are at most ``top`` (its largest singular value)
+    and each nonzero matrix's largest entry is at least ``floor / sqrt(mn)``
+    (its Frobenius norm over the entries' count), see :func:`polar.entry_bounds`.
+    """
+    if factor is None:  # "norm": depends on the weight, see _check_norm_rule
+        return
+    if factor == 0:
+        raise ValueError(
+            f"{name}: scale=0 writes a zero weight; FIRE keeps each weight's direction "
+            "(use scale='fire' or a nonzero number, or leave the layer out)"
+        )
+    largest, smallest = _range(dtype, xp)
+    top, floor = entry_bounds(method, steps)
+    if abs(factor) * floor / math.sqrt(lay.d_out * lay.d_in) > largest:
+        raise ValueError(
+            f"{name}: scale={scale!r} multiplies the projection by {factor:.3g}, which puts entries of any nonzero "
+            f"new weight of shape {lay.shape} beyond the largest {_dtype_name(dtype)} value {largest:.5g}; "
+            "use a smaller scale, or cast the weight to a wider dtype"
+        )
+    if abs(factor) * top < smallest / 2:
+        raise ValueError(
+            f"{name}: scale={scale!r} multiplies the projection by {factor:.3g}, so every entry of the new weight "
+            f"rounds to zero in {_dtype_name(dtype)} (its smallest value is {smallest:.3g}); "
+            "use a larger scale, or cast the weight to a wider dtype"
+        )
+
+
+def _layer_amax(w, lay, xp) -> list[float]:
+    """The largest magnitude of each stacked layer of ``w`` (one reduction, one host transfer)."""
+    if lay.stack == 1:
+        return to_floats(xp.reshape(xp.linalg.vector_norm(w, ord=xp.inf), (1,)))
+    layers = xp.reshape(to_matrices(w, lay.text), (lay.stack, -1))
+    return to_floats(xp.linalg.vector_norm(layers, axis=1, ord=xp.inf))
+
+
+def _check_norm_rule(name, w, lay, work, xp, amax, method, steps) -> None:
+    """``scale="norm"`` divides each layer's Frobenius norm by its projection's: that must fit the compute dtype.
+
+    The projection's norm is at least ``floor`` (:func:`polar.entry_bounds`),
+    so the factor is at most ``||W_l||_F / floor``. Bounded first by
+    ``amax * sqrt(size)``; only if that is not enough are the norms taken.
+    """
+    largest, _ = _range(work, xp)
+    _, floor = entry_bounds(method, steps)
+    size = lay.taps * lay.d_out * lay.d_in
+    if max(amax) * math.sqrt(size) / floor * (1 + MARGIN) <= largest:
+        return
+    layers = xp.astype(xp.reshape(to_matrices(w, lay.text), (lay.stack, -1)), work)
+    s = unit_scale(xp.linalg.vector_norm(layers, axis=1, ord=xp.inf, keepdims=True), xp)
+    nu = xp.linalg.vector_norm(layers * s, axis=1)
+    for k, (u, v) in enumerate(zip(to_floats(xp.reshape(s, (-1,))), to_floats(nu))):
+        if v / u / floor * (1 + MARGIN) > largest:
+            where = f"layer {k} of the stack" if lay.stack > 1 else "the weight"
+            raise ValueError(
+                f"{name}: scale='norm' keeps each layer's Frobenius norm; {where} has norm {v / u:.4g}, too large to "
+                f"compute the factor in {_dtype_name(work)} (largest {largest:.4g}); "
+                "use scale='fire', or cast the weight to float64"
+            )
+
+
+def _assess(lay, dtype, work, xp, factor, method, steps, amax, report) -> tuple[bool, bool]:
+    """``(risky, plain)`` of a weight from bounds on its new entries and report numbers.
+
+    risky: the new weight might overflow its dtype or round to zero, or a
+    report number might exceed float64 (checked on the result, before any
+    write). plain: SFE's squares neither overflow nor underflow in the
+    compute dtype, so it is summed there directly (else over its largest term).
+    """
+    largest, smallest = _range(dtype, xp)
+    top, floor = entry_bounds(method, steps)
+    size = lay.taps * lay.d_out * lay.d_in  # entries of one stacked layer
+    if factor is not None:  # entries of the new weight lie in [lo, hi] (the largest of each nonzero matrix)
+        hi, lo = abs(factor) * top, abs(factor) * floor / math.sqrt(lay.d_out * lay.d_in)
+        risky = hi * (1 + MARGIN) > largest or lo <= 2 * smallest
+    elif amax is not None:  # "norm": the new layer has the old one's norm, in [amax, amax sqrt(size)]
+        hi = max(amax) * math.sqrt(size)
+        risky = hi * (1 + MARGIN) > largest or any(0 < a <= 2 * smallest * math.sqrt(size) for a in amax)
+    else:  # traced: nothing can be checked
+        return False, True
+    if not report or amax is None:
+        return risky, True
+    a = max(amax)
+    count = lay.matrices * lay.d_out * lay.d_in
+    new_norm = hi * math.sqrt(lay.matrices * min(lay.d_out, lay.d_in)) if factor is not None else a * math.sqrt(count)
+    sfe = (a * math.sqrt(count) + new_norm) ** 2 if a * math.sqrt(count) + new_norm < 1e150 else math.inf
+    q = a * math.sqrt(lay.d_out * lay.d_in) / scale_factor("fire", lay)  # ||W_t||_F over the reference scale
+    dfi = lay.matrices * (q * q + math.sqrt(min(lay.d_out, lay.d_in))) ** 2 if q < 1e75 else math.inf
+    risky = risky or max(sfe, dfi) > FLOAT64_MAX / 16
+    wide, _ = _range(work, xp)
+    eps = float(xp.finfo(work).eps)
+    reach = a + (hi if factor is not None else a * math.sqrt(size))  # bounds every entry of new - old
+    plain = reach * reach * count * 4 <= wide and a >= math.sqrt(float(xp.finfo(work).smallest_normal)) / eps
+    return risky, plain
 
 
 def _chunks(entries: list[_Entry], chunk_bytes: int | None, split_layers: bool = True, align: int = CHUNK_ALIGN):
@@ -216,7 +368,12 @@ def _whole_layer_chunks(group: list[_Entry], chunk_bytes: int):
 
 
 def _run_chunk(chunk, steps, method, scale, write, report, pending) -> list[dict]:
-    """Project one chunk of pieces; write (and measure) every layer whose last piece it holds."""
+    """Project one chunk of pieces; write (and measure) every layer whose last piece it holds.
+
+    Risky weights (see :func:`_assess`) have their new values checked here
+    (on the host) before they are formed, and every chunk's report numbers
+    are checked to be finite.
+    """
     xp, work = chunk[0][0].xp, chunk[0][0].work
     dtype, dev = chunk[0][0].array.dtype, device_of(chunk[0][0].array)
     mats = []
@@ -227,24 +384,18 @@ def _run_chunk(chunk, steps, method, scale, write, report, pending) -> list[dict
     res = polar(batch, steps, method, xp, with_dfi=report)
     # One factor per layer, spread over its taps: the whole chunk is scaled in one pass.
     factors = [scale_factor(scale, e.layout) for e, _, _ in chunk]
+    norm_parts = None
     if any(f is None for f in factors):  # "norm": keep each layer's Frobenius norm (whole weights here)
-        cols, start = [], 0
-        for (e, lo, hi), old in zip(chunk, mats):
-            stop = start + hi - lo
-            layers, taps = e.layout.stack, e.layout.taps  # a stacked weight: each of its layers keeps its own
-            new = xp.reshape(res.p[start:stop, ...], (layers, -1))
-            pn = xp.linalg.vector_norm(new, axis=1)
-            on = xp.linalg.vector_norm(xp.reshape(old, (layers, -1)), axis=1)
-            ok = pn > 0
-            f = xp.where(ok, on / xp.where(ok, pn, xp.ones_like(pn)), xp.zeros_like(pn))
-            cols.append(xp.reshape(xp.broadcast_to(xp.reshape(f, (layers, 1)), (layers, taps)), (layers * taps, 1, 1)))
-            start = stop
-        column = xp.concat(cols, axis=0)
+        norm_parts = _norm_factors(xp, res, chunk)
+        column = norm_parts[0] * norm_parts[1]
     else:
         column = _per_matrix(xp, factors, chunk, work, dev)
+    if any(e.risky for e, _, _ in chunk):
+        _check_risky(xp, res, factors, norm_parts, chunk, dtype, scale)
     scaled = res.p * column
     # Measures first: ``batch`` may be a view of a weight that ``write`` overwrites in place.
-    values = _measures(xp, res, batch, scaled, column, factors, chunk, dtype, work, dev) if report else None
+    if report:
+        values, gram = _measures(xp, res, batch, scaled, column, norm_parts, chunk, dtype, work)
     done, start = [], 0
     for e, lo, hi in chunk:
         stop = start + hi - lo
@@ -262,20 +413,21 @@ def _run_chunk(chunk, steps, method, scale, write, report, pending) -> list[dict
         start = stop
     if not report:
         return []
-    values = to_floats(values)
     total = int(batch.shape[0])
+    per_matrix = _report_values(xp, to_floats(values), gram, total, chunk, norm_parts is not None, work, dev)
     rows = []
     for (e, complete, start, stop), factor in zip(done, factors):
         sums = pending["sums"].setdefault(e.name, ([], [], []))
         for k in range(3):  # SFE, DfI before, DfI after of each matrix of the piece
-            sums[k].extend(values[k * total + start : k * total + stop])
+            sums[k].extend(per_matrix[k][start:stop])
         if not complete:
             continue
         del pending["sums"][e.name]
         lay = e.layout
         if factor is None:  # "norm": the factor of the weight's first layer (each layer has its own)
-            factor = values[3 * total + start]
-        sfe, before, after = (math.fsum(v) for v in sums)
+            factor = per_matrix[3][start]
+        sfe, before, after = (_total(v) for v in sums)
+        _check_report(e.name, dict(zip(("SFE", "DfI before", "DfI after"), sums)))
         rows.append(
             dict(
                 name=e.name, shape=lay.shape, layout=lay.text, taps=lay.matrices, n=min(lay.d_out, lay.d_in),
@@ -285,28 +437,169 @@ def _run_chunk(chunk, steps, method, scale, write, report, pending) -> list[dict
     return rows
 
 
-def _measures(xp, res, batch, scaled, column, factors, chunk, dtype, work, dev):
-    """SFE, DfI before and DfI after of every matrix of the chunk (and the "norm" factors), flat.
+def _norm_factors(xp, res, chunk):
+    """``scale="norm"``: each layer's factor ``||W_l||_F / ||P_l||_F`` as two ``(matrices, 1, 1)`` columns.
+
+    Matrix ``t`` has ``||W_t||_F = nu_t / s_t`` (the projection's ``nu`` and
+    power-of-two ``scale``), so with ``S = min_t s_t`` (the layer's largest
+    matrix) ``||W_l||_F = ||(nu_t S / s_t)_t|| / S``: no square of an entry is
+    taken and the ratios of powers of two are exact. The factor is
+    ``ratio / S``, ``ratio = ||W_l||_F S / ||P_l||_F`` moderate; the
+    validation made sure the product is representable.
+    """
+    ratios, units, start = [], [], 0
+    for e, lo, hi in chunk:
+        stop = start + hi - lo
+        layers, taps = e.layout.stack, e.layout.taps  # a stacked weight: each of its layers keeps its own
+        pn = xp.linalg.vector_norm(xp.reshape(res.p[start:stop, ...], (layers, -1)), axis=1)
+        s = xp.reshape(res.scale[start:stop, ...], (layers, taps))
+        nu = xp.reshape(res.nu[start:stop, ...], (layers, taps))
+        least = xp.min(s, axis=1, keepdims=True)
+        on = xp.linalg.vector_norm(nu * (least / s), axis=1)
+        ok = pn > 0
+        ratio = xp.where(ok, on / xp.where(ok, pn, xp.ones_like(pn)), xp.zeros_like(pn))
+
+        def spread(v):  # one value per layer -> one per matrix
+            return xp.reshape(xp.broadcast_to(xp.reshape(v, (layers, 1)), (layers, taps)), (layers * taps, 1, 1))
+
+        ratios.append(spread(ratio))
+        units.append(spread(1 / least))
+        start = stop
+    return xp.concat(ratios, axis=0), xp.concat(units, axis=0)
+
+
+def _total(values) -> float:
+    """The float64 sum of non-negative numbers; ``inf`` where it does not fit."""
+    try:
+        return math.fsum(values)
+    except OverflowError:
+        return math.inf
+
+
+class _Huge(float):
+    """A report number beyond float64: ``inf``, carrying its decimal logarithm for the error message."""
+
+    def __new__(cls, log10: float):
+        self = super().__new__(cls, math.inf)
+        self.log10 = log10
+        return self
+
+
+def _product(factors: list[float], logs: list[float]) -> float:
+    """``prod(factors)``, or a :class:`_Huge` with ``sum(logs)`` where the product overflows float64."""
+    value = math.prod(factors)
+    return value if math.isfinite(value) else _Huge(math.fsum(logs))
+
+
+def _check_risky(xp, res, factors, norm_parts, chunk, dtype, scale) -> None:
+    """Before scaling: no entry of a risky weight's new matrices overflows its dtype, none that was nonzero becomes zero.
+
+    Each new matrix is its projection times the layer's factor, so its
+    largest entry is ``max |p| * |factor|``, taken here in float64 (a
+    product that rounds to the dtype's largest value counts as beyond it).
+    """
+    peaks = to_floats(xp.reshape(xp.linalg.vector_norm(res.p, axis=(-2, -1), ord=xp.inf), (-1,)))
+    nonzero = to_floats(xp.reshape(res.nu, (-1,)))  # as the backend computes (XLA on a CPU flushes subnormals)
+    if norm_parts is not None:
+        ratio, top = (to_floats(xp.reshape(v, (-1,))) for v in norm_parts)
+    largest, smallest = _range(dtype, xp)
+    rule = f"scale={scale!r}" + (" (each layer keeps its Frobenius norm)" if scale == "norm" else "")
+    start = 0
+    for (e, lo, hi), factor in zip(chunk, factors):
+        stop = start + hi - lo
+        for t in range(start, stop) if e.risky else ():
+            biggest = peaks[t] * (abs(factor) if factor is not None else ratio[t] * top[t])
+            layer = (lo + t - start) // e.layout.taps
+            where = f" (layer {layer} of the stack)" if e.layout.stack > 1 else ""
+            if biggest > largest:
+                raise ValueError(
+                    f"{e.name}: the new weight{where} is not representable in {_dtype_name(dtype)}: with {rule} "
+                    f"an entry would be {biggest:.4g}, beyond its largest value {largest:.5g}; use a smaller scale "
+                    "(scale='fire' is the reference's), or cast the weight to a wider dtype. Nothing was written"
+                )
+            if nonzero[t] > 0 and biggest <= smallest / 2:
+                raise ValueError(
+                    f"{e.name}: a nonzero matrix of the weight{where} would be written as zero: with {rule} every "
+                    f"entry rounds to zero in {_dtype_name(dtype)} (largest {biggest:.3g}, smallest value "
+                    f"{smallest:.3g}); use a larger scale, or cast the weight to a wider dtype. Nothing was written"
+                )
+        start = stop
+
+
+def _check_report(name, terms: dict) -> None:
+    """Every report number (the sum of its per-matrix ``terms``) is finite, or the error says which is not."""
+    for label, values in terms.items():
+        if math.isfinite(_total(values)):
+            continue
+        logs = [v.log10 if isinstance(v, _Huge) else math.log10(v) for v in values if v > 0]
+        top = max(logs)
+        about = top + math.log10(math.fsum(10 ** (x - top) for x in logs))
+        raise ValueError(
+            f"{name}: the report's {label} for this weight is about 1e{about:.0f}, beyond the largest float64 "
+            "(1.8e308), so it cannot be measured; report=False projects it without measuring. Nothing was written"
+        )
+
+
+def _measures(xp, res, batch, scaled, column, norm_parts, chunk, dtype, work):
+    """The device part of SFE, DfI before and DfI after of every matrix of the chunk (see :func:`_report_values`).
 
     SFE compares the weight as written (rounded to its dtype) with the old
     one; DfI before is taken of the old matrices over the reference scale, from
     the Gram matrix the iteration formed; DfI after of the bare projection.
+    Returns the per-matrix numbers, flat, and the Gram matrices of ``old *
+    scale`` (the projection's power-of-two ``scale``) for DfI before, whose
+    weights :func:`metrics.dfi_split` works out on the host. SFE is summed
+    over ``sigma^2``, ``sigma`` a power of two near ``max(amax, |factor|)``
+    (a bound on both terms' entries), where the plain sum of squares might
+    overflow or underflow (see :func:`_assess`).
     """
     written = scaled if dtype == work else xp.astype(xp.astype(scaled, dtype), work)
-    diff = written - batch
-    ref = _per_matrix(xp, [scale_factor("fire", e.layout) for e, _, _ in chunk], chunk, work, dev)
-    if res.gram0 is not None:  # the iteration formed the Gram of batch / ||batch|| already
-        gram_old = res.gram0 * ((res.norm / ref) ** 2)
+    if all(e.plain for e, _, _ in chunk):
+        diff = written - batch
+        sigma = xp.ones_like(res.amax)
     else:
-        gram_old = small_gram(batch / ref, xp)
+        sigma = unit_scale(xp.maximum(res.amax, xp.abs(column)), xp)
+        diff = written * sigma - batch * sigma
+    # the iteration formed the Gram matrix of old * scale; else it is formed here, before any write
+    gram = res.gram0 if res.gram0 is not None else small_gram(batch * res.scale, xp)
     per_matrix = [
-        xp.linalg.vector_norm(diff, axis=(-2, -1)) ** 2,  # SFE in one pass
-        gram_dfi(gram_old, xp, overwrite=True),
+        xp.linalg.vector_norm(diff, axis=(-2, -1)) ** 2,  # SFE (times sigma^2) in one pass
         res.dfi,
+        *(xp.reshape(v, (-1,)) for v in (res.amax, res.scale, res.nu, sigma)),
     ]
-    if factors[0] is None:
-        per_matrix.append(xp.reshape(column, (-1,)))
-    return xp.reshape(xp.stack(per_matrix), (-1,))
+    if norm_parts is not None:
+        per_matrix += [xp.reshape(v, (-1,)) for v in norm_parts]
+    return xp.reshape(xp.stack(per_matrix), (-1,)), gram
+
+
+def _report_values(xp, values, gram, total, chunk, norm: bool, work, dev) -> list[list[float]]:
+    """SFE, DfI before and DfI after (and the "norm" factor) of each matrix, combined in float64.
+
+    SFE is ``v / sigma^2``. DfI before is ``factor ||weight A - shift I||^2``
+    of the Gram matrices ``A`` with :func:`metrics.dfi_split`'s weights,
+    formed on the host and applied in one more pass on the device. A number
+    beyond float64 is a :class:`_Huge`.
+    """
+    refs = [scale_factor("fire", e.layout) for e, lo, hi in chunk for _ in range(hi - lo)]
+    sfe_v, after, amax, scale, nu, sigma = (values[k * total : (k + 1) * total] for k in range(6))
+    splits = [dfi_split(s, v, r) for s, v, r in zip(scale, nu, refs)]
+    weight, shift = (xp.reshape(xp.asarray([t[k] for t in splits], dtype=work, device=dev), (-1, 1, 1)) for k in (0, 1))
+    d = to_floats(gram_dfi(gram, xp, weight=weight, shift=shift))
+    out = [
+        [_scaled(v, 1 / s, -math.log10(s)) for s, v in zip(sigma, sfe_v)],
+        [_scaled(x, t[2], t[3]) for x, t in zip(d, splits)],
+        after,
+    ]
+    if norm:
+        out.append([f * u for f, u in zip(values[6 * total : 7 * total], values[7 * total : 8 * total])])
+    return out
+
+
+def _scaled(v: float, root: float, log10_root: float) -> float:
+    """``v root^2`` in float64, or a :class:`_Huge`."""
+    if v == 0:
+        return 0.0
+    return _product([v, root, root], [math.log10(v), 2 * log10_root])
 
 
 def _per_matrix(xp, factors, chunk, work, dev):
@@ -338,7 +631,10 @@ def measure(pairs: Iterable[tuple[str, object, object, str]], *, scale="fire", m
       ``scale=0``) is replaced by 1.
 
     DfI is summed over a weight's taps (and stacked layers). Values are Python floats: this needs
-    concrete arrays (one host transfer per weight), not tracers.
+    concrete arrays (two host transfers per weight), not tracers. They are
+    computed in pieces that fit the dtype and combined in float64 (as
+    :func:`reinit_many` does); a number beyond float64 is a ValueError
+    naming the weight.
     """
     check_scale(scale)
     rep = Report(method=method, steps=steps, scale=scale)
@@ -352,30 +648,54 @@ def measure(pairs: Iterable[tuple[str, object, object, str]], *, scale="fire", m
         old = xp.astype(to_matrices(before, layout), work)
         new = xp.astype(to_matrices(after, layout), work)
         n = min(lay.d_out, lay.d_in)
+        # 1. Each matrix times a power of two near 1 / its largest magnitude (metrics.unit_scale):
+        # norms and Gram matrices that cannot overflow.
+        amaxes, scales, nus, grams = [], [], [], []
+        for m in (old, new):
+            amax = xp.linalg.vector_norm(m, axis=(-2, -1), keepdims=True, ord=xp.inf)
+            s = unit_scale(amax, xp)
+            grams.append(small_gram(m * s, xp))
+            nus.append(xp.sqrt(xp.sum(xp.linalg.diagonal(grams[-1]), axis=-1)))  # ||m s||_F
+            amaxes.append(amax)
+            scales.append(xp.reshape(s, (-1,)))
+        sigma = unit_scale(xp.maximum(amaxes[0], amaxes[1]), xp)  # bounds both terms of the difference
+        sq = xp.linalg.vector_norm(new * sigma - old * sigma, axis=(-2, -1)) ** 2
+        total = lay.matrices
+        values = to_floats(xp.concat([scales[0], nus[0], scales[1], nus[1], xp.reshape(sigma, (-1,)), sq]))
+        scale_o, nu_o, scale_n, nu_n, sig, sq = (values[k * total : (k + 1) * total] for k in range(6))
+        # 2. The factor the rule applied, per matrix, in float64.
         factor = applied = scale_factor(scale, lay)
         if factor is None:  # "norm": the RMS singular value of `after`, of each stacked layer
-            per_layer = xp.reshape(new, (lay.stack, -1))
-            rms = xp.linalg.vector_norm(per_layer, axis=1) / math.sqrt(lay.taps * n)
-            rms = xp.where(rms != 0, rms, xp.ones_like(rms))
-            factor = xp.reshape(xp.broadcast_to(xp.reshape(rms, (-1, 1)), (lay.stack, lay.taps)), (-1, 1, 1))
-            applied = rms[0]
-        elif factor == 0:
-            factor = 1.0
+            per_layer = []
+            for k in range(lay.stack):
+                taps = slice(k * lay.taps, (k + 1) * lay.taps)
+                least = min(scale_n[taps])
+                norm = math.sqrt(math.fsum((v * least / u) ** 2 for u, v in zip(scale_n[taps], nu_n[taps]))) / least
+                per_layer.append(norm / math.sqrt(lay.taps * n) or 1.0)
+            factors = [f for f in per_layer for _ in range(lay.taps)]
+            applied = per_layer[0]
+        else:
+            factors = [abs(factor) or 1.0] * total
+        # 3. DfI of old / ref and of new / factor from the scaled Gram matrices (metrics.dfi_split).
         ref = scale_factor("fire", lay)
-        diff = new - old
-        stats = [
-            xp.sum(diff * diff),
-            xp.sum(gram_dfi(small_gram(old / ref, xp), xp)),
-            xp.sum(gram_dfi(small_gram(new / factor, xp), xp)),
+        splits = [
+            [dfi_split(u, v, b) for u, v, b in zip(s, nu, by)]
+            for s, nu, by in ((scale_o, nu_o, [ref] * total), (scale_n, nu_n, factors))
         ]
-        if not isinstance(applied, float):  # "norm": the measured factor (of the first stacked layer)
-            stats.append(applied)
-        values = to_floats(xp.stack(stats))
-        values = [values[3] if len(values) > 3 else applied] + values[:3]
+        parts = []
+        for gram, split in zip(grams, splits):
+            cols = [xp.reshape(xp.asarray([t[k] for t in split], dtype=work, device=device_of(gram)), (-1, 1, 1)) for k in (0, 1)]
+            parts.append(gram_dfi(gram, xp, weight=cols[0], shift=cols[1]))
+        d = to_floats(xp.concat(parts))
+        terms = {"SFE": [_scaled(v, 1 / u, -math.log10(u)) for u, v in zip(sig, sq)]}
+        for k, label in enumerate(("DfI before", "DfI after")):
+            terms[label] = [_scaled(x, t[2], t[3]) for x, t in zip(d[k * total : (k + 1) * total], splits[k])]
+        _check_report(name, terms)
+        sfe, before, after = (_total(v) for v in terms.values())
         rep.rows.append(
             dict(
                 name=name, shape=lay.shape, layout=lay.text, taps=lay.matrices, n=n, stack=lay.stack,
-                scale=values[0], sfe=values[1], dfi_before=values[2], dfi_after=values[3],
+                scale=float(applied), sfe=sfe, dfi_before=before, dfi_after=after,
             )
         )
     return rep

@@ -44,6 +44,18 @@ A zero matrix projects to zero under every method (the reference divides by
 a zero norm and returns NaN). Directions of a rank-deficient matrix with a
 zero singular value stay zero under the iterations; the SVD fills them with
 an arbitrary orthonormal completion.
+
+Every finite input gets its projection, whatever its magnitude: each matrix
+is first multiplied by a power of two near ``1 / amax``, ``amax = max
+|x_ij|`` (exact, see :func:`fire_core.metrics.unit_scale`), so that its
+largest entry is near 1 and its Frobenius norm within ``[1/2, 2 sqrt(mn)]``;
+the reference's ``x / ||x||_F`` then overflows or underflows nowhere
+(``sqrt(sum x^2)`` does, from about 1e19 or below 1e-19 in float32 and
+bfloat16, 1e154 in float64). The norm of the rescaled matrix is read off
+the first Gram matrix (its trace) and folded into the first step, so the
+extra work is the one reduction for ``amax`` (see :func:`polar`). Subnormal
+inputs are projected where the backend computes with subnormals (NumPy,
+PyTorch); XLA on a CPU treats them as zero.
 """
 
 from __future__ import annotations
@@ -54,7 +66,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._array import array_namespace, check_finite, device_of, is_plain_tensor, is_torch_namespace, work_dtype
-from .metrics import gram_dfi
+from .metrics import gram_dfi, unit_scale
 
 __all__ = ["project", "METHODS", "fast_schedule"]
 
@@ -76,6 +88,28 @@ GRAM_SIDE_BLOCK = 5
 # and measures the DfI of results at least this wide from unassembled halves (see _dfi).
 GRAM_HALVES_MIN = 768
 DFI_HALVES_MIN = 512
+
+
+def entry_bounds(method: str, steps: int) -> tuple[float, float]:
+    """``(top, floor)`` for a projection by ``method`` in ``steps``: its largest singular value lies in ``[floor, top]``.
+
+    So every entry is at most ``top``, and a nonzero ``m x n`` matrix's
+    projection has an entry of at least ``floor / sqrt(mn)`` and Frobenius
+    norm at least ``floor``. ``"fire"``: 1 and 1, since the cubic maps
+    ``[0, 1]`` into itself and lifts every singular value, from
+    ``||X0||_F = 1``. ``"svd"``: every nonzero singular value is 1. ``"fast"``:
+    the largest singular value of the rebounded start lies in the first design
+    interval ``[FAST_LOWER, 1]`` (for fewer than 1e14 singular values), and
+    each step maps its interval into the next, ``[l_t, u_t]``: from ``[0.0025,
+    1.997]`` after one step to ``[0.99969, 1.0003]`` after seven. The checks
+    before writing (:mod:`fire_core.plan`) turn a layer's scale into bounds on
+    its new entries with these; ``floor`` has a 1% margin for rounding (the
+    checks give ``top`` theirs).
+    """
+    if method != "fast" or steps == 0:
+        return 1.0, 0.99
+    lo, hi = _FAST_INTERVALS[min(steps, len(_FAST_INTERVALS)) - 1]
+    return max(hi, 1.0), 0.99 * min(lo, 1.0)
 
 
 def check_method(method, steps) -> None:
@@ -117,8 +151,10 @@ def project(x, /, steps: int = 5, *, method: str = "fire"):
 
 class Polar(NamedTuple):
     p: object  # the projection, same orientation as the input
-    norm: object  # (..., 1, 1) Frobenius norm of each input matrix
-    gram0: object  # (..., k, k) Gram of the small side of input/norm, or None if not formed
+    amax: object  # (..., 1, 1) largest magnitude of each input matrix (0 for a zero matrix)
+    scale: object  # (..., 1, 1) a power of two near 1 / amax (metrics.unit_scale)
+    nu: object  # (..., 1, 1) Frobenius norm of input * scale (0 for a zero matrix)
+    gram0: object  # (..., k, k) Gram of the small side of input * scale, or None if not formed
     dfi: object  # (...) DfI of each matrix of p, or None unless asked for
 
 
@@ -129,58 +165,124 @@ def polar(x, steps: int, method: str, xp, *, with_dfi: bool = False) -> Polar:
     and ``torch.compile``. With ``with_dfi`` the DfI of each result matrix
     is measured too, from the Gram matrix the Gram-side iteration ends with
     or else from one more (about 3/4 of a) matmul, see :func:`_dfi`.
+
+    The reference's ``X0 = x / ||x||_F`` is formed as ``y / nu`` with
+    ``y = x s``, ``s`` a power of two near ``1 / amax`` (exact, see
+    :func:`metrics.unit_scale`) and ``nu = ||y||_F``: the same matrix, but
+    no square of an input entry is ever taken, so none overflows or
+    underflows (see the module docstring). ``||x||_F = nu / s`` itself may
+    not be representable; the factors are returned instead.
     """
     m, n = x.shape[-2], x.shape[-1]
     wide = n > m
     if wide:
         x = xp.matrix_transpose(x)
-    norm = xp.linalg.vector_norm(x, axis=(-2, -1), keepdims=True)
-    nonzero = norm > 0
-    safe = xp.where(nonzero, norm, xp.ones_like(norm))  # exact guard: 0 -> 1, nothing else moves
+    amax = _largest_magnitude(x, xp)
+    scale = unit_scale(amax, xp)
+    y = x * scale  # a zero matrix stays zero: nothing else is guarded
     gram0 = gram = dfi = None
     if method == "svd":
-        u, _, vh = xp.linalg.svd(x, full_matrices=False)
-        p = xp.where(nonzero, u @ vh, xp.zeros_like(x))
-    elif method == "fire" and steps > 0 and max(m, n) >= GRAM_SIDE_RATIO * min(m, n):
-        p, gram0, gram = _newton_schulz_gram_side(x / safe, _schedule(method, steps), xp)
+        nu = xp.linalg.vector_norm(y, axis=(-2, -1), keepdims=True)
+        u, _, vh = xp.linalg.svd(y, full_matrices=False)
+        p = xp.where(amax > 0, u @ vh, xp.zeros_like(y))
+    elif steps == 0:
+        nu = xp.linalg.vector_norm(y, axis=(-2, -1), keepdims=True)
+        p = y / _unless_zero(nu, xp)
+    elif method == "fire" and max(m, n) >= GRAM_SIDE_RATIO * min(m, n):
+        p, gram0, gram, nu = _newton_schulz_gram_side(y, _schedule(method, steps), xp)
     else:
-        p, gram0 = _newton_schulz(x / safe, _schedule(method, steps), xp, rebound=method == "fast")
+        p, gram0, nu = _newton_schulz(y, _schedule(method, steps), xp, rebound=method == "fast")
     if with_dfi:
         dfi = _dfi(p, xp) if gram is None else gram_dfi(gram, xp, overwrite=True)
     if wide:
         p = xp.matrix_transpose(p)
-    return Polar(p, norm, gram0, dfi)
+    return Polar(p, amax, scale, nu, gram0, dfi)
 
 
-def _newton_schulz(x, schedule, xp, rebound: bool):
+def _largest_magnitude(x, xp):
+    """``max |x_ij|`` of each matrix, ``(..., 1, 1)``: one pass in PyTorch, two reductions without an ``|x|`` temporary elsewhere."""
+    if is_torch_namespace(xp):
+        return xp.linalg.vector_norm(x, axis=(-2, -1), keepdims=True, ord=xp.inf)
+    return xp.maximum(xp.max(x, axis=(-2, -1), keepdims=True), -xp.min(x, axis=(-2, -1), keepdims=True))
+
+
+def _unless_zero(v, xp):
+    """``v`` with zeros replaced by 1 (the exact guard of a zero matrix)."""
+    return xp.where(v > 0, v, xp.ones_like(v))
+
+
+def _first_gram(y, xp):
+    """``A = y^T y`` and ``nu = ||y||_F = sqrt(trace A)``: the norm from the Gram matrix, no extra pass."""
+    a = _gram(y, xp)
+    nu = xp.sqrt(xp.sum(xp.linalg.diagonal(a), axis=-1))[..., None, None]
+    return a, nu
+
+
+def _newton_schulz(y, schedule, xp, rebound: bool):
     """Iterate ``X <- X q(X^T X)`` with ``q(A) = a I + b A (+ c A^2)`` from the schedule.
 
-    ``x`` is tall and has Frobenius norm 1 (or is zero). Returns the result and
-    the first Gram matrix ``x^T x`` (None for zero steps). With ``rebound``,
-    the first step rescales by ``||x^T x||_F^(1/2)``, an upper bound on the
-    largest singular value that is tighter than the Frobenius norm and free
-    once ``x^T x`` is formed.
+    ``y`` is tall with its largest entry near 1; the iteration starts from
+    ``X0 = y / ||y||_F``, whose scale is folded into the first step: with
+    ``A = y^T y`` and ``k = 1 / ||y||_F``, ``X0 q(X0^T X0) = y (k q(k^2 A))``,
+    an ``n x n`` factor, so ``X0`` is never formed. With ``rebound`` the
+    first step starts from ``X0 / ||X0^T X0||_F^(1/2)`` instead, an upper
+    bound on the largest singular value that is tighter than the Frobenius
+    norm and free once the Gram matrix is formed; that is ``k = ||A||_F^(-1/2)``.
+    Returns the result, the first Gram matrix ``y^T y`` and ``||y||_F``
+    (``(..., 1, 1)``).
     """
-    gram0 = None
+    a, nu = _first_gram(y, xp)
+    gram0 = a
+    if rebound:
+        k = 1 / xp.sqrt(_unless_zero(xp.linalg.matrix_norm(a, ord="fro", keepdims=True), xp))
+    else:
+        k = 1 / _unless_zero(nu, xp)
+    x = y
     for step, coef in enumerate(schedule):
-        a = _gram(x, xp)
         if step == 0:
-            gram0 = a
-            if rebound:
-                bound = xp.sqrt(xp.linalg.matrix_norm(a, ord="fro", keepdims=True))
-                bound = xp.where(bound > 0, bound, xp.ones_like(bound))
-                x = x / bound
-                a = a / (bound * bound)
+            x = y @ _first_step_factor(a, k, coef, xp)
+            continue
+        a = _gram(x, xp)
         if len(coef) == 2:  # cubic: a X + b X A, with the reference's two matmuls
             x = _scaled_matmul_add(x, x, a, coef[0], coef[1], xp)
         elif _halves(a):  # quintic, A^2 = A^T A (A is symmetric) from halves too
             x = _scaled_matmul_add(x, x, coef[1] * a + coef[2] * _gram(a, xp), coef[0], 1.0, xp)
         else:  # quintic: a X + X (b A + c A^2), three matmuls
             x = _scaled_matmul_add(x, x, _scaled_matmul_add(a, a, a, coef[1], coef[2], xp), coef[0], 1.0, xp)
-    return x, gram0
+    return x, gram0, nu
 
 
-def _newton_schulz_gram_side(x, schedule, xp):
+def _first_step_factor(a, k, coef, xp):
+    """``k q(k^2 A)`` for ``q(B) = c0 I + c1 B (+ c2 B^2)``: the first step's ``n x n`` factor of ``y``.
+
+    ``k`` is ``(..., 1, 1)``, one per matrix; ``a`` (the first Gram matrix) is not modified.
+    """
+    if len(coef) == 2:  # (c1 k^3) A + (c0 k) I: one pass over A
+        q = a * (coef[1] * (k * k * k))
+    else:
+        b = a * (k * k)
+        if _halves(b):  # B^2 = B^T B (B is symmetric) from halves
+            q = (coef[1] * b + coef[2] * _gram(b, xp)) * k
+        else:
+            q = _scaled_matmul_add(b, b, b, coef[1], coef[2], xp) * k
+    return _add_to_diagonal(q, coef[0] * k, xp)
+
+
+def _add_to_diagonal(q, c, xp):
+    """``q + c I`` with ``c`` of shape ``(..., 1, 1)``; in place on a NumPy or PyTorch temporary outside autograd.
+
+    (At 256 x 256 the identity and the two passes of ``q + c I`` cost NumPy as much as a tenth of a matmul.)
+    """
+    if is_plain_tensor(q) and not q.requires_grad:
+        q.diagonal(dim1=-2, dim2=-1).add_(c[..., 0])
+        return q
+    if isinstance(q, np.ndarray) and q.flags.writeable:
+        np.einsum("...ii->...i", q)[...] += c[..., 0]  # a view of the diagonal
+        return q
+    return q + c * xp.eye(q.shape[-1], dtype=q.dtype, device=device_of(q))
+
+
+def _newton_schulz_gram_side(y, schedule, xp):
     """The cubic iteration of a tall ``m x n`` matrix run on its ``n x n`` side.
 
     With ``B_k = a_k I + b_k A_k``, the step ``X_{k+1} = X_k B_k`` gives
@@ -193,23 +295,26 @@ def _newton_schulz_gram_side(x, schedule, xp):
     actual ``X`` (which re-forms ``A`` from it); with that, float32 results are
     as close to the float64 reference as the direct iteration's at 5 and 10
     steps (about 3x its error at 20 steps with condition number 1e4), and
-    float64 results agree to 1e-15. Returns the result, the first Gram matrix
-    and the Gram matrix of the result (from the recursion, free).
+    float64 results agree to 1e-15. ``X_0 = y / ||y||_F`` is folded in as in
+    :func:`_newton_schulz`: ``A_0 = y^T y / ||y||_F^2`` and the first block
+    ends with ``y (Q / ||y||_F)``. Returns the result, the first Gram matrix
+    ``y^T y``, the Gram matrix of the result (from the recursion, free) and
+    ``||y||_F``.
     """
-    n = x.shape[-1]
-    eye = xp.eye(n, dtype=x.dtype, device=device_of(x))
-    gram0 = None
+    n = y.shape[-1]
+    eye = xp.eye(n, dtype=y.dtype, device=device_of(y))
+    gram0, nu = _first_gram(y, xp)
+    k = 1 / _unless_zero(nu, xp)
+    x = y
     for start in range(0, len(schedule), GRAM_SIDE_BLOCK):
-        a = _gram(x, xp)
-        if gram0 is None:
-            gram0 = a
+        a = gram0 * (k * k) if start == 0 else _gram(x, xp)
         q = None
         for beta, alpha in schedule[start : start + GRAM_SIDE_BLOCK]:
             b = alpha * a + beta * eye
             q = b if q is None else q @ b
             a = (a @ b) @ b
-        x = x @ q
-    return x, gram0, a
+        x = y @ (q * k) if start == 0 else x @ q
+    return x, gram0, a, nu
 
 
 def _gram(x, xp):
@@ -301,22 +406,24 @@ def fast_schedule(steps: int) -> tuple[tuple[float, float, float], ...]:
     return table + (table[-1],) * (steps - len(table))
 
 
-def _design_fast_schedule(steps: int, lower: float) -> tuple[tuple[float, float, float], ...]:
+def _design_fast_schedule(steps: int, lower: float):
     """Step ``t`` is the odd quintic closest to 1 in the max norm on ``[l_t, u_t]``.
 
     ``l_0 = lower``, ``u_0 = 1``, and the next interval is the image of the
     last. While ``l_t / u_t`` is small the design interval is widened by 1% at
     the top, so round-off cannot push a singular value past the polynomial's
-    hump.
+    hump. Returns the coefficients ``(a, b, c)`` of each step and the
+    interval ``(l_t, u_t)`` each step maps its design interval into.
     """
-    out = []
+    out, intervals = [], []
     lo, hi = lower, 1.0
     for _ in range(steps):
         top = hi * FAST_SAFETY if lo < 0.5 * hi else hi
         a, b, c, err = _minimax_quintic(lo, top)
         out.append((a, b, c))
         lo, hi = a * lo + b * lo**3 + c * lo**5, 1.0 + err
-    return tuple(out)
+        intervals.append((lo, hi))
+    return tuple(out), tuple(intervals)
 
 
 def _minimax_quintic(lo: float, hi: float) -> tuple[float, float, float, float]:
@@ -345,4 +452,4 @@ def _minimax_quintic(lo: float, hi: float) -> tuple[float, float, float, float]:
     return float(a), float(b), float(c), float(abs(err))
 
 
-_FAST_TABLE = _design_fast_schedule(24, FAST_LOWER)
+_FAST_TABLE, _FAST_INTERVALS = _design_fast_schedule(24, FAST_LOWER)

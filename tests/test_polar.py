@@ -147,7 +147,10 @@ def test_backends_agree_with_numpy_float32(backend, rng, method):
     want = fire_core.project(w, 10, method=method)
     got = backend.to_numpy(fire_core.project(backend.asarray(w), 10, method=method))
     assert got.dtype == np.float32
-    assert np.max(np.abs(got - want)) <= 1e-5
+    # Measured: every backend's float32 result lies within 1.5e-5 of the float64 one ("fast"'s
+    # first step has slope 8.4 at 0 and lifts the rounding of small directions with them),
+    # so two of them agree within twice that; "fire" and "svd" agree within 2e-7.
+    assert np.max(np.abs(got - want)) <= 3e-5
 
 
 # --- properties (hypothesis) ------------------------------------------------------------
