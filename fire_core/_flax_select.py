@@ -257,9 +257,10 @@ def _linen_info(model, tree, pairs, names) -> _Model:
         variables = {"params": variables}
     if isinstance(fn, nn.Module):
         module = fn
+        key = jax.random.key(0)  # for streams the call may draw from (dropout); nothing here is computed
 
         def call(v):
-            return module.apply(v, *args, mutable=True)
+            return module.apply(v, *args, mutable=True, rngs={"params": key, "dropout": key})
     else:
 
         def call(v):
@@ -456,7 +457,7 @@ def _check_options(layouts, stacked):
     return layouts, stacked
 
 
-def _first(mapping: Mapping, names: tuple[str, ...], kernel_only_prefixes: bool):
+def _first(mapping: Mapping, names: tuple[str, ...]):
     """The first pattern of ``mapping`` naming the leaf (its full path, or a module path for a kernel)."""
     path = "/".join(names)
     for pattern, val in mapping.items():
@@ -560,7 +561,7 @@ def plan(tree, *, include=None, exclude=None, layouts=None, stacked=None, model=
             continue
         path, shape = "/".join(nm), tuple(int(s) for s in jnp.shape(array))
         floating = jnp.issubdtype(jnp.result_type(array), jnp.floating)
-        pattern, override = _first(layouts, nm, True)
+        pattern, override = _first(layouts, nm)
         if pattern is not None and override is not None and len(override) != len(shape) and nm[-1] != "kernel":
             pattern = None  # a pattern adds a leaf only where its layout fits (`proj/*` skips `proj/bias`)
         if pattern is None and (nm[-1] != "kernel" or len(shape) < 2):
@@ -598,7 +599,7 @@ def plan(tree, *, include=None, exclude=None, layouts=None, stacked=None, model=
             problems.append(f"{path} {shape}: {why}")
             continue
         chosen.append(Leaf(index, path, array, layout))
-    _check_used(layouts, stacked, used, [p for p in ("/".join(n) for n in names if n)])
+    _check_used(layouts, stacked, used, ["/".join(n) for n in names if n])
     include.check_used(known, "kernel FIRE would consider")
     exclude.check_used(known, "kernel FIRE would consider")
     if problems:
@@ -621,7 +622,7 @@ def _classify(nm, shape, leaf, info, stacked, used, tree) -> str:
     module = info.modules.get(nm[:-1]) if info is not None else None
     rule = _rule_for(module) if module is not None else None
     stack = None  # positions of the stack axes, once known
-    pattern, count = _first(stacked, nm, True)
+    pattern, count = _first(stacked, nm)
     if pattern is not None:
         used.add(pattern)
         if count >= len(shape):
@@ -632,7 +633,7 @@ def _classify(nm, shape, leaf, info, stacked, used, tree) -> str:
     elif info is not None and module is not None:
         inner = _nnx_kernel_shape(module)
         if inner is not None:
-            stack = _nnx_stack(nm, shape, inner, leaf, module)
+            stack = _nnx_stack(shape, inner, leaf, module)
     if stack is None:
         names = _axis_names(leaf)
         if names is not None and len(names) == len(shape):
@@ -649,7 +650,7 @@ def _classify(nm, shape, leaf, info, stacked, used, tree) -> str:
     return _letters(_insert(roles, stack or (), len(shape)))
 
 
-def _nnx_stack(nm, shape, inner, leaf, module) -> tuple[int, ...]:
+def _nnx_stack(shape, inner, leaf, module) -> tuple[int, ...]:
     """Where nnx.vmap/nnx.scan put the stack axes of a kernel whose unstacked shape the module gives."""
     fits = _embeddings(shape, inner)
     if len(fits) == 1:

@@ -73,7 +73,7 @@ from ._optax_state import reset
 from .metrics import drift
 from .plan import measure, reinit_many
 
-__all__ = ["apply", "report", "reset_opt_state", "update", "select", "refresh_batch_stats"]
+__all__ = ["apply", "report", "reset_opt_state", "update", "select", "refresh_batch_stats", "STACK_NAMES"]
 
 
 def select(params, *, include=None, exclude=None, layouts=None, stacked=None, model=None, trainable=None):

@@ -183,6 +183,17 @@ def test_model_as_an_apply_function_with_keyword_arguments():
     assert new["batch_stats"]["BatchNorm_0"]["mean"] is variables["batch_stats"]["BatchNorm_0"]["mean"]
 
 
+def test_model_with_dropout_is_traced_with_its_own_random_stream():
+    class Dropped(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dropout(0.5, deterministic=False)(nn.Conv(4, (3,), name="stem")(x))
+
+    model, x = Dropped(), np.ones((1, 6, 2))
+    params = random_like(jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"])
+    assert ff.select(params, model=(model, x)) == {"stem/kernel": "wio"}
+
+
 def test_linen_scan_under_jit_with_model():
     model, params = scanned()
     eager = ff.apply(params, model=(model, X_SEQ))
