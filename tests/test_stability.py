@@ -357,9 +357,9 @@ def test_flax_report_per_layer_drift_from_captured_module_outputs(x64):
     model = Net()
     x = x64.random.normal(x64.random.PRNGKey(1), (5, 4))
     variables = model.init(x64.random.PRNGKey(0), x)
-    new = ff.apply(variables)
+    new = ff.apply(variables, model=(model, x))  # a user-named conv: its module type says what it is
     fn = functools.partial(model.apply, capture_intermediates=True, mutable=["intermediates"])
-    rep = ff.report(variables, new, probe=(fn, x))
+    rep = ff.report(variables, new, probe=(fn, x), model=(model, x))
     _, s0 = fn(variables, x)
     _, s1 = fn(new, x)
     for module in ("first", "conv", "head"):
@@ -374,7 +374,7 @@ def test_flax_report_per_layer_drift_from_captured_module_outputs(x64):
     only_head = functools.partial(
         model.apply, capture_intermediates=lambda mdl, _: mdl.name == "head", mutable=["intermediates"]
     )
-    rows = ff.report(variables, new, probe=(only_head, x)).rows
+    rows = ff.report(variables, new, probe=(only_head, x), model=(model, x)).rows
     assert [r["drift"] is None for r in rows] == [r["name"] != "head/kernel" for r in rows]
 
 
