@@ -44,6 +44,7 @@ DTensor's sharded ops and written back into their own shards.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
@@ -53,6 +54,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils import prune
 
+from ._array import sum_over_mesh, to_floats
 from .conventions import Patterns, glob_match, matches
 from .metrics import drift
 from .plan import reinit_many
@@ -219,7 +221,7 @@ def apply(
             with torch.no_grad():
                 for p, old in saved:
                     p.detach().copy_(old)
-        drift = _drifts(probed, after, rows)
+        drift = _drifts(probed, after, rows, targets)
 
     by_name = {t.name: t for t in targets}
     order = {t.name: k for k, t in enumerate(targets)}
@@ -1320,8 +1322,14 @@ def _originals_for(t: _Target, new: torch.Tensor) -> tuple:
         back = first(*values) if len(values) > 1 else first(values[0])
         for p in rest:
             back = p(back)
-        tol = 8 * torch.finfo(new.dtype).eps * float(new.abs().max()) + torch.finfo(new.dtype).tiny
-        if back.shape != new.shape or not float((back - new).abs().max()) <= tol:  # NaN fails too
+        # Read through to_floats: on a DTensor the maxima are Partial, and every rank must see the
+        # whole weight's values to reach the same verdict (a local read would let one rank raise alone).
+        if back.shape == new.shape:
+            biggest, error = to_floats(torch.stack([new.abs().max(), (back - new).abs().max()]))
+        else:
+            biggest, error = 0.0, float("nan")
+        tol = 8 * torch.finfo(new.dtype).eps * biggest + torch.finfo(new.dtype).tiny
+        if not error <= tol:  # NaN fails too
             raise ValueError(
                 f"{t.param_name}: its parametrization ({', '.join(type(p).__name__ for p in t.plist)}) does not "
                 "reproduce the FIRE weight from its right_inverse, so the result cannot be written through it; "
@@ -1410,10 +1418,34 @@ def _stats_note(model: nn.Module) -> str | None:
     )
 
 
-def _drifts(before, after, rows) -> float:
-    """The model's output drift; each row gets the drift of its owning module's output (None if it never ran)."""
+def _drifts(before, after, rows, targets) -> float:
+    """The model's output drift; each row gets the drift of its owning module's output (None if it never ran).
+
+    A sharded (DTensor) weight's module may give each rank only its shard of
+    the output (ColwiseParallel): its sums of squares are added over the
+    weight's mesh, in the targets' order on every rank, so that every rank
+    reports the drift of the whole output. Outputs that are replicated
+    scale both sums alike, which leaves the ratio as it is.
+    """
     (out_before, layers_before), (out_after, layers_after) = before, after
-    for row in rows:
-        b, a = layers_before.get(row["name"]), layers_after.get(row["name"])
-        row["drift"] = drift(b, a) if b and len(a) == len(b) else None
+    by_name = {row["name"]: row for row in rows}
+    for t in targets:
+        row = by_name.get(t.name)
+        if row is None:
+            continue
+        b, a = layers_before.get(t.name), layers_after.get(t.name)
+        ok = bool(b) and len(a) == len(b)
+        mesh = getattr(t.tensor, "device_mesh", None)
+        if mesh is None:
+            row["drift"] = drift(b, a) if ok else None
+            continue
+        sums = torch.zeros(2, dtype=torch.float64, device=t.tensor.to_local().device)
+        for x, y in zip(b, a) if ok else ():
+            x, y = (v.to_local() if hasattr(v, "to_local") else v for v in (x, y))
+            x, y = x.to(sums.device, torch.float64), y.to(sums.device, torch.float64)
+            sums[0] += ((y - x) ** 2).sum()
+            sums[1] += (x * x).sum()
+        sum_over_mesh(sums, mesh)  # every rank takes part, whatever it captured
+        num, den = sums.tolist()
+        row["drift"] = None if not ok else (math.sqrt(num / den) if den else (0.0 if num == 0 else math.inf))
     return drift(out_before, out_after)

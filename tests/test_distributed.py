@@ -186,6 +186,7 @@ TWO_RANK_SCRIPT = MODEL + MLP + RANK_HELPERS + textwrap.dedent(
         from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
         from fire_core._array import array_namespace, check_finite
+        from fire_core.torch import apply as ft_apply
 
         model = mlp()
         parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
@@ -211,7 +212,11 @@ TWO_RANK_SCRIPT = MODEL + MLP + RANK_HELPERS + textwrap.dedent(
             # finite values whose local sums overflow to Inf
             overflow=verdict(distribute_tensor(torch.full((4, 4), 1e308, dtype=torch.float64), mesh, [Shard(0)])),
         )
-        info = dict(cases=cases, names=names, placements=placements, direct=direct)
+        # per-layer drift on a probe: a colwise layer's output is a shard on each rank
+        torch.manual_seed(7)
+        probed = ft_apply(model, probe=torch.randn(4, 6, dtype=torch.float64), dry_run=True)
+        drifts = dict(model=probed.drift, rows={row["name"]: row["drift"] for row in probed.rows})
+        info = dict(cases=cases, names=names, placements=placements, direct=direct, drifts=drifts)
         return {"tp/" + k: v for k, v in arrays.items()}, info
 
     def run(rank, port, out):
@@ -596,6 +601,20 @@ def test_tp_result_equals_unsharded_apply(tp_run, strategy):
         for name, p in plain.named_parameters():
             got = tensors[f"{strategy}/{name}"]
             np.testing.assert_allclose(got, p.detach().numpy(), rtol=0, atol=1e-10, err_msg=name)
+
+
+def test_tp_probe_drift_per_layer_is_the_whole_outputs_on_every_rank(tp_run):
+    """A ColwiseParallel layer gives each rank a shard of its output: the row's drift is still the whole one's."""
+    ranks, _ = tp_run
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(7)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    want = ft.apply(_loaded(ranks, MLP, "mlp"), probe=x, dry_run=True)  # the weights the ranks started from
+    for _, info in ranks:
+        got = info["drifts"]
+        assert got["model"] == pytest.approx(want.drift, rel=1e-10)
+        for row in want.rows:
+            assert got["rows"][row["name"]] == pytest.approx(row["drift"], rel=1e-10), row["name"]
 
 
 def test_check_finite_on_a_replicated_dtensor_with_a_nan_in_one_copy_fails_every_rank(tp_run):
