@@ -39,6 +39,9 @@ class TorchNet(torch.nn.Module):
         self.fc2 = torch.nn.Linear(24, 40)
 
 
+INPUT_SHAPES = [(1, 7), (1, 5, 5, 3), (1, 6, 8), (1, 3, E)]  # FlaxNet's x, img, seq, tokens
+
+
 class FlaxNet(nn.Module):
     @nn.compact
     def __call__(self, x, img, seq, tokens):
@@ -54,7 +57,7 @@ def torch_to_flax(model: TorchNet, dtype):
     shapes = jax.eval_shape(
         FlaxNet().init,
         jax.ShapeDtypeStruct((2,), jnp.uint32),
-        *(jax.ShapeDtypeStruct(s, jnp.float32) for s in [(1, 7), (1, 5, 5, 3), (1, 6, 8), (1, 3, E)]),
+        *(jax.ShapeDtypeStruct(s, jnp.float32) for s in INPUT_SHAPES),
     )["params"]
     t = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     head = E // HEADS
@@ -97,8 +100,10 @@ def run_both(method, dtype_torch, dtype_jax, steps=6):
     torch.manual_seed(0)
     model = TorchNet().to(dtype_torch)
     params = torch_to_flax(model, dtype_jax)
-    new_params = fire_core.flax.apply(params, steps, method=method)
-    flax_report = fire_core.flax.report(params, new_params)
+    # The convs are user-named: the linen module says what they are (a shape alone cannot).
+    model_def = (FlaxNet(), *(jnp.zeros(s, jnp.float32) for s in INPUT_SHAPES))
+    new_params = fire_core.flax.apply(params, steps, method=method, model=model_def)
+    flax_report = fire_core.flax.report(params, new_params, model=model_def)
     torch_report = fire_core.torch.apply(model, steps, method=method)
     ours = flax_to_torch_weights(new_params)
     theirs = {k: v.detach().numpy() for k, v in model.state_dict().items() if k in ours}
