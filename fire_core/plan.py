@@ -45,7 +45,7 @@ import numpy as np
 
 from ._array import array_namespace, check_finite, dense, device_of, is_tracing, on_accelerator, to_floats, work_dtype
 from .layout import check_scale, from_matrices, parse_layout, scale_factor, to_matrices
-from .metrics import dfi_split, gram_dfi, small_gram, unit_scale
+from .metrics import dfi_split, gram_dfi, largest_magnitude, small_gram, unit_scale
 from .polar import check_method, entry_bounds, polar
 from .report import Report
 
@@ -231,9 +231,9 @@ def _check_factor(name, lay, dtype, xp, factor, scale, method, steps) -> None:
 def _layer_amax(w, lay, xp) -> list[float]:
     """The largest magnitude of each stacked layer of ``w`` (one reduction, one host transfer)."""
     if lay.stack == 1:
-        return to_floats(xp.reshape(xp.linalg.vector_norm(w, ord=xp.inf), (1,)))
+        return to_floats(xp.reshape(largest_magnitude(w, xp, axis=None, keepdims=False), (1,)))
     layers = xp.reshape(to_matrices(w, lay.text), (lay.stack, -1))
-    return to_floats(xp.linalg.vector_norm(layers, axis=1, ord=xp.inf))
+    return to_floats(largest_magnitude(layers, xp, axis=1, keepdims=False))
 
 
 def _check_norm_rule(name, w, lay, work, xp, amax, method, steps) -> None:
@@ -249,7 +249,7 @@ def _check_norm_rule(name, w, lay, work, xp, amax, method, steps) -> None:
     if max(amax) * math.sqrt(size) / floor * (1 + MARGIN) <= largest:
         return
     layers = xp.astype(xp.reshape(to_matrices(w, lay.text), (lay.stack, -1)), work)
-    s = unit_scale(xp.linalg.vector_norm(layers, axis=1, ord=xp.inf, keepdims=True), xp)
+    s = unit_scale(largest_magnitude(layers, xp, axis=1), xp)
     nu = xp.linalg.vector_norm(layers * s, axis=1)
     for k, (u, v) in enumerate(zip(to_floats(xp.reshape(s, (-1,))), to_floats(nu))):
         if v / u / floor * (1 + MARGIN) > largest:
@@ -498,7 +498,7 @@ def _check_risky(xp, res, factors, norm_parts, chunk, dtype, scale) -> None:
     largest entry is ``max |p| * |factor|``, taken here in float64 (a
     product that rounds to the dtype's largest value counts as beyond it).
     """
-    peaks = to_floats(xp.reshape(xp.linalg.vector_norm(res.p, axis=(-2, -1), ord=xp.inf), (-1,)))
+    peaks = to_floats(xp.reshape(largest_magnitude(res.p, xp), (-1,)))
     nonzero = to_floats(xp.reshape(res.nu, (-1,)))  # as the backend computes (XLA on a CPU flushes subnormals)
     if norm_parts is not None:
         ratio, top = (to_floats(xp.reshape(v, (-1,))) for v in norm_parts)
@@ -652,7 +652,7 @@ def measure(pairs: Iterable[tuple[str, object, object, str]], *, scale="fire", m
         # norms and Gram matrices that cannot overflow.
         amaxes, scales, nus, grams = [], [], [], []
         for m in (old, new):
-            amax = xp.linalg.vector_norm(m, axis=(-2, -1), keepdims=True, ord=xp.inf)
+            amax = largest_magnitude(m, xp)
             s = unit_scale(amax, xp)
             grams.append(small_gram(m * s, xp))
             nus.append(xp.sqrt(xp.sum(xp.linalg.diagonal(grams[-1]), axis=-1)))  # ||m s||_F

@@ -66,7 +66,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._array import array_namespace, check_finite, device_of, is_plain_tensor, is_torch_namespace, work_dtype
-from .metrics import gram_dfi, unit_scale
+from .metrics import gram_dfi, largest_magnitude, unit_scale
 
 __all__ = ["project", "METHODS", "fast_schedule"]
 
@@ -177,7 +177,7 @@ def polar(x, steps: int, method: str, xp, *, with_dfi: bool = False) -> Polar:
     wide = n > m
     if wide:
         x = xp.matrix_transpose(x)
-    amax = _largest_magnitude(x, xp)
+    amax = largest_magnitude(x, xp)
     scale = unit_scale(amax, xp)
     y = x * scale  # a zero matrix stays zero: nothing else is guarded
     gram0 = gram = dfi = None
@@ -197,13 +197,6 @@ def polar(x, steps: int, method: str, xp, *, with_dfi: bool = False) -> Polar:
     if wide:
         p = xp.matrix_transpose(p)
     return Polar(p, amax, scale, nu, gram0, dfi)
-
-
-def _largest_magnitude(x, xp):
-    """``max |x_ij|`` of each matrix, ``(..., 1, 1)``: one pass in PyTorch, two reductions without an ``|x|`` temporary elsewhere."""
-    if is_torch_namespace(xp):
-        return xp.linalg.vector_norm(x, axis=(-2, -1), keepdims=True, ord=xp.inf)
-    return xp.maximum(xp.max(x, axis=(-2, -1), keepdims=True), -xp.min(x, axis=(-2, -1), keepdims=True))
 
 
 def _unless_zero(v, xp):
