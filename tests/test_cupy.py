@@ -252,7 +252,8 @@ def test_a_tied_array_excluded_by_its_second_name_is_left_alone():
     assert "fc.weight" not in report.names
     np.testing.assert_array_equal(arrays["fc.weight"], before)
     assert {"name": "fc.weight", "shape": (5, 6), "aliases": ["head.weight"],
-            "reason": "excluded by exclude pattern 'head' (one tensor, also named head.weight)"} in report.skipped
+            "reason": "excluded by exclude pattern 'head'"} in report.skipped
+    assert "left alone (excluded by exclude pattern 'head'): fc.weight (= head.weight) (5x6)" in str(report)
 
 
 def test_report_lists_every_array_left_alone_with_the_reason():
