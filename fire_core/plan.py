@@ -171,7 +171,7 @@ def _validate(weights, context, method: str = "fire", steps: int = 5, scale="fir
         work = work_dtype(w, xp, name)
         lay = parse_layout(layout, w.shape, name)
         factor = scale_factor(scale, lay)
-        _check_factor(name, lay, w.dtype, xp, factor, scale, method, steps)
+        _check_factor(name, lay, w.dtype, work, xp, factor, scale, method, steps)
         concrete = not is_tracing(w)
         amax = None
         with context(w):
@@ -198,7 +198,7 @@ def _range(dtype, xp) -> tuple[float, float]:
     return float(info.max), float(info.smallest_normal) * float(info.eps)
 
 
-def _check_factor(name, lay, dtype, xp, factor, scale, method, steps) -> None:
+def _check_factor(name, lay, dtype, work, xp, factor, scale, method, steps) -> None:
     """Refuse a scale whose new weight cannot be represented, for any nonzero weight of this shape.
 
     A projection's entries are at most ``top`` (its largest singular value)
@@ -214,6 +214,11 @@ def _check_factor(name, lay, dtype, xp, factor, scale, method, steps) -> None:
         )
     largest, smallest = _range(dtype, xp)
     top, floor = entry_bounds(method, steps)
+    if abs(factor) > _range(work, xp)[0]:
+        raise ValueError(
+            f"{name}: scale={scale!r} is beyond {_dtype_name(work)}, the dtype the projection is computed and "
+            "scaled in; use a smaller scale, or cast the weight to float64"
+        )
     if abs(factor) * floor / math.sqrt(lay.d_out * lay.d_in) > largest:
         raise ValueError(
             f"{name}: scale={scale!r} multiplies the projection by {factor:.3g}, which puts entries of any nonzero "
@@ -527,16 +532,18 @@ def _check_risky(xp, res, factors, norm_parts, chunk, dtype, scale) -> None:
 
 
 def _check_report(name, terms: dict) -> None:
-    """Every report number (the sum of its per-matrix ``terms``) is finite, or the error says which is not."""
+    """Every report number (the sum of its per-matrix ``terms``) is finite, or the error names those that are not."""
+    beyond = []
     for label, values in terms.items():
         if math.isfinite(_total(values)):
             continue
         logs = [v.log10 if isinstance(v, _Huge) else math.log10(v) for v in values if v > 0]
         top = max(logs)
-        about = top + math.log10(math.fsum(10 ** (x - top) for x in logs))
+        beyond.append(f"{label} is about 1e{top + math.log10(math.fsum(10 ** (x - top) for x in logs)):.0f}")
+    if beyond:
         raise ValueError(
-            f"{name}: the report's {label} for this weight is about 1e{about:.0f}, beyond the largest float64 "
-            "(1.8e308), so it cannot be measured; report=False projects it without measuring. Nothing was written"
+            f"{name}: the report's {' and '.join(beyond)} for this weight, beyond the largest float64 (1.8e308), "
+            "so it cannot be measured; report=False projects it without measuring. Nothing was written"
         )
 
 

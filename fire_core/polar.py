@@ -53,7 +53,8 @@ the reference's ``x / ||x||_F`` then overflows or underflows nowhere
 (``sqrt(sum x^2)`` does, from about 1e19 or below 1e-19 in float32 and
 bfloat16, 1e154 in float64). The norm of the rescaled matrix is read off
 the first Gram matrix (its trace) and folded into the first step, so the
-extra work is the one reduction for ``amax`` (see :func:`polar`). Subnormal
+extra work is finding ``amax`` (a max and a min reduction, see
+:func:`polar`). Subnormal
 inputs are projected where the backend computes with subnormals (NumPy,
 PyTorch); XLA on a CPU treats them as zero.
 """
@@ -91,11 +92,11 @@ DFI_HALVES_MIN = 512
 
 
 def entry_bounds(method: str, steps: int) -> tuple[float, float]:
-    """``(top, floor)`` for a projection by ``method`` in ``steps``: its largest singular value lies in ``[floor, top]``.
+    """``(top, floor)`` for a projection by ``method`` in ``steps``: no singular value above ``top``, norm at least ``floor``.
 
     So every entry is at most ``top``, and a nonzero ``m x n`` matrix's
-    projection has an entry of at least ``floor / sqrt(mn)`` and Frobenius
-    norm at least ``floor``. ``"fire"``: 1 and 1, since the cubic maps
+    projection has Frobenius norm at least ``floor`` and so an entry of at
+    least ``floor / sqrt(mn)``. ``"fire"``: 1 and 1, since the cubic maps
     ``[0, 1]`` into itself and lifts every singular value, from
     ``||X0||_F = 1``. ``"svd"``: every nonzero singular value is 1. ``"fast"``:
     the largest singular value of the rebounded start lies in the first design
@@ -169,7 +170,7 @@ def polar(x, steps: int, method: str, xp, *, with_dfi: bool = False) -> Polar:
     The reference's ``X0 = x / ||x||_F`` is formed as ``y / nu`` with
     ``y = x s``, ``s`` a power of two near ``1 / amax`` (exact, see
     :func:`metrics.unit_scale`) and ``nu = ||y||_F``: the same matrix, but
-    no square of an input entry is ever taken, so none overflows or
+    no square of an unscaled entry is ever taken, so none overflows or
     underflows (see the module docstring). ``||x||_F = nu / s`` itself may
     not be representable; the factors are returned instead.
     """

@@ -104,10 +104,15 @@ def _projection(w: np.ndarray, steps: int, method: str) -> np.ndarray:
     return out
 
 
-def _close_in_dtype(got: np.ndarray, want: np.ndarray, name: str, method: str) -> None:
-    """``got`` (computed in float32 or float64, rounded to ``name``) against the float64 ``want``."""
+def _close_in_dtype(got: np.ndarray, want: np.ndarray, name: str, method: str, flushes: bool = False) -> None:
+    """``got`` (computed in float32 or float64, rounded to ``name``) against the float64 ``want``.
+
+    ``flushes``: the backend flushes results below the compute dtype's smallest normal number to zero (XLA).
+    """
     scale = np.abs(want).max()
     tiny = LIMITS[name][1]  # values near the subnormal range round to its spacing
+    if flushes:
+        tiny = max(tiny, float(np.finfo(np.float64 if name == "float64" else np.float32).smallest_normal))
     if name == "float64":
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-11 * scale + tiny)
         return
@@ -140,7 +145,7 @@ def test_projection_at_any_magnitude_is_the_projection_at_unit_size(backend, nam
     want = _projection(w, steps, method)
     for idx in np.ndindex(*shape[:-2]):
         assert np.any(got[idx] != 0) == np.any(w[idx] != 0)  # zero only from a zero matrix
-    _close_in_dtype(got, want, name, method)
+    _close_in_dtype(got, want, name, method, flushes=backend.name == "jax")
 
 
 @pytest.mark.parametrize(
@@ -157,7 +162,7 @@ def test_the_issues_magnitudes_are_projected_not_zeroed(backend, name, magnitude
     x, w = _weight(backend, name, _unit(7, (64, 48)), magnitude)
     got = fire_core.project(x, 5, method=method)
     got = backend.to_numpy(backend.xp.astype(got, backend.xp.float64 if name == "float64" else backend.xp.float32))
-    _close_in_dtype(got, _projection(w, 5, method), name, method)
+    _close_in_dtype(got, _projection(w, 5, method), name, method, flushes=backend.name == "jax")
 
 
 def test_projection_of_extreme_values_traces_under_jax_jit(x64):
@@ -255,6 +260,8 @@ def _near_a_limit(new, w, name, sfe, before, scale, method, steps, layout) -> bo
     peaks = [np.abs(n).max() for n, o in zip(fire_core.to_matrices(new, layout), fire_core.to_matrices(w, layout)) if np.any(o)]
     if peaks and smallest / 4 <= min(peaks) <= smallest:
         return True
+    if isinstance(scale, float) and scale > LIMITS["float64" if name == "float64" else "float32"][0]:
+        return True  # a number beyond the compute dtype itself
     if scale == "norm":
         from fire_core.polar import entry_bounds
 
@@ -291,7 +298,7 @@ def test_reinit_writes_the_scaled_projection_and_reports_it_or_raises_before_wri
     lo, hi = RANGES[name]
     x, w = _weight(backend, name, _unit_weight(seed, layout, shape), 10 ** (lo + where * (hi - lo)))
     _assume_well_conditioned(fire_core.to_matrices(w, layout))
-    scale = 10 ** (lo - 1 + number * (hi - lo + 2)) if rule == "number" else rule
+    scale = 10 ** min(lo - 1 + number * (hi - lo + 2), 308.25) if rule == "number" else rule
     new, before, after, factors = _expected(w, layout, steps, method, scale)
     overflow, zero = _unrepresentable(new, w, layout, name)
     sfe, _ = _decimal_sfe(new, w)
@@ -309,7 +316,7 @@ def test_reinit_writes_the_scaled_projection_and_reports_it_or_raises_before_wri
     event("written")
     assert not (overflow or zero or huge), "an unrepresentable result was written"
     got = backend.to_numpy(backend.xp.astype(out["layer"], backend.xp.float64 if name == "float64" else backend.xp.float32))
-    _close_in_dtype(got, new, name, method)
+    _close_in_dtype(got, new, name, method, flushes=backend.name == "jax")
     row = rep["layer"]
     assert all(math.isfinite(row[k]) for k in ("sfe", "dfi_before", "dfi_after", "scale"))
     eps = Decimal(1e-10 if name == "float64" else 1e-4)
@@ -351,7 +358,7 @@ def test_a_scale_of_zero_is_refused():
 def test_a_report_beyond_float64_is_refused_before_writing_and_report_false_projects(backend):
     w = _unit(5, (6, 4)) * 1e160
     writes = []
-    with pytest.raises(ValueError, match=r"w: the report's SFE for this weight is about 1e32\d.*report=False projects it"):
+    with pytest.raises(ValueError, match=r"w: the report's SFE is about 1e32\d and DfI before is about 1e64\d for this weight.*report=False projects it"):
         reinit_many([("w", backend.asarray(w), "oi")], write=lambda n, a: writes.append(n))
     assert writes == []
     out = {}
@@ -367,7 +374,7 @@ def test_torch_apply_on_a_float64_weight_near_1e160_raises_naming_report_false_a
     with torch.no_grad():
         model[0].weight.mul_(1e160)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"0\.weight: the report's SFE .* about 1e3\d\d.*report=False"):
+    with pytest.raises(ValueError, match=r"0\.weight: the report's SFE is about 1e3\d\d and DfI before is about 1e6\d\d.*report=False"):
         ft.apply(model, steps=5)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     ft.apply(model, steps=5, report=False)
@@ -407,7 +414,7 @@ def test_measure_of_extreme_float32_weights_matches_the_rows_of_reinit(magnitude
 
 def test_measure_refuses_a_report_number_beyond_float64():
     w = _unit(9, (6, 4)) * 1e160
-    with pytest.raises(ValueError, match=r"w: the report's SFE for this weight is about 1e32\d.*cannot be measured"):
+    with pytest.raises(ValueError, match=r"w: the report.s SFE is about 1e32\d and DfI before is about 1e64\d.* for this weight.*cannot be measured"):
         measure([("w", w, -w, "oi")])
 
 
@@ -436,4 +443,4 @@ def test_unit_scale_is_a_power_of_two_near_the_reciprocal_within_normal_numbers(
     assert np.all(s >= info.smallest_normal) and np.all(1 / s >= info.smallest_normal)
     np.testing.assert_array_equal(np.log2(s), np.round(np.log2(s)))  # exact powers of two
     ordinary = amax[2:5] * s[2:5]
-    assert np.all((ordinary >= 0.5) & (ordinary <= 2)) and s[5] == 1
+    assert np.all((ordinary >= 0.5) & (ordinary <= 2))
