@@ -192,6 +192,32 @@ def _check_finite_on_mesh(x, what: str) -> None:
     )
 
 
+def largest_magnitude_on_mesh(x) -> float:
+    """``max |x|`` of a whole DTensor, the same on every rank of its mesh.
+
+    Each rank reduces its own shard (an empty shard, which FSDP2 gives a
+    rank when a weight has fewer rows than the mesh has ranks, counts as 0)
+    and the results are all-reduced with MAX over every mesh dimension.
+    ``torch.amax`` of the DTensor itself fails on an empty local shard.
+    Partial placements are first made replicated, as in :func:`check_finite`.
+    """
+    torch, dist = sys.modules["torch"], sys.modules["torch.distributed"]
+    mesh = x.device_mesh
+    placements = list(x.placements)
+    if any(p.is_partial() for p in placements):
+        replicate = sys.modules["torch.distributed.tensor"].Replicate()
+        x = x.redistribute(mesh, [replicate if p.is_partial() else p for p in placements])
+    with torch.no_grad():
+        local = x.to_local()
+        top = torch.zeros(1, dtype=torch.float64, device=local.device)
+        if local.numel():
+            top[0] = torch.maximum(local.max(), -local.min()).to(torch.float64)
+        if mesh.get_coordinate() is not None:
+            for dim in range(mesh.ndim):
+                dist.all_reduce(top, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+    return float(top.item())
+
+
 def sum_over_mesh(t, mesh) -> None:
     """All-reduce the torch tensor ``t`` in place over every rank of ``mesh``: a sum along each mesh dimension in turn.
 
@@ -218,6 +244,11 @@ def dense(x, xp):
     if isinstance(x, np.ndarray):
         return np.ascontiguousarray(x)
     return x
+
+
+def whole(x):
+    """``x`` itself, or for a DTensor the whole tensor on every rank (for short per-matrix vectors only)."""
+    return x.full_tensor() if _is_dtensor(x) else x
 
 
 def to_floats(x) -> list[float]:

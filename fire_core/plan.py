@@ -43,7 +43,19 @@ from typing import Callable, ContextManager, Iterable
 
 import numpy as np
 
-from ._array import array_namespace, check_finite, dense, device_of, is_tracing, on_accelerator, to_floats, work_dtype
+from ._array import (
+    _is_dtensor,
+    array_namespace,
+    check_finite,
+    dense,
+    device_of,
+    is_tracing,
+    largest_magnitude_on_mesh,
+    on_accelerator,
+    to_floats,
+    whole,
+    work_dtype,
+)
 from .layout import check_scale, from_matrices, parse_layout, scale_factor, to_matrices
 from .metrics import dfi_split, gram_dfi, largest_magnitude, small_gram, unit_scale
 from .polar import check_method, entry_bounds, polar
@@ -234,7 +246,15 @@ def _check_factor(name, lay, dtype, work, xp, factor, scale, method, steps) -> N
 
 
 def _layer_amax(w, lay, xp) -> list[float]:
-    """The largest magnitude of each stacked layer of ``w`` (one reduction, one host transfer)."""
+    """The largest magnitude of each stacked layer of ``w`` (one reduction, one host transfer).
+
+    A DTensor's is reduced shard by shard and over its mesh (an empty local
+    shard has no ``max``); a stacked one's layers are read from the whole tensor.
+    """
+    if _is_dtensor(w):
+        if lay.stack == 1:
+            return [largest_magnitude_on_mesh(w)]
+        w = w.full_tensor()
     if lay.stack == 1:
         return to_floats(xp.reshape(largest_magnitude(w, xp, axis=None, keepdims=False), (1,)))
     layers = xp.reshape(to_matrices(w, lay.text), (lay.stack, -1))
@@ -576,7 +596,8 @@ def _measures(xp, res, batch, scaled, column, norm_parts, chunk, dtype, work):
     ]
     if norm_parts is not None:
         per_matrix += [xp.reshape(v, (-1,)) for v in norm_parts]
-    return xp.reshape(xp.stack(per_matrix), (-1,)), gram
+    # DTensor pieces (distributed="replicate") can be left sharded along the matrix axis: gathered whole first
+    return xp.reshape(xp.stack([whole(v) for v in per_matrix]), (-1,)), gram
 
 
 def _report_values(xp, values, gram, total, chunk, norm: bool, work, dev) -> list[list[float]]:

@@ -205,6 +205,7 @@ def apply(
         probed = _run_probe(model, probe, owners)
         saved = [(p, p.detach().clone()) for p in _written(targets)] if dry_run else []
     write = not dry_run or probe is not None  # a dry run with a probe writes, measures and restores
+    _agree_on_plain_weights(targets)
 
     with _sharded(targets):
         rows, pending = _project(targets, steps, method, scale, not write, report, distributed)
@@ -353,6 +354,40 @@ def _write_block(weight, index, new) -> None:
         whole[index].copy_(new.redistribute(mesh, whole.placements) if new.placements != whole.placements else new)
         new, index = whole, ()
     weight.copy_(new.redistribute(mesh, placements) if new.placements != placements else new)
+
+
+def _agree_on_plain_weights(targets) -> None:
+    """With DTensor weights in the call, all ranks agree on the plain weights' values before any work.
+
+    Each rank validates its own copy of a plain weight (one a TP plan left
+    out, say). A NaN in one rank's copy alone would make that rank raise and
+    the others wait in the next collective; so each rank tests its copies,
+    the verdicts are summed over the first DTensor's mesh, and every rank
+    raises the same error naming the first bad weight. One small all-reduce
+    per mesh dimension, and only when DTensors are present.
+    """
+    if "torch.distributed.tensor" not in sys.modules:
+        return
+    from torch.distributed.tensor import DTensor
+
+    mesh = next((t.tensor.device_mesh for t in targets if isinstance(t.tensor, DTensor)), None)
+    plain = [t for t in targets if not isinstance(t.tensor, DTensor)]
+    if mesh is None or not plain:
+        return
+    device = next(t.tensor.to_local().device for t in targets if isinstance(t.tensor, DTensor))
+    bad = torch.zeros(len(plain), dtype=torch.int64, device=device)
+    for k, t in enumerate(plain):
+        w = t.tensor.detach()[t.index]
+        if w.is_floating_point() and w.numel() and not bool(torch.isfinite(w).all()):
+            bad[k] = 1
+    sum_over_mesh(bad, mesh)
+    found = bad.nonzero().flatten().tolist()
+    if found:
+        t = plain[found[0]]
+        raise ValueError(
+            f"{t.name}: contains NaN or Inf in the copy held by {int(bad[found[0]])} of the {mesh.size()} ranks "
+            "(a plain, unsharded weight in a call with DTensor weights); nothing was changed on any rank"
+        )
 
 
 def _sharded(targets):
