@@ -5,8 +5,9 @@ the same structure and dtypes, works eagerly and under ``jax.jit``, and keeps
 sharded leaves sharded (the core's batched matmuls are traced into one XLA
 program, so XLA's sharded matmul does the work; nothing projects local
 shards). :func:`report` measures a before/after pair of trees,
-:func:`reset_opt_state` zeroes the optimizer moments of the projected leaves,
-and :func:`update` does all of it in place on an nnx Module.
+:func:`reset_opt_state` restarts the optimizer state of the projected leaves
+(as a fresh ``tx.init`` would give them), and :func:`update` does all of it
+in place on an nnx Module.
 
 Which leaves, and in which layout
 ---------------------------------
