@@ -60,7 +60,7 @@ from .metrics import drift
 from .plan import reinit_many
 from .report import Report
 
-__all__ = ["apply", "reset_optimizer_state", "MODULE_TABLE"]
+__all__ = ["apply", "select", "reset_optimizer_state", "MODULE_TABLE"]
 
 _SPATIAL = {1: "w", 2: "hw", 3: "dhw"}
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -182,20 +182,7 @@ def apply(
         raise ValueError("dry_run=True computes the report only; it cannot be combined with report=False")
     if distributed not in ("owner", "replicate"):
         raise ValueError(f"distributed must be 'owner' or 'replicate', got {distributed!r}")
-    if conv_groups not in _CONV_GROUPS:
-        raise ValueError(f"conv_groups must be one of {_CONV_GROUPS}, got {conv_groups!r}")
-    if not isinstance(frozen, bool):
-        raise TypeError(f"frozen must be True or False, got {frozen!r}")
-    model, wrappers = _unwrap(model)
-    options = _Options(
-        include=Patterns(include, "include"),
-        exclude=Patterns(exclude, "exclude"),
-        split=_check_splits(split),
-        layouts=_check_layouts(layouts),
-        frozen=frozen,
-        conv_groups=conv_groups,
-        wrappers=wrappers,
-    )
+    model, options = _options(model, include, exclude, split, layouts, frozen, conv_groups)
     targets, skipped, notes = _select(model, options)
     stats = _stats_note(model)
     if stats:
@@ -246,6 +233,49 @@ def apply(
         for opt in optimizers:
             reset_optimizer_state(opt, written)
     return result
+
+
+def select(
+    model: nn.Module,
+    *,
+    include=None,
+    exclude=None,
+    split: Mapping[str, int | Iterable[int]] | None = None,
+    layouts: Mapping[str, str | None] | None = None,
+    frozen: bool = False,
+    conv_groups: str = "stored",
+) -> list[tuple[str, torch.Tensor, str]]:
+    """The weights :func:`apply` would project, as ``(report name, tensor, layout)``, changing nothing.
+
+    Takes :func:`apply`'s selection arguments and raises its selection
+    errors. Each tensor is the block the core would get (detached: a view
+    of the weight, or of its computed value if parametrized), so
+    ``fire_core.schedule.target_dfi(tensor, layout)`` measures what FIRE
+    would act on; the schedule's data-free trigger reads the weights this way.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"select expects a torch.nn.Module, got {type(model).__name__}")
+    model, options = _options(model, include, exclude, split, layouts, frozen, conv_groups)
+    targets, _, _ = _select(model, options)
+    return [(t.name, t.given(t.tensor.detach()), t.layout) for t in targets]
+
+
+def _options(model, include, exclude, split, layouts, frozen, conv_groups) -> tuple[nn.Module, "_Options"]:
+    """The unwrapped model and the checked selection options of :func:`apply` and :func:`select`."""
+    if conv_groups not in _CONV_GROUPS:
+        raise ValueError(f"conv_groups must be one of {_CONV_GROUPS}, got {conv_groups!r}")
+    if not isinstance(frozen, bool):
+        raise TypeError(f"frozen must be True or False, got {frozen!r}")
+    model, wrappers = _unwrap(model)
+    return model, _Options(
+        include=Patterns(include, "include"),
+        exclude=Patterns(exclude, "exclude"),
+        split=_check_splits(split),
+        layouts=_check_layouts(layouts),
+        frozen=frozen,
+        conv_groups=conv_groups,
+        wrappers=wrappers,
+    )
 
 
 def _written(targets) -> list[torch.Tensor]:

@@ -1,0 +1,644 @@
+"""When to apply FIRE: one schedule for every integration, checkpointable.
+
+Every integration (``fire_core.lightning``, ``fire_core.transformers``,
+``fire_core.sb3``, ``fire_core.optax``) takes the same ``schedule=``
+argument and turns it into a :class:`Schedule` with :func:`as_schedule`:
+
+* a list of steps, ``[1000, 2000]``: :class:`AtSteps`;
+* ``Every(1000)`` or ``{"every": 1000}`` (``"unit": "epoch"`` for epochs);
+* a callable of a :class:`Moment`, returning a truth value or a reason
+  string (a task-id change: ``lambda m: m.step in boundaries``): :class:`When`;
+* a trigger read off the weights alone, :class:`DfIAbove` (the model's DfI
+  relative to FIRE's target, one Gram matrix per layer, every ``K`` steps);
+* a trigger on activations of a probe batch, :class:`DormantAbove`
+  (Sokar et al.'s dormant ratio) or :class:`SrankBelow` (Kumar et al.'s srank);
+* a list mixing any of these: FIRE is applied when any of them fires.
+
+The integration calls :meth:`Schedule.poll` after each optimizer step (and
+at each epoch start, ``at="epoch"``) with a :class:`Moment`: the number of
+optimizer steps done, the epoch, and callables that give the weights FIRE
+would project (``weights()``) and the activations of a probe batch
+(``features()``); a trigger calls them only when it checks. ``poll``
+returns a :class:`Firing` (the step and every reason) or None.
+
+Steps are counted as the frameworks count them: ``step`` is the number of
+optimizer steps completed, and "at step 1000" means after the 1000th
+update, before the 1001st. A boundary is a threshold, not an equality: a
+run resumed from a checkpoint taken at step 990 still fires at its first
+poll at or past 1000, and a run resumed after firing does not fire again,
+because :meth:`Schedule.state_dict` saves which boundaries fired (and when
+each trigger last checked) and :meth:`Schedule.load_state_dict` restores it.
+Both are plain JSON-able dicts, for Lightning's callback state, the
+``transformers`` stateful callbacks and SB3's saved files.
+
+Under ``jax.jit`` (``fire_core.optax``) no Python branch may depend on a
+traced step: :func:`traced_init` and :func:`traced_poll` keep the same
+triggers' progress in arrays and decide with ``jnp`` operations (the
+activation triggers need a forward pass and are refused there).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from ._array import array_namespace, to_floats, work_dtype
+from .diagnostics import DORMANT_TAU, SRANK_DELTA, dormant_ratio, srank
+from .layout import parse_layout, scale_factor, to_matrices
+from .metrics import gram_dfi, small_gram
+
+__all__ = [
+    "Moment",
+    "Firing",
+    "Trigger",
+    "AtSteps",
+    "Every",
+    "When",
+    "DfIAbove",
+    "DormantAbove",
+    "SrankBelow",
+    "Schedule",
+    "as_schedule",
+    "target_dfi",
+    "traced_init",
+    "traced_poll",
+]
+
+UNITS = ("step", "epoch")
+
+
+@dataclass
+class Moment:
+    """Where training stands when the schedule is polled.
+
+    ``step``: optimizer steps completed. ``epoch``: the current epoch (None
+    where the framework has none). ``at``: ``"step"`` (after an optimizer
+    step) or ``"epoch"`` (at an epoch's start, ``epoch`` being its index).
+    ``weights()``: ``(name, array, layout)`` of the weights FIRE would
+    project. ``features()``: ``{name: (batch, units) activations}`` of a
+    probe batch. ``context``: anything else the integration passes (the
+    trainer, the model), for user callables.
+    """
+
+    step: int
+    epoch: int | None = None
+    at: str = "step"
+    weights: Callable[[], Iterable[tuple[str, Any, str]]] | None = None
+    features: Callable[[], Mapping[str, Any]] | None = None
+    context: Mapping[str, Any] = field(default_factory=dict)
+
+    def position(self, unit: str) -> int | None:
+        """The count a trigger in ``unit`` compares with, or None if this poll is not in that unit."""
+        if unit == "step":
+            return self.step if self.at == "step" else None
+        return self.epoch if self.at == "epoch" else None
+
+
+@dataclass
+class Firing:
+    """A decision to apply FIRE: where, and why (one reason per trigger that fired)."""
+
+    step: int
+    epoch: int | None
+    reasons: list[str]
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "reasons": list(self.reasons)}
+
+    def __str__(self) -> str:
+        where = f"step {self.step}" + ("" if self.epoch is None else f", epoch {self.epoch}")
+        return f"FIRE at {where}: " + "; ".join(self.reasons)
+
+
+class Trigger:
+    """One condition for applying FIRE. Subclasses define :meth:`check` and their saved state."""
+
+    unit = "step"
+
+    def check(self, moment: Moment) -> str | None:  # pragma: no cover - abstract
+        """The reason FIRE should be applied now, or None."""
+        raise NotImplementedError
+
+    def fired(self, moment: Moment) -> None:
+        """Called when FIRE was applied at ``moment`` (by this trigger or another)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if state:
+            raise ValueError(f"{self!r} keeps no state, got {dict(state)!r}")
+
+    def describe(self) -> str:
+        return repr(self)
+
+
+def _count(value, what: str, *, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be an integer, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{what} must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def _unit(unit) -> str:
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+    return unit
+
+
+class AtSteps(Trigger):
+    """FIRE at each of the given steps (or epochs): at the first poll at or past each, once."""
+
+    def __init__(self, steps: Iterable[int], unit: str = "step"):
+        if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
+            raise TypeError(f"AtSteps expects a list of {unit}s, got {type(steps).__name__} {steps!r}")
+        self.unit = _unit(unit)
+        self.steps = sorted({_count(s, f"a {self.unit} of the schedule", minimum=1) for s in steps})
+        if not self.steps:
+            raise ValueError("AtSteps: the list of steps is empty (FIRE would never be applied)")
+        self.done: list[int] = []
+
+    def __repr__(self) -> str:
+        return f"AtSteps({self.steps}{'' if self.unit == 'step' else ', unit=' + repr(self.unit)})"
+
+    def check(self, moment):
+        now = moment.position(self.unit)
+        if now is None:
+            return None
+        due = [s for s in self.steps if s <= now and s not in self.done]
+        if not due:
+            return None
+        self.done.extend(due)
+        late = "" if due[-1] == now else f" (reached at {self.unit} {now})"
+        names = ", ".join(map(str, due))
+        return f"scheduled at {self.unit}{'s' if len(due) > 1 else ''} {names}{late}"
+
+    def state_dict(self):
+        return {"done": list(self.done)}
+
+    def load_state_dict(self, state):
+        self.done = [int(s) for s in state.get("done", [])]
+
+
+class Every(Trigger):
+    """FIRE every ``n`` steps (or epochs), first at ``start + n``: at steps ``n, 2n, ...`` by default."""
+
+    def __init__(self, n: int, unit: str = "step", start: int = 0):
+        self.n = _count(n, "Every(n)", minimum=1)
+        self.unit = _unit(unit)
+        self.start = _count(start, "Every(start=)")
+        self.last = 0  # the last multiple fired: k with start + k n reached
+
+    def __repr__(self) -> str:
+        extra = ("" if self.unit == "step" else f", unit={self.unit!r}") + (f", start={self.start}" if self.start else "")
+        return f"Every({self.n}{extra})"
+
+    def check(self, moment):
+        now = moment.position(self.unit)
+        if now is None or now < self.start + self.n:
+            return None
+        k = (now - self.start) // self.n
+        if k <= self.last:
+            return None
+        self.last = k
+        boundary = self.start + k * self.n
+        late = "" if boundary == now else f" (reached at {self.unit} {now})"
+        return f"every {self.n} {self.unit}s: {self.unit} {boundary}{late}"
+
+    def state_dict(self):
+        return {"last": self.last}
+
+    def load_state_dict(self, state):
+        self.last = int(state.get("last", 0))
+
+
+class When(Trigger):
+    """FIRE when ``fn(moment)`` is true (a string it returns is the reason), checked every ``every`` polls' steps."""
+
+    def __init__(self, fn: Callable[[Moment], Any], every: int = 1, unit: str = "step"):
+        if not callable(fn):
+            raise TypeError(f"When expects a callable of a Moment, got {type(fn).__name__} {fn!r}")
+        self.fn = fn
+        self.every = _count(every, "When(every=)", minimum=1)
+        self.unit = _unit(unit)
+
+    def __repr__(self) -> str:
+        return f"When({getattr(self.fn, '__qualname__', self.fn)!s})"
+
+    def check(self, moment):
+        now = moment.position(self.unit)
+        if now is None or now % self.every:
+            return None
+        verdict = self.fn(moment)
+        if not verdict:
+            return None
+        return verdict if isinstance(verdict, str) else f"{self.describe()} returned {verdict!r} at {self.unit} {now}"
+
+
+class _Periodic(Trigger):
+    """A measured trigger: checked every ``every`` steps, the last check and its value kept."""
+
+    what = "value"
+
+    def __init__(self, threshold: float, every: int, unit: str, cooldown: int):
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
+            raise TypeError(f"{type(self).__name__}: threshold must be a finite number, got {threshold!r}")
+        self.threshold = float(threshold)
+        self.every = _count(every, f"{type(self).__name__}(every=)", minimum=1)
+        self.unit = _unit(unit)
+        self.cooldown = _count(cooldown, f"{type(self).__name__}(cooldown=)")
+        self.last_check: int | None = None
+        self.last_value: float | None = None
+        self.last_fired: int | None = None
+
+    def _due(self, moment) -> int | None:
+        now = moment.position(self.unit)
+        if now is None or now == 0 or now % self.every:
+            return None
+        if self.last_check is not None and now <= self.last_check:
+            return None
+        if self.last_fired is not None and now - self.last_fired < max(self.cooldown, 1):
+            return None
+        return now
+
+    def fired(self, moment):
+        now = moment.position(self.unit)
+        if now is not None:
+            self.last_fired = now
+
+    def state_dict(self):
+        return {"last_check": self.last_check, "last_value": self.last_value, "last_fired": self.last_fired}
+
+    def load_state_dict(self, state):
+        self.last_check = state.get("last_check")
+        self.last_value = state.get("last_value")
+        self.last_fired = state.get("last_fired")
+
+
+class DfIAbove(_Periodic):
+    """FIRE when the weights' DfI relative to FIRE's target exceeds ``threshold``: data-free.
+
+    Every ``every`` steps the integration's weights (those FIRE would
+    project) are read and :func:`target_dfi` is taken of each layer: the
+    report's "DfI before" over the layer's ``taps * min(d_out, d_in)``, so 0
+    at FIRE's target and 1 for a zero weight whatever the layer's size; a
+    weight at PyTorch's default ``nn.Linear`` init reads about 0.5. One Gram
+    matrix per layer and tap, no data, no projection.
+
+    ``reduce``: ``"mean"`` (over layers, each layer counted once) or
+    ``"max"``. With ``relative=True`` the threshold is a ratio to the value
+    of the first check (the trigger fires when the DfI grew by that factor),
+    which carries over between models whose initial DfI differs. After a
+    firing the next check is at least ``cooldown`` steps later (default
+    ``every``), and the baseline of a relative trigger is measured afresh.
+    """
+
+    what = "DfI"
+
+    def __init__(self, threshold: float, every: int = 100, *, reduce: str = "mean", relative: bool = False,
+                 unit: str = "step", cooldown: int | None = None):
+        super().__init__(threshold, every, unit, every if cooldown is None else cooldown)
+        if reduce not in ("mean", "max"):
+            raise ValueError(f"DfIAbove: reduce must be 'mean' or 'max', got {reduce!r}")
+        if self.threshold <= 0:
+            raise ValueError(f"DfIAbove: threshold must be positive, got {threshold!r}")
+        self.reduce = reduce
+        self.relative = bool(relative)
+        self.baseline: float | None = None
+
+    def __repr__(self) -> str:
+        return f"DfIAbove({self.threshold:g}, every={self.every}, reduce={self.reduce!r}, relative={self.relative})"
+
+    def check(self, moment):
+        now = self._due(moment)
+        if now is None:
+            return None
+        if moment.weights is None:
+            raise ValueError(f"{self!r} needs the model's weights, which this integration did not pass")
+        per_layer: dict[str, float] = {}
+        for name, w, layout in moment.weights():
+            values = to_floats(target_dfi(w, layout))
+            for k, v in enumerate(values):
+                per_layer[name if len(values) == 1 else f"{name}[{k}]"] = v
+        if not per_layer:
+            raise ValueError(f"{self!r}: the integration passed no weights to measure")
+        value = max(per_layer.values()) if self.reduce == "max" else math.fsum(per_layer.values()) / len(per_layer)
+        self.last_check, self.last_value = now, value
+        if self.relative and self.baseline is None:
+            self.baseline = value
+            return None
+        limit = self.threshold * (self.baseline if self.relative else 1.0)
+        if not value > limit:
+            return None
+        worst = max(per_layer, key=per_layer.get)
+        against = f"{self.threshold:g} x the first check's {self.baseline:.4g}" if self.relative else f"{self.threshold:g}"
+        return (
+            f"DfI/n ({self.reduce} over {len(per_layer)} layers) {value:.4g} > {against} at {self.unit} {now}; "
+            f"highest {worst} {per_layer[worst]:.4g}"
+        )
+
+    def fired(self, moment):
+        super().fired(moment)
+        if self.relative:
+            self.baseline = None
+
+    def state_dict(self):
+        return {**super().state_dict(), "baseline": self.baseline}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.baseline = state.get("baseline")
+
+
+class _OnFeatures(_Periodic):
+    """A trigger on the activations of a probe batch (``moment.features()``), reduced over layers."""
+
+    def _features(self, moment, now) -> dict[str, float]:
+        if moment.features is None:
+            raise ValueError(
+                f"{self!r} needs activations of a probe batch: pass probe= to the integration "
+                "(or features= where it takes one)"
+            )
+        values = {name: self._measure(a) for name, a in moment.features().items()}
+        if not values:
+            raise ValueError(f"{self!r}: the probe gave no activations to measure")
+        return values
+
+
+class DormantAbove(_OnFeatures):
+    """FIRE when the share of tau-dormant units (Sokar et al. 2023) exceeds ``threshold`` on a probe batch.
+
+    ``reduce="mean"`` averages the layers' ratios; ``"max"`` takes the worst layer.
+    """
+
+    what = "dormant ratio"
+
+    def __init__(self, threshold: float, every: int = 100, *, tau: float = DORMANT_TAU, reduce: str = "mean",
+                 unit: str = "step", cooldown: int | None = None):
+        super().__init__(threshold, every, unit, every if cooldown is None else cooldown)
+        if not 0 <= self.threshold < 1:
+            raise ValueError(f"DormantAbove: threshold is a share of units in [0, 1), got {threshold!r}")
+        if reduce not in ("mean", "max"):
+            raise ValueError(f"DormantAbove: reduce must be 'mean' or 'max', got {reduce!r}")
+        self.tau, self.reduce = float(tau), reduce
+
+    def __repr__(self) -> str:
+        return f"DormantAbove({self.threshold:g}, every={self.every}, tau={self.tau:g}, reduce={self.reduce!r})"
+
+    def _measure(self, a) -> float:
+        return float(dormant_ratio(a, self.tau))
+
+    def check(self, moment):
+        now = self._due(moment)
+        if now is None:
+            return None
+        values = self._features(moment, now)
+        value = max(values.values()) if self.reduce == "max" else math.fsum(values.values()) / len(values)
+        self.last_check, self.last_value = now, value
+        if not value > self.threshold:
+            return None
+        worst = max(values, key=values.get)
+        return (
+            f"dormant ratio (tau={self.tau:g}, {self.reduce} over {len(values)} layers) {value:.3g} > "
+            f"{self.threshold:g} at {self.unit} {now}; highest {worst} {values[worst]:.3g}"
+        )
+
+
+class SrankBelow(_OnFeatures):
+    """FIRE when the features' effective rank (Kumar et al. 2021) falls below ``threshold`` on a probe batch.
+
+    The srank of each layer is divided by its largest possible value
+    ``min(batch, units)`` so the threshold is a fraction in ``(0, 1]``; the
+    lowest layer decides (``reduce="min"``) or their mean (``"mean"``).
+    """
+
+    what = "srank"
+
+    def __init__(self, threshold: float, every: int = 100, *, delta: float = SRANK_DELTA, reduce: str = "min",
+                 unit: str = "step", cooldown: int | None = None):
+        super().__init__(threshold, every, unit, every if cooldown is None else cooldown)
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"SrankBelow: threshold is a fraction of the full rank in (0, 1], got {threshold!r}")
+        if reduce not in ("mean", "min"):
+            raise ValueError(f"SrankBelow: reduce must be 'mean' or 'min', got {reduce!r}")
+        self.delta, self.reduce = float(delta), reduce
+
+    def __repr__(self) -> str:
+        return f"SrankBelow({self.threshold:g}, every={self.every}, delta={self.delta:g}, reduce={self.reduce!r})"
+
+    def _measure(self, a) -> float:
+        full = min(a.shape[-2], a.shape[-1])
+        return float(srank(a, self.delta)) / full
+
+    def check(self, moment):
+        now = self._due(moment)
+        if now is None:
+            return None
+        values = self._features(moment, now)
+        value = min(values.values()) if self.reduce == "min" else math.fsum(values.values()) / len(values)
+        self.last_check, self.last_value = now, value
+        if not value < self.threshold:
+            return None
+        worst = min(values, key=values.get)
+        return (
+            f"srank / full rank ({self.reduce} over {len(values)} layers) {value:.3g} < {self.threshold:g} "
+            f"at {self.unit} {now}; lowest {worst} {values[worst]:.3g}"
+        )
+
+
+def target_dfi(w, layout: str, /):
+    """Per-layer DfI of ``w`` relative to FIRE's target, normalized: shape ``(stack,)``.
+
+    Each matrix (tap) is divided by the reference scale
+    (``scale_factor("fire")``: ``sqrt(d_out / d_in)``, over the taps for a
+    conv), and ``||G - I||_F^2`` of its small-side Gram matrix ``G`` is summed
+    over the layer's taps and divided by ``taps * min(d_out, d_in)``: the
+    report's ``dfi_before`` per unit of the layer. 0 at FIRE's target, 1 for a
+    zero weight. Runs eagerly or traced (``jax.jit``); float16 and bfloat16
+    are measured in float32.
+    """
+    xp = array_namespace(w)
+    lay = parse_layout(layout, w.shape)
+    mats = xp.astype(to_matrices(w, layout), work_dtype(w, xp, "target_dfi"), copy=False)
+    ref = scale_factor("fire", lay)
+    per_matrix = gram_dfi(small_gram(mats / ref, xp), xp)
+    per_layer = xp.sum(xp.reshape(per_matrix, (lay.stack, lay.taps)), axis=1)
+    return per_layer / (lay.taps * min(lay.d_out, lay.d_in))
+
+
+class Schedule:
+    """Triggers polled together; FIRE is applied when any fires. Holds the history of firings.
+
+    Build it with :func:`as_schedule` from any ``schedule=`` form.
+    """
+
+    def __init__(self, triggers: Sequence[Trigger]):
+        self.triggers = list(triggers)
+        self.history: list[Firing] = []
+        self.last_poll: int | None = None
+
+    def __repr__(self) -> str:
+        return f"Schedule({', '.join(map(repr, self.triggers))})"
+
+    def poll(self, moment: Moment) -> Firing | None:
+        """Check every trigger at ``moment``; a :class:`Firing` with all their reasons when any fires."""
+        if moment.at not in UNITS:
+            raise ValueError(f"Moment.at must be one of {UNITS}, got {moment.at!r}")
+        reasons = [r for r in (t.check(moment) for t in self.triggers) if r]
+        if moment.at == "step":
+            self.last_poll = moment.step
+        if not reasons:
+            return None
+        firing = Firing(moment.step, moment.epoch, reasons)
+        for t in self.triggers:
+            t.fired(moment)
+        self.history.append(firing)
+        return firing
+
+    def state_dict(self) -> dict:
+        """What the schedule has done, as a JSON-able dict: firings, last poll, each trigger's state."""
+        return {
+            "triggers": [repr(t) for t in self.triggers],
+            "trigger_state": [t.state_dict() for t in self.triggers],
+            "history": [f.to_dict() for f in self.history],
+            "last_poll": self.last_poll,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore :meth:`state_dict`'s output; the triggers must be those it was saved with."""
+        saved = list(state.get("triggers", []))
+        if saved != [repr(t) for t in self.triggers]:
+            raise ValueError(
+                f"the saved schedule {saved} is not this one {[repr(t) for t in self.triggers]}: resuming with "
+                "another schedule would fire again at boundaries already passed, or miss some; pass the "
+                "schedule the run was started with"
+            )
+        for t, s in zip(self.triggers, state.get("trigger_state", [])):
+            t.load_state_dict(s)
+        self.history = [Firing(f["step"], f.get("epoch"), list(f["reasons"])) for f in state.get("history", [])]
+        self.last_poll = state.get("last_poll")
+
+
+def as_schedule(spec) -> Schedule:
+    """A :class:`Schedule` from any ``schedule=`` form (see the module docstring); TypeError for others."""
+    if isinstance(spec, Schedule):
+        return spec
+    return Schedule(_triggers(spec))
+
+
+def _triggers(spec) -> list[Trigger]:
+    if isinstance(spec, Trigger):
+        return [spec]
+    if isinstance(spec, Mapping):
+        spec = dict(spec)
+        if set(spec) - {"every", "unit", "start"} or "every" not in spec:
+            raise ValueError(f"a schedule dict is {{'every': N}} (with optional 'unit' and 'start'), got {spec!r}")
+        return [Every(spec["every"], unit=spec.get("unit", "step"), start=spec.get("start", 0))]
+    if callable(spec):
+        return [When(spec)]
+    if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise ValueError("schedule=[] has no step and no trigger: FIRE would never be applied")
+        steps = [s for s in spec if isinstance(s, numbers.Integral) and not isinstance(s, bool)]
+        rest = [s for s in spec if not (isinstance(s, numbers.Integral) and not isinstance(s, bool))]
+        found = [AtSteps(steps)] if steps else []
+        for s in rest:
+            if isinstance(s, (list, tuple)):
+                raise TypeError(f"schedule: nested lists are not a schedule form, got {s!r}")
+            found.extend(_triggers(s))
+        return found
+    raise TypeError(
+        "schedule= takes a list of steps ([1000, 2000]), Every(N) or {'every': N}, a callable of a Moment, "
+        f"a trigger (DfIAbove, DormantAbove, SrankBelow), or a list of these; got {type(spec).__name__} {spec!r}"
+    )
+
+
+# --- the same triggers under jax.jit -------------------------------------------------------------------
+
+
+def traced_init(schedule: Schedule) -> dict:
+    """The schedule's progress as JAX arrays (for an optax state): one entry per trigger, and the last firing."""
+    import jax.numpy as jnp
+
+    state = {"last_fired": jnp.asarray(-1, jnp.int32), "fired_by": jnp.zeros(len(schedule.triggers), jnp.int32)}
+    for k, t in enumerate(schedule.triggers):
+        if isinstance(t, (DormantAbove, SrankBelow)):
+            raise ValueError(
+                f"{t!r} needs activations of a probe batch, which an optax update never sees; under jit use "
+                "DfIAbove (data-free), steps, Every or a traceable When, or poll a Schedule in your own loop"
+            )
+        if t.unit != "step":
+            raise ValueError(f"{t!r}: an optax update counts steps, not epochs; give the schedule in steps")
+        if isinstance(t, AtSteps):
+            state[f"t{k}"] = jnp.zeros(len(t.steps), bool)
+        elif isinstance(t, Every):
+            state[f"t{k}"] = jnp.asarray(0, jnp.int32)
+        elif isinstance(t, DfIAbove):
+            state[f"t{k}"] = {"baseline": jnp.asarray(-1.0, jnp.float32), "last_fired": jnp.asarray(-(2**30), jnp.int32),
+                              "last_value": jnp.asarray(jnp.nan, jnp.float32)}
+        elif isinstance(t, When):
+            state[f"t{k}"] = jnp.asarray(0, jnp.int32)
+        else:
+            raise TypeError(f"{t!r}: no traced form for this trigger type")
+    return state
+
+
+def traced_poll(schedule: Schedule, state: dict, step, measure: Callable[[], Any]):
+    """``(fire, new_state)`` at ``step`` (a traced int: optimizer steps completed), with no Python branch on it.
+
+    ``measure()`` gives the model's per-layer :func:`target_dfi` values as one
+    1-D array; it is traced once and evaluated (under ``lax.cond``) only at a
+    :class:`DfIAbove` check step. A :class:`When` callable is called with the
+    traced step and must return a traced boolean.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    step = jnp.asarray(step, jnp.int32)
+    new = dict(state)
+    verdicts = []
+    for k, t in enumerate(schedule.triggers):
+        s = state[f"t{k}"]
+        if isinstance(t, AtSteps):
+            due = jnp.logical_and(step >= jnp.asarray(t.steps, jnp.int32), jnp.logical_not(s))
+            fire = jnp.any(due)
+            new[f"t{k}"] = jnp.logical_or(s, due)
+        elif isinstance(t, Every):
+            idx = jnp.where(step >= t.start + t.n, (step - t.start) // t.n, 0)
+            fire = idx > s
+            new[f"t{k}"] = jnp.maximum(s, idx)
+        elif isinstance(t, When):
+            fire = jnp.logical_and(step % t.every == 0, jnp.asarray(t.fn(step), bool))
+            new[f"t{k}"] = s + fire.astype(jnp.int32)
+        else:  # DfIAbove
+            due = jnp.logical_and(step > 0, step % t.every == 0)
+            due = jnp.logical_and(due, step - s["last_fired"] >= max(t.cooldown, 1))
+            shape = jax.eval_shape(measure).shape
+            per_layer = jax.lax.cond(
+                due, lambda: jnp.asarray(measure(), jnp.float32), lambda: jnp.zeros(shape, jnp.float32)
+            )
+            value = jnp.max(per_layer) if t.reduce == "max" else jnp.mean(per_layer)
+            if t.relative:
+                first = s["baseline"] < 0
+                limit = jnp.where(first, jnp.inf, t.threshold * s["baseline"])
+                fire = jnp.logical_and(due, value > limit)
+                baseline = jnp.where(jnp.logical_and(due, first), value, s["baseline"])
+            else:
+                fire = jnp.logical_and(due, value > t.threshold)
+                baseline = s["baseline"]
+            new[f"t{k}"] = {"baseline": baseline, "last_fired": s["last_fired"],
+                            "last_value": jnp.where(due, value, s["last_value"])}
+        verdicts.append(fire)
+    fired = jnp.stack(verdicts) if verdicts else jnp.zeros(0, bool)
+    fire = jnp.any(fired)
+    new["fired_by"] = state["fired_by"] + fired.astype(jnp.int32)
+    new["last_fired"] = jnp.where(fire, step, state["last_fired"])
+    for k, t in enumerate(schedule.triggers):  # a firing restarts every measured trigger's cooldown and baseline
+        if isinstance(t, DfIAbove):
+            s = new[f"t{k}"]
+            new[f"t{k}"] = {**s, "last_fired": jnp.where(fire, step, s["last_fired"]),
+                            "baseline": jnp.where(jnp.logical_and(fire, t.relative), -1.0, s["baseline"])}
+    return fire, new
