@@ -284,9 +284,13 @@ class DfIAbove(_Periodic):
     Every ``every`` steps the integration's weights (those FIRE would
     project) are read and :func:`target_dfi` is taken of each layer: the
     report's "DfI before" over the layer's ``taps * min(d_out, d_in)``, so 0
-    at FIRE's target and 1 for a zero weight whatever the layer's size; a
-    weight at PyTorch's default ``nn.Linear`` init reads about 0.5. One Gram
-    matrix per layer and tap, no data, no projection.
+    at FIRE's target and 1 for a zero weight whatever the layer's size. One
+    Gram matrix per layer and tap, no data, no projection. Initial values
+    depend on the init and the shape: PyTorch's default ``nn.Linear`` init
+    (variance ``1 / (3 d_in)``) reads about ``(1/3 - 1)^2 = 0.44`` when
+    ``d_out >= d_in`` but about ``(d_in / (3 d_out) - 1)^2`` when the layer
+    narrows (19 for a 64 -> 4 head), so an absolute threshold belongs to
+    one architecture; ``relative=True`` carries over.
 
     ``reduce``: ``"mean"`` (over layers, each layer counted once) or
     ``"max"``. With ``relative=True`` the threshold is a ratio to the value
