@@ -295,9 +295,11 @@ class DfIAbove(_Periodic):
     ``reduce``: ``"mean"`` (over layers, each layer counted once) or
     ``"max"``. With ``relative=True`` the threshold is a ratio to the value
     of the first check (the trigger fires when the DfI grew by that factor),
-    which carries over between models whose initial DfI differs. After a
+    which carries over between models whose initial DfI differs; the
+    baseline is kept across firings (right after FIRE the DfI is near 0 and
+    climbs fast, so a baseline taken then would fire again at once). After a
     firing the next check is at least ``cooldown`` steps later (default
-    ``every``), and the baseline of a relative trigger is measured afresh.
+    ``every``).
     """
 
     what = "DfI"
@@ -343,11 +345,6 @@ class DfIAbove(_Periodic):
             f"DfI/n ({self.reduce} over {len(per_layer)} layers) {value:.4g} > {against} at {self.unit} {now}; "
             f"highest {worst} {per_layer[worst]:.4g}"
         )
-
-    def fired(self, moment):
-        super().fired(moment)
-        if self.relative:
-            self.baseline = None
 
     def state_dict(self):
         return {**super().state_dict(), "baseline": self.baseline}
@@ -640,9 +637,8 @@ def traced_poll(schedule: Schedule, state: dict, step, measure: Callable[[], Any
     fire = jnp.any(fired)
     new["fired_by"] = state["fired_by"] + fired.astype(jnp.int32)
     new["last_fired"] = jnp.where(fire, step, state["last_fired"])
-    for k, t in enumerate(schedule.triggers):  # a firing restarts every measured trigger's cooldown and baseline
+    for k, t in enumerate(schedule.triggers):  # a firing restarts every measured trigger's cooldown
         if isinstance(t, DfIAbove):
             s = new[f"t{k}"]
-            new[f"t{k}"] = {**s, "last_fired": jnp.where(fire, step, s["last_fired"]),
-                            "baseline": jnp.where(jnp.logical_and(fire, t.relative), -1.0, s["baseline"])}
+            new[f"t{k}"] = {**s, "last_fired": jnp.where(fire, step, s["last_fired"])}
     return fire, new

@@ -318,3 +318,15 @@ def test_activation_triggers_are_refused_under_jit():
     pytest.importorskip("jax")
     with pytest.raises(ValueError, match="needs activations"):
         traced_init(as_schedule(DormantAbove(0.1)))
+
+
+def test_a_relative_dfi_trigger_keeps_its_first_baseline_across_firings():
+    # DfI/n of c * I is (c^2 - 1)^2: 0.016 at the first check; a baseline re-taken after the firing at 2 would
+    # be 0.92 (step 3) and nothing after would pass 1.2 x that
+    scales = {1: 0.5 ** 0.5 * 1.5, 2: 0.3, 3: 0.2, 4: 1.0, 5: 0.6, 6: 0.2}
+    values = {k: (c * c - 1) ** 2 for k, c in scales.items()}
+    s = as_schedule(DfIAbove(1.2, every=1, relative=True))
+    fired = [k for k in sorted(scales) if s.poll(Moment(step=k, weights=lambda k=k: [("w", np.eye(2) * scales[k], "oi")]))]
+    limit = 1.2 * values[1]
+    assert fired == [k for k in sorted(scales) if k > 1 and values[k] > limit]  # always against step 1's value
+    assert fired == [2, 3, 5, 6]
