@@ -1,0 +1,426 @@
+"""fire_core.lightning: the FIRE callback on real, short Lightning runs (CPU, synthetic data)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pl = pytest.importorskip("lightning.pytorch")
+
+from torch import nn  # noqa: E402
+
+import fire_core.torch as fire_torch  # noqa: E402
+from fire_core.lightning import FIRE  # noqa: E402
+from fire_core.schedule import AtSteps, DfIAbove, DormantAbove, Every  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),
+    pytest.mark.filterwarnings("ignore:.*smaller than the logging interval:UserWarning"),
+    pytest.mark.filterwarnings("ignore:.*LeafSpec"),
+    pytest.mark.filterwarnings("ignore:.*resuming from a checkpoint that ended before the epoch ended"),
+    pytest.mark.filterwarnings("ignore:.*running statistics.*:UserWarning"),  # the BatchNorm note (tested below)
+]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- tiny models and data -------------------------------------------------------------------------
+
+
+class MLP(pl.LightningModule):
+    def __init__(self, lr=1e-2, scheduler=None, scale=1.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+        self.lr, self.scheduler, self.scale = lr, scheduler, scale
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), self.scale * y)
+        self.losses = getattr(self, "losses", []) + [float(loss.detach())]
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.parameters(), lr=self.lr)
+        if self.scheduler is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler(opt), "interval": "step"}}
+
+
+class CNN(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)
+        )
+
+    def forward(self, x):
+        return self.net(x.reshape(-1, 1, 4, 4)[:, :, :, :])
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self(torch.cat([x, x], dim=1)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class TwoOptimizers(MLP):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        for opt in self.optimizers():
+            opt.zero_grad()
+        self.manual_backward(nn.functional.mse_loss(self(x), y))
+        for opt in self.optimizers():
+            opt.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.Adam(self.net[0].parameters(), lr=1e-2),
+                torch.optim.Adam([*self.net[2].parameters(), *self.net[4].parameters()], lr=1e-2)]
+
+
+def loader(n=64, batch=8):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 8, generator=g)
+    y = torch.stack([x[:, 0] * x[:, 1], x[:, 2].abs()], dim=1)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
+
+
+def trainer(callbacks, max_steps=12, **kw):
+    kw = {"logger": False, "enable_checkpointing": False, **kw}
+    return pl.Trainer(max_steps=max_steps, callbacks=callbacks, accelerator="cpu", enable_progress_bar=False,
+                      enable_model_summary=False, **kw)
+
+
+def twin(module):
+    """A copy of the module's weights in a fresh instance of its class (not attached to any trainer)."""
+    copy = type(module)()
+    copy.load_state_dict(module.state_dict())
+    return copy
+
+
+class Before(pl.Callback):
+    """Ordered before FIRE: the model and optimizer state as they are right before FIRE's hook, at every step."""
+
+    def __init__(self):
+        self.models, self.optim = {}, {}
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.models[trainer.global_step] = twin(pl_module)
+        self.optim[trainer.global_step] = [
+            {p: {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()} for opt in trainer.optimizers
+        ]
+
+
+class Fired(pl.Callback):
+    """Ordered after FIRE: the steps at which FIRE produced a new report, and the state right after it."""
+
+    def __init__(self, fire):
+        self.fire, self.seen, self.steps, self.after, self.optim = fire, None, [], {}, {}
+
+    def _look(self, trainer, pl_module):
+        if self.fire.last_report is not None and self.fire.last_report is not self.seen:
+            self.seen = self.fire.last_report
+            self.steps.append(trainer.global_step)
+            self.after[trainer.global_step] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            self.optim[trainer.global_step] = [
+                {p: {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()} for opt in trainer.optimizers
+            ]
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self._look(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._look(trainer, pl_module)
+
+
+def run(schedule, model=None, max_steps=12, data=None, **fire_options):
+    fire = FIRE(schedule=schedule, **fire_options)
+    before, fired = Before(), Fired(fire)
+    model = MLP() if model is None else model
+    t = trainer([before, fire, fired], max_steps=max_steps)
+    t.fit(model, data or loader())
+    return fire, before, fired, model, t
+
+
+@pytest.fixture(scope="module")
+def listed():
+    return run([4, 9], steps=10)
+
+
+# --- when it fires --------------------------------------------------------------------------------
+
+
+def test_fires_at_the_listed_steps_and_nowhere_else(listed):
+    fire, _, fired, _, _ = listed
+    assert fired.steps == [4, 9]
+    assert [f.step for f in fire.history] == [4, 9]
+
+
+def test_fires_every_n_steps():
+    _, _, fired, _, _ = run(Every(5), max_steps=17)
+    assert fired.steps == [5, 10, 15]
+
+
+def test_fires_at_an_epoch_start_in_epoch_units():
+    fire = FIRE(schedule=AtSteps([2], unit="epoch"))
+    fired = Fired(fire)
+    trainer([fire, fired], max_steps=-1, max_epochs=3).fit(MLP(), loader())  # 8 batches an epoch
+    assert fired.steps == [16]
+    assert fire.history[0].epoch == 2
+
+
+def test_fires_when_a_callable_says_so():
+    seen = []
+
+    def boundary(moment):
+        seen.append(moment.context["trainer"].global_step == moment.step)
+        return "task 2 starts" if moment.step == 7 else None
+
+    fire, _, fired, _, _ = run(boundary)
+    assert fired.steps == [7]
+    assert fire.history[0].reasons == ["task 2 starts"]
+    assert all(seen) and len(seen) == 12
+
+
+# --- what a firing does ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", [MLP, CNN])
+def test_weights_equal_apply_on_a_copy_taken_right_before_the_firing(kind):
+    _, before, fired, _, _ = run([6], model=kind(), steps=10)
+    expected = before.models[6]
+    fire_torch.apply(expected, steps=10)
+    after = fired.after[6]
+    assert after.keys() == expected.state_dict().keys()
+    for name, value in expected.state_dict().items():
+        torch.testing.assert_close(after[name], value, rtol=1e-6, atol=0, msg=name)
+    untouched = [n for n in after if not n.endswith("weight") or "net.1." in n]  # biases, BatchNorm
+    for name in untouched:
+        assert torch.equal(after[name], before.models[6].state_dict()[name]), name
+
+
+def test_adam_state_is_fresh_for_exactly_the_projected_parameters(listed):
+    _, before, fired, model, t = listed
+    names = {p: n for n, p in model.named_parameters()}
+    state = fired.optim[4][0]
+    projected = {p for p in model.parameters() if names[p].endswith("weight")}
+    assert not projected & set(state)  # dropped: the next step starts them as new parameters
+    kept = [p for p in model.parameters() if p not in projected]
+    assert kept and set(kept) <= set(state)
+    for p in kept:
+        for k, v in before.optim[4][0][p].items():
+            assert torch.equal(state[p][k], v), (names[p], k)
+
+
+def test_every_optimizer_of_the_trainer_is_reset():
+    model = TwoOptimizers()
+    fire, before, fired, _, t = run([6], model=model)
+    assert fired.steps == [6]  # manual optimization: global_step counts both optimizers' steps, 2 a batch
+    for opt, state in zip(t.optimizers, fired.optim[6]):
+        mine = [p for g in opt.param_groups for p in g["params"]]
+        weights = [p for p in mine if p.ndim == 2]
+        biases = [p for p in mine if p.ndim == 1]
+        assert weights and not set(weights) & set(state)
+        assert set(biases) <= set(state)
+
+
+def test_training_goes_on_after_the_firing(listed):
+    _, before, fired, model, t = listed
+    assert t.global_step == 12
+    assert all(torch.isfinite(torch.tensor(model.losses)))
+    final = model.state_dict()
+    assert not torch.equal(final["net.0.weight"], fired.after[9]["net.0.weight"])
+
+
+def test_report_totals_reach_the_csv_logger(tmp_path):
+    fire = FIRE(schedule=[7], probe=torch.randn(16, 8))
+    logger = pl.loggers.CSVLogger(tmp_path, name="run")
+    trainer([fire], logger=logger).fit(MLP(), loader())  # log_every_n_steps=50: FIRE logs at its own step
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("fire/fired")]
+    assert len(rows) == 1 and int(rows[0]["step"]) == 7
+    report = fire.last_report
+    expected = {"fire/fired": 1.0, "fire/sfe": report.total("sfe"), "fire/dfi_before": report.total("dfi_before"),
+                "fire/dfi_after": report.total("dfi_after"), "fire/weights": 3.0, "fire/drift": report.drift}
+    for key, value in expected.items():
+        assert float(rows[0][key]) == pytest.approx(value, rel=1e-6), key
+    assert report.drift > 0
+
+
+def test_skipped_weights_and_notes_are_warned_once():
+    with pytest.warns(UserWarning, match="running statistics") as caught:
+        run([3, 6], model=CNN())
+    assert sum("running statistics" in str(w.message) for w in caught) == 1
+
+
+# --- triggers that measure ------------------------------------------------------------------------
+
+
+def _dfi_per_unit(w):
+    """DfI/n of a Linear weight relative to FIRE's target, written out: W / sqrt(d_out/d_in), small Gram."""
+    d_out, d_in = w.shape
+    v = w.double() / (d_out / d_in) ** 0.5
+    g = v.T @ v if d_out >= d_in else v @ v.T
+    return float(((g - torch.eye(g.shape[0], dtype=torch.float64)) ** 2).sum()) / min(d_out, d_in)
+
+
+def test_dfi_trigger_fires_once_training_drives_the_dfi_past_its_threshold():
+    threshold = 5.0  # a regression onto large targets grows the weights: DfI/n 1.6, 2.2, 3.6, 6.6 at steps 5..20
+    fire, before, fired, _, _ = run(DfIAbove(threshold, every=5), model=MLP(lr=0.01, scale=10.0), max_steps=25)
+    assert fired.steps, "the DfI never crossed the threshold"
+    first = fired.steps[0]
+    values = {s: sum(_dfi_per_unit(m.net[k].weight.detach()) for k in (0, 2, 4)) / 3
+              for s, m in before.models.items() if s % 5 == 0}
+    assert values[5] < threshold and first > 5  # it starts below
+    assert all(values[s] <= threshold for s in values if s < first)  # not fired before the crossing
+    assert values[first] > threshold
+    assert fire.history[0].reasons[0].startswith("DfI/n")
+
+
+def test_dormant_trigger_reads_the_activation_modules_on_the_probe():
+    model = MLP()
+    with torch.no_grad():
+        model.net[0].bias[:12] = -100.0  # 12 of the first layer's 16 units never fire
+    probe = torch.randn(32, 8)
+    fire, _, fired, _, _ = run(DormantAbove(0.3, every=3), model=model, max_steps=4, probe=probe)
+    assert fired.steps == [3]
+    assert "dormant ratio" in fire.history[0].reasons[0] and "net.1" in fire.history[0].reasons[0]
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
+def _checkpoint(tmp_path, max_steps):
+    fire = FIRE(schedule=[8])
+    t = trainer([fire], max_steps=max_steps)
+    t.fit(MLP(), loader())
+    path = tmp_path / f"at{max_steps}.ckpt"
+    t.save_checkpoint(path)
+    return fire, path
+
+
+def test_a_run_resumed_before_the_boundary_fires_once_at_it(tmp_path):
+    fire, path = _checkpoint(tmp_path, 5)
+    assert fire.history == []
+    assert torch.load(path, weights_only=False)["callbacks"][fire.state_key]["schedule"]["last_poll"] == 5
+    resumed = FIRE(schedule=[8])
+    fired = Fired(resumed)
+    trainer([resumed, fired], max_steps=12).fit(MLP(), loader(), ckpt_path=path)
+    assert fired.steps == [8]
+
+
+def test_a_run_resumed_after_the_firing_does_not_fire_again(tmp_path):
+    fire, path = _checkpoint(tmp_path, 10)
+    assert [f.step for f in fire.history] == [8]
+    resumed = FIRE(schedule=[8])
+    fired = Fired(resumed)
+    trainer([resumed, fired], max_steps=15).fit(MLP(), loader(), ckpt_path=path)
+    assert fired.steps == []
+    assert [f.step for f in resumed.history] == [8]  # the history came back with the checkpoint
+
+
+# --- learning-rate schedules ----------------------------------------------------------------------
+
+SCHEDULERS = {
+    "LambdaLR": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5)),
+    "LinearLR": lambda opt: torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=5),
+    "OneCycleLR": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=30),
+    "SequentialLR": lambda opt: torch.optim.lr_scheduler.SequentialLR(
+        opt, [torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=4),
+              torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)], milestones=[4]),
+}
+
+
+class Rates(pl.Callback):
+    """The (lr, beta1) each optimizer step uses."""
+
+    def __init__(self):
+        self.used = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        g = trainer.optimizers[0].param_groups[0]
+        self.used.append((g["lr"], g["betas"][0]))
+
+
+def _fresh_rates(make, n):
+    opt = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=1e-2)
+    sched, rates = make(opt), []
+    for _ in range(n):
+        g = opt.param_groups[0]
+        rates.append((g["lr"], g["betas"][0]))
+        opt.step()
+        sched.step()
+    return rates
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_restart_warmup_gives_the_learning_rates_of_a_fresh_scheduler(name):
+    rates = Rates()
+    fire = FIRE(schedule=[6], restart_warmup=True)
+    trainer([rates, fire], max_steps=16).fit(MLP(scheduler=SCHEDULERS[name]), loader())
+    fresh = _fresh_rates(SCHEDULERS[name], 16)
+    flat = lambda pairs: [x for pair in pairs for x in pair]  # noqa: E731
+    assert flat(rates.used[:6]) == pytest.approx(flat(fresh[:6]), rel=1e-12)
+    assert flat(rates.used[6:]) == pytest.approx(flat(fresh[:10]), rel=1e-12)  # step 7 on: the schedule from its start
+    assert flat(fresh[6:]) != pytest.approx(flat(fresh[:10]))  # (which differs from carrying on)
+
+
+def test_without_restart_warmup_the_schedule_carries_on():
+    rates = Rates()
+    trainer([rates, FIRE(schedule=[6])], max_steps=16).fit(MLP(scheduler=SCHEDULERS["LinearLR"]), loader())
+    assert [lr for lr, _ in rates.used] == pytest.approx([lr for lr, _ in _fresh_rates(SCHEDULERS["LinearLR"], 16)], rel=1e-12)
+
+
+# --- refusals -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"stepz": 10}, TypeError, "stepz"),
+        ({"optimizer": None}, TypeError, "every optimizer the trainer holds"),
+        ({"dry_run": True}, TypeError, "dry_run"),
+        ({"method": "exact"}, ValueError, "method"),
+        ({"steps": "10"}, ValueError, "steps"),
+        ({"conv_groups": "all"}, ValueError, "conv_groups"),
+        ({"distributed": "shard"}, ValueError, "distributed"),
+        ({"frozen": "yes"}, TypeError, "frozen"),
+        ({"restart_warmup": 1}, TypeError, "restart_warmup"),
+        ({"probe": [1, 2]}, TypeError, "probe"),
+        ({"schedule": DormantAbove(0.5)}, ValueError, "probe="),
+        ({"schedule": "often"}, TypeError, "schedule="),
+    ],
+)
+def test_bad_options_are_errors_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        FIRE(**{"schedule": [5], **kwargs})
+
+
+def test_a_pattern_that_selects_nothing_fails_before_the_first_step():
+    model = MLP()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="nte"):
+        trainer([FIRE(schedule=[5], include=["nte.0"])]).fit(model, loader())
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+
+
+def test_import_fire_core_does_not_import_lightning():
+    code = "import sys, fire_core, fire_core.torch, fire_core.schedule; print('lightning' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
