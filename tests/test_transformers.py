@@ -1,0 +1,335 @@
+"""fire_core.transformers: FIRECallback on real, short Trainer runs (tiny GPT-2 and LLaMA, synthetic tokens)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    get_scheduler,
+)
+
+import fire_core.torch as fire_torch  # noqa: E402
+from fire_core.schedule import DfIAbove, DormantAbove  # noqa: E402
+from fire_core.transformers import FIRECallback, attach  # noqa: E402
+
+torch.set_num_threads(1)
+VOCAB, LENGTH = 64, 16
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Random token sequences, the labels the inputs (the model shifts them)."""
+
+    def __init__(self, n=64, seed=0):
+        self.x = torch.randint(0, VOCAB, (n, LENGTH), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "labels": self.x[i]}
+
+
+def gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=32))
+
+
+def llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    ))
+
+
+MODELS = {"gpt2": gpt2, "llama": llama}
+
+
+def arguments(path, max_steps=12, **kw):
+    kw = {"save_strategy": "no", "warmup_steps": 3, **kw}
+    return TrainingArguments(
+        output_dir=str(path), max_steps=max_steps, per_device_train_batch_size=8, report_to=[], use_cpu=True,
+        logging_steps=1, disable_tqdm=True, seed=0, **kw,
+    )
+
+
+def opt_state(optimizer, model):
+    """{parameter name: {key: tensor copy}} of the torch optimizer inside the AcceleratedOptimizer."""
+    inner = optimizer.optimizer
+    return {n: {k: v.clone() for k, v in inner.state[p].items()} for n, p in model.named_parameters() if p in inner.state}
+
+
+class Spy(TrainerCallback):
+    """Copies the model and the optimizer state at on_step_end of step ``at``."""
+
+    def __init__(self, at):
+        self.at, self.model, self.state = at, None, None
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step == self.at:
+            self.model = copy.deepcopy(model)
+            self.state = opt_state(optimizer, model)
+
+
+FIRE_AT = 6
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def run(request, tmp_path_factory):
+    """One Trainer run per model: FIRE at step 6 of 12, the model and optimizer copied just before and after."""
+    model = MODELS[request.param]()
+    trainer = Trainer(model=model, args=arguments(tmp_path_factory.mktemp(request.param)), train_dataset=Tokens())
+    before, after = Spy(FIRE_AT), Spy(FIRE_AT)
+    trainer.add_callback(before)
+    callback = attach(trainer, [FIRE_AT])
+    trainer.add_callback(after)
+    output = trainer.train()
+    return {"name": request.param, "trainer": trainer, "callback": callback, "before": before, "after": after,
+            "output": output}
+
+
+def test_fires_at_the_scheduled_step_only(run):
+    assert [f.step for f in run["callback"].history] == [FIRE_AT]
+    assert [h["step"] for h in run["trainer"].state.log_history if "fire/fired" in h] == [FIRE_AT]
+
+
+def test_weights_equal_apply_on_a_copy_taken_just_before_the_firing(run):
+    expected = copy.deepcopy(run["before"].model)
+    report = fire_torch.apply(expected, optimizer=None)
+    got = dict(run["after"].model.named_parameters())
+    projected = {r["name"].split("[")[0] for r in report} | {a for r in report for a in r.get("aliases", [])}
+    old = dict(run["before"].model.named_parameters())
+    for name, p in expected.named_parameters():
+        if name in projected:
+            torch.testing.assert_close(got[name], p, rtol=1e-6, atol=1e-7)
+            assert not torch.equal(got[name], old[name])
+        else:  # biases, norms, embeddings (other than the tied head): the bits they had
+            assert torch.equal(got[name], old[name]), name
+
+
+def test_adamw_state_of_exactly_the_projected_parameters_is_fresh(run):
+    report = run["callback"].last_report
+    written = {r["name"].split("[")[0] for r in report} | {a for r in report for a in r.get("aliases", [])}
+    before, after = run["before"].state, run["after"].state
+    names = set(before)
+    assert written & names and names - written
+    for name in names:
+        if name in written:
+            assert name not in after, f"{name} kept its AdamW state"  # the next step starts it as for a new parameter
+        else:
+            assert after[name].keys() == before[name].keys()
+            for key in before[name]:
+                assert torch.equal(after[name][key], before[name][key]), (name, key)
+
+
+def test_report_totals_are_logged_through_the_trainer(run):
+    report = run["callback"].last_report
+    (entry,) = [h for h in run["trainer"].state.log_history if "fire/fired" in h]
+    assert entry["fire/sfe"] == pytest.approx(report.total("sfe"), rel=1e-12)
+    assert entry["fire/dfi_before"] == pytest.approx(report.total("dfi_before"), rel=1e-12)
+    assert entry["fire/dfi_after"] == pytest.approx(report.total("dfi_after"), rel=1e-12)
+    assert entry["fire/weights"] == len(report.rows)
+    assert entry["fire/skipped"] == len(report.skipped)
+    losses = [h["step"] for h in run["trainer"].state.log_history if "loss" in h]
+    assert losses == list(range(1, 13)), "the Trainer's own loss log at the firing step went missing"
+
+
+def test_training_goes_on_after_the_firing(run):
+    assert run["trainer"].state.global_step == 12
+    later = [h["loss"] for h in run["trainer"].state.log_history if "loss" in h and h["step"] > FIRE_AT]
+    assert len(later) == 12 - FIRE_AT and all(math.isfinite(x) for x in later)
+
+
+def test_fused_and_separate_attention_projections(run):
+    names = run["callback"].last_report.names
+    if run["name"] == "gpt2":  # Conv1D c_attn, layout io, split as the reference splits it; tied head once
+        for block in "qkv":
+            assert f"transformer.h.0.attn.c_attn.weight[{block}]" in names
+        assert "transformer.h.0.attn.c_attn.weight" not in names
+        assert run["callback"].last_report["lm_head.weight"]["aliases"] == ["transformer.wte.weight"]
+    else:  # LLaMA: separate q/k/v, grouped-query k and v
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            assert f"model.layers.1.self_attn.{proj}.weight" in names
+        assert run["callback"].last_report["model.layers.0.self_attn.k_proj.weight"]["shape"] == (16, 32)
+
+
+def test_fused_gate_up_and_qkv_projections_are_split():
+    config = transformers.Phi3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32,
+                                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    names = fire_torch.apply(transformers.Phi3ForCausalLM(config), dry_run=True).names
+    assert {"model.layers.0.mlp.gate_up_proj.weight[gate]", "model.layers.0.mlp.gate_up_proj.weight[up]",
+            "model.layers.0.self_attn.qkv_proj.weight[q]", "model.layers.0.self_attn.qkv_proj.weight[k]"} <= set(names)
+
+
+def test_restart_warmup_gives_a_fresh_schedulers_learning_rates(tmp_path):
+    trainer = Trainer(model=gpt2(), args=arguments(tmp_path, max_steps=14), train_dataset=Tokens())
+    attach(trainer, [FIRE_AT], restart_warmup=True)
+    trainer.train()
+    lrs = {h["step"]: h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h}
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=trainer.args.learning_rate)
+    fresh = get_scheduler("linear", opt, num_warmup_steps=3, num_training_steps=14)
+    expected = []
+    for _ in range(14):
+        expected.append(fresh.get_last_lr()[0])
+        opt.step()
+        fresh.step()
+    assert [lrs[s] for s in range(1, FIRE_AT + 1)] == pytest.approx(expected[:FIRE_AT], rel=1e-12)
+    assert [lrs[s] for s in range(FIRE_AT + 1, 15)] == pytest.approx(expected[: 14 - FIRE_AT], rel=1e-12)
+    assert lrs[FIRE_AT + 1] == 0.0  # the warm-up starts again
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory):
+    """A run saving every 4 steps, FIRE at step 10: checkpoints at 4 and 8 come before the boundary, 12 after."""
+    path = tmp_path_factory.mktemp("resume")
+    trainer = Trainer(model=gpt2(), args=arguments(path, max_steps=16, save_strategy="steps", save_steps=4),
+                      train_dataset=Tokens())
+    callback = attach(trainer, [10])
+    trainer.train()
+    return path, trainer, callback
+
+
+def resume(path, checkpoint, tmp):
+    trainer = Trainer(model=gpt2(), args=arguments(tmp, max_steps=16), train_dataset=Tokens())
+    callback = attach(trainer, [10])
+    trainer.train(resume_from_checkpoint=str(path / f"checkpoint-{checkpoint}"))
+    return trainer, callback
+
+
+def test_checkpoint_saves_the_schedule_progress(checkpointed):
+    path, _, callback = checkpointed
+    assert [f.step for f in callback.history] == [10]
+    saved = {k: json.loads((path / f"checkpoint-{k}" / "trainer_state.json").read_text())["stateful_callbacks"]
+             for k in (8, 12)}
+    assert saved[8]["FIRECallback"]["attributes"]["schedule"]["history"] == []
+    assert [f["step"] for f in saved[12]["FIRECallback"]["attributes"]["schedule"]["history"]] == [10]
+
+
+def test_resumed_before_the_boundary_fires_exactly_once(checkpointed, tmp_path):
+    path, first, _ = checkpointed
+    trainer, callback = resume(path, 8, tmp_path)
+    assert [f.step for f in callback.history] == [10]
+    assert [h["step"] for h in trainer.state.log_history if "fire/fired" in h] == [10]
+    assert trainer.state.global_step == 16
+    for (name, p), q in zip(trainer.model.named_parameters(), first.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)  # the same run, interrupted
+
+
+def test_resumed_after_the_boundary_does_not_fire_again(checkpointed, tmp_path):
+    path, _, _ = checkpointed
+    trainer, callback = resume(path, 12, tmp_path)
+    assert [f.step for f in callback.history] == [10]  # the firing restored from the checkpoint, none new
+    assert callback.last_report is None
+    assert [h["step"] for h in trainer.state.log_history if "fire/fired" in h and h["step"] > 12] == []
+    assert trainer.state.global_step == 16
+
+
+def test_zero3_placeholders_are_refused_with_nothing_changed(tmp_path):
+    model = gpt2()
+    placeholder = model.transformer.h[0].mlp.c_fc.weight
+    placeholder.ds_id, placeholder.ds_status = 7, "NOT_AVAILABLE"  # what deepspeed.zero.Init leaves on each rank
+    old = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=4), train_dataset=Tokens())
+    attach(trainer, [2])
+    with pytest.raises(RuntimeError, match=r"ZeRO-3 .*transformer\.h\.0\.mlp\.c_fc\.weight.*ZeRO stage 1 or 2, or FSDP"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    for name, p in model.named_parameters():
+        assert torch.equal(p, old[name]), name
+
+
+def test_data_free_trigger_fires_from_the_weights(tmp_path):
+    trainer = Trainer(model=gpt2(), args=arguments(tmp_path, max_steps=6), train_dataset=Tokens())
+    trigger = DfIAbove(0.5, every=3)  # a fresh GPT-2 init reads about 0.97: far from FIRE's target
+    callback = attach(trainer, trigger)
+    trainer.train()
+    assert [f.step for f in callback.history] == [3]
+    assert callback.history[0].reasons[0].startswith("DfI/n (mean over 13 layers)")
+    assert trigger.last_check == 6 and trigger.last_value < 0.5  # measured again after FIRE: below, no firing
+
+
+def test_activation_trigger_reads_the_probe_and_drift_is_logged(tmp_path):
+    trainer = Trainer(model=gpt2(), args=arguments(tmp_path, max_steps=4), train_dataset=Tokens())
+    probe = {"input_ids": Tokens(n=4, seed=1).x}
+    callback = attach(trainer, DormantAbove(0.0, every=4, tau=1.0), probe=probe)  # tau=1: below-average units
+    trainer.train()
+    assert [f.step for f in callback.history] == [4]
+    assert "transformer.h.1.mlp.act" in callback.history[0].reasons[0] or "dormant ratio" in callback.history[0].reasons[0]
+    (entry,) = [h for h in trainer.state.log_history if "fire/fired" in h]
+    assert entry["fire/drift"] == pytest.approx(callback.last_report.drift) and entry["fire/drift"] > 0
+
+
+def test_without_the_trainer_to_log_through_training_does_not_start(tmp_path):
+    model = gpt2()
+    old = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=4), train_dataset=Tokens(),
+                      callbacks=[FIRECallback([2])])
+    with pytest.raises(ValueError, match="attach"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and all(torch.equal(p, old[n]) for n, p in model.named_parameters())
+
+
+def test_bind_and_log_false(tmp_path):
+    silent, bound = FIRECallback([2], log=False), FIRECallback([3], exclude="lm_head")
+    trainer = Trainer(model=gpt2(), args=arguments(tmp_path, max_steps=3), train_dataset=Tokens(),
+                      callbacks=[silent, bound])
+    bound.bind(trainer)
+    trainer.train()
+    assert [f.step for f in silent.history] == [2]
+    assert [h["step"] for h in trainer.state.log_history if "fire/fired" in h] == [3]
+    assert "lm_head.weight" in silent.last_report.names
+    assert "lm_head.weight" not in bound.last_report.names
+
+
+def test_selection_typo_fails_before_training(tmp_path):
+    trainer = Trainer(model=gpt2(), args=arguments(tmp_path, max_steps=3), train_dataset=Tokens())
+    attach(trainer, [2], include="transformer.h.9")
+    with pytest.raises(ValueError, match="include"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"schedule": [10], "stepz": 5}, TypeError, "stepz"),
+        ({"schedule": [10], "method": "newton"}, ValueError, "method"),
+        ({"schedule": [10], "scale": "huge"}, ValueError, "scale"),
+        ({"schedule": [10], "restart_warmup": 1}, TypeError, "restart_warmup"),
+        ({"schedule": [10], "dry_run": True}, ValueError, "dry_run"),
+        ({"schedule": DormantAbove(0.5)}, ValueError, "probe="),
+        ({}, TypeError, "restore_callback_states_from_checkpoint"),
+        ({"schedule": "often"}, TypeError, "schedule="),
+    ],
+)
+def test_bad_options_are_errors_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        FIRECallback(**kwargs)
+
+
+def test_restart_warmup_refuses_a_scheduler_it_cannot_restart(tmp_path):
+    model = gpt2()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)  # follows a metric: there is no warm-up to restart
+    trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=3), train_dataset=Tokens(),
+                      optimizers=(opt, plateau))
+    attach(trainer, [2], restart_warmup=True)
+    with pytest.raises(TypeError, match="ReduceLROnPlateau"):
+        trainer.train()
+    assert trainer.state.global_step == 0
