@@ -176,8 +176,9 @@ class FIRE(BaseCallback):
         for name, mod in self.networks.named_modules():
             if type(mod).__module__ == "torch.nn.modules.activation":
                 hooks.append(mod.register_forward_hook(keep(name)))
-        try:
-            with torch.no_grad():
+        cuda = [policy.device] if policy.device.type == "cuda" else []
+        try:  # a PPO forward samples actions: the run's own random numbers are left as they were
+            with torch.random.fork_rng(devices=cuda), torch.no_grad():
                 self.agent.forward(policy, obs)
         finally:
             for h in hooks:
@@ -210,8 +211,9 @@ class FIRE(BaseCallback):
         self.last_report = report
         self.history.append({**firing.to_dict(), "n_updates": int(n_updates), **totals, "weights": len(report),
                              "skipped": len(report.skipped), "targets_synced": synced})
-        for key, value in totals.items():
-            self.logger.record(f"fire/{key}", value)
+        if len(report):  # report=False measures nothing
+            for key, value in totals.items():
+                self.logger.record(f"fire/{key}", value)
         self.logger.record("fire/fired", len(self.history))
         self.logger.record("fire/weights", len(report))
         self.logger.record("fire/skipped", len(report.skipped))
