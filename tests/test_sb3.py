@@ -27,7 +27,7 @@ import fire_core.torch as fire_torch  # noqa: E402
 from fire_core.schedule import DfIAbove, Every, When  # noqa: E402
 from fire_core.sb3 import ALGORITHMS, FIRE  # noqa: E402
 
-AT, TOTAL = 150, 300
+AT, TOTAL = 150, 250
 OPTIONS = {"steps": 10}
 
 
