@@ -333,3 +333,16 @@ def test_restart_warmup_refuses_a_scheduler_it_cannot_restart(tmp_path):
     with pytest.raises(TypeError, match="ReduceLROnPlateau"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+def test_missing_transformers_is_an_import_error_naming_the_extra():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "import fire_core, fire_core.torch\n"
+            "assert 'fire_core.transformers' not in sys.modules\n"
+            "try:\n    import fire_core.transformers\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "pip install 'fire-core[transformers]'" in out.stdout
