@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable
+from typing import Any
 
 try:
     import transformers
