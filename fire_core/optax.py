@@ -114,36 +114,41 @@ def with_fire(
             )
         if not isinstance(state, FireState):
             raise TypeError(f"with_fire: expected the FireState its init made, got {type(state).__name__}")
-        pairs, _, chosen, _ = _flax_select.plan(params, **selection)
+        chosen = _flax_select.plan(params, **selection)[2]
 
         def measure():  # per-layer DfI relative to FIRE's target, of the leaves FIRE would project
             return jnp.concatenate([jnp.ravel(target_dfi(leaf.array, leaf.layout)) for leaf in chosen])
 
         fire, progress = traced_poll(plan, state.progress, state.count, measure)
 
-        def ordinary():
-            return inner.update(updates, state.inner_state, params, **extra_args)
+        # the arrays enter both branches as operands, so they are traced there even in an eager call
+        operands = (updates, state.inner_state, params, extra_args)
 
-        shapes = jax.eval_shape(ordinary)
+        def ordinary(updates, inner_state, params, extra_args):
+            return inner.update(updates, inner_state, params, **extra_args)
 
-        def firing():
+        like = jax.eval_shape(ordinary, *operands)[0]
+
+        def firing(updates, inner_state, params, extra_args):
             new = flax_apply(params, **options)
-            inner_state = reset_opt_state(state.inner_state, params, new, tx=tx)
+            inner_state = reset_opt_state(inner_state, params, new, tx=tx)
             jax.debug.callback(_log_firing, state.count, progress["fired_by"] - state.progress["fired_by"],
                                reasons=[repr(t) for t in plan.triggers])
-            return _landing(pairs, new, chosen, shapes[0]), inner_state
+            return _landing(_flax_select.plan(params, **selection), new, like), inner_state
 
-        new_updates, inner_state = jax.lax.cond(fire, firing, ordinary)
+        new_updates, inner_state = jax.lax.cond(fire, firing, ordinary, *operands)
         return new_updates, FireState(optax.safe_int32_increment(state.count), inner_state, progress)
 
     return optax.GradientTransformationExtraArgs(init, update)
 
 
-def _landing(pairs, new, chosen, like):
+def _landing(plan, new, like):
     """Updates that take ``params`` to ``new``: ``new - params`` on the projected leaves, 0 elsewhere.
 
-    ``like``: the shapes and dtypes of the inner optimizer's updates (what both branches return).
+    ``plan``: ``_flax_select.plan(params)``; ``like``: the shapes and dtypes of the inner
+    optimizer's updates (what both branches return).
     """
+    pairs, _, chosen, _ = plan
     new_leaves = [leaf for _, leaf in _flax_select.flatten(new)[0]]
     out_leaves, out_def = jax.tree_util.tree_flatten(like)
     if len(out_leaves) != len(pairs):
