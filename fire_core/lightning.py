@@ -41,7 +41,7 @@ from torch import nn
 
 from . import reinit
 from . import torch as fire_torch
-from .schedule import AtSteps, DormantAbove, Every, Firing, Moment, SrankBelow, as_schedule
+from .schedule import DormantAbove, Moment, SrankBelow, as_schedule
 
 __all__ = ["FIRE", "ACTIVATIONS"]
 
@@ -59,7 +59,6 @@ _TAKEN = {  # apply's arguments the callback fills in itself, and why a user can
     "report": "the callback logs the report's totals",
 }
 _OPTIONS = [k for k in inspect.signature(fire_torch.apply).parameters if k not in _TAKEN]
-_COUNTED = (AtSteps, Every)  # triggers every rank decides alike from the step alone
 
 
 class FIRE(pl.Callback):
@@ -179,24 +178,12 @@ class FIRE(pl.Callback):
             features=(lambda: self._features(pl_module)) if self.probe is not None else None,
             context={"trainer": trainer, "pl_module": pl_module},
         )
-        firing = self.schedule.poll(moment)
-        if trainer.world_size > 1 and not all(isinstance(t, _COUNTED) for t in self.schedule.triggers):
-            firing = self._agree(trainer, moment, firing)
+        agree = None
+        if trainer.world_size > 1 and not self.schedule.deterministic:  # rank 0's decision on every rank
+            agree = lambda decision: trainer.strategy.broadcast(decision, src=0)  # noqa: E731
+        firing = self.schedule.poll(moment, agree=agree)
         if firing is not None:
             self._fire(trainer, pl_module, firing)
-
-    def _agree(self, trainer, moment, firing):
-        """Rank 0's decision on every rank: a measured trigger or a user callable may decide otherwise elsewhere."""
-        decision = trainer.strategy.broadcast(None if firing is None else firing.to_dict(), src=0)
-        if decision is None and firing is not None:
-            self.schedule.history.pop()
-            return None
-        if decision is not None and firing is None:
-            for t in self.schedule.triggers:
-                t.fired(moment)
-            firing = Firing(decision["step"], decision["epoch"], list(decision["reasons"]))
-            self.schedule.history.append(firing)
-        return firing
 
     def _fire(self, trainer, pl_module, firing) -> None:
         optimizers = [o.optimizer if isinstance(o, LightningOptimizer) else o for o in trainer.optimizers]

@@ -484,20 +484,36 @@ class Schedule:
     def __repr__(self) -> str:
         return f"Schedule({', '.join(map(repr, self.triggers))})"
 
-    def poll(self, moment: Moment) -> Firing | None:
-        """Check every trigger at ``moment``; a :class:`Firing` with all their reasons when any fires."""
+    def poll(self, moment: Moment, agree: Callable[[dict | None], dict | None] | None = None) -> Firing | None:
+        """Check every trigger at ``moment``; a :class:`Firing` with all their reasons when any fires.
+
+        ``agree``: in a run of several processes, a function that takes this
+        process's decision (``Firing.to_dict()`` or None) and returns the one
+        every process follows (rank 0's, broadcast). It is needed when a
+        decision can differ between processes (a measured trigger, a user
+        callable); :attr:`deterministic` says when it cannot. The decision is
+        recorded (history, cooldowns) only once agreed.
+        """
         if moment.at not in UNITS:
             raise ValueError(f"Moment.at must be one of {UNITS}, got {moment.at!r}")
         reasons = [r for r in (t.check(moment) for t in self.triggers) if r]
         if moment.at == "step":
             self.last_poll = moment.step
-        if not reasons:
+        firing = Firing(moment.step, moment.epoch, reasons) if reasons else None
+        if agree is not None:
+            decision = agree(None if firing is None else firing.to_dict())
+            firing = None if decision is None else Firing(decision["step"], decision["epoch"], list(decision["reasons"]))
+        if firing is None:
             return None
-        firing = Firing(moment.step, moment.epoch, reasons)
         for t in self.triggers:
             t.fired(moment)
         self.history.append(firing)
         return firing
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether every process reaches the same decision from the step alone (steps and Every only)."""
+        return all(isinstance(t, (AtSteps, Every)) for t in self.triggers)
 
     def state_dict(self) -> dict:
         """What the schedule has done, as a JSON-able dict: firings, last poll, each trigger's state."""

@@ -203,6 +203,7 @@ class FIRECallback(TrainerCallback, ExportableState):
             )
         model = self._model(model)
         _refuse_placeholders(model)
+        _refuse_deepspeed(self.trainer, args)
         fire_torch.select(model, **self.select_options)  # a selection typo fails here, not at the firing
         if self.restart_warmup:
             _check_restartable(_inner_scheduler(lr_scheduler))
@@ -298,7 +299,25 @@ def _refuse_placeholders(model: nn.Module) -> None:
         raise RuntimeError(
             f"FIRE cannot act on DeepSpeed ZeRO-3 partitioned parameters ({shown}): each rank holds a "
             "placeholder (ds_id/ds_status) and a slice of every matrix, and Newton-Schulz on slices is "
-            "wrong; nothing was changed. Use ZeRO stage 1 or 2, or FSDP through accelerate (its DTensor "
+            "wrong; nothing was changed. Use DDP, or FSDP through accelerate (its DTensor "
+            "parameters are projected whole by fire_core.torch)"
+        )
+
+
+def _refuse_deepspeed(trainer, args) -> None:
+    """Any DeepSpeed ZeRO stage keeps its own fp32 copy of the weights, which FIRE cannot reach: refuse.
+
+    ZeRO stages 1 and 2 hold each rank's partition of the weights in fp32
+    inside DeepSpeed's optimizer and copy it into the model's parameters after
+    every step, so weights written by FIRE would be overwritten by the old
+    ones at the next step (stage 3 is refused for its placeholders first).
+    """
+    enabled = bool(getattr(trainer, "is_deepspeed_enabled", False)) or bool(getattr(args, "deepspeed", None))
+    if enabled:
+        raise RuntimeError(
+            "FIRE cannot act on a Trainer that runs DeepSpeed: every ZeRO stage keeps its own fp32 copy of the "
+            "weights in DeepSpeed's optimizer and writes it back after each step, so projected weights would be "
+            "overwritten by the old ones; nothing was changed. Use DDP, or FSDP through accelerate (its DTensor "
             "parameters are projected whole by fire_core.torch)"
         )
 

@@ -330,3 +330,17 @@ def test_a_relative_dfi_trigger_keeps_its_first_baseline_across_firings():
     limit = 1.2 * values[1]
     assert fired == [k for k in sorted(scales) if k > 1 and values[k] > limit]  # always against step 1's value
     assert fired == [2, 3, 5, 6]
+
+
+def test_agree_makes_every_process_follow_the_broadcast_decision_and_records_only_it():
+    rank0 = as_schedule(When(lambda m: m.step == 3))
+    other = as_schedule(When(lambda m: m.step == 4))  # a callable that decides otherwise on another rank
+    decisions = {}
+    for step in range(1, 6):
+        decisions[step] = rank0.poll(Moment(step=step))
+        decision = None if decisions[step] is None else decisions[step].to_dict()
+        mine = other.poll(Moment(step=step), agree=lambda _, d=decision: d)
+        assert (mine is None) == (decisions[step] is None)
+    assert [f.to_dict() for f in other.history] == [f.to_dict() for f in rank0.history]
+    assert [f.step for f in other.history] == [3]
+    assert as_schedule([3, Every(2)]).deterministic and not as_schedule([3, DfIAbove(1.0)]).deterministic

@@ -247,9 +247,21 @@ def test_zero3_placeholders_are_refused_with_nothing_changed(tmp_path):
     old = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=4), train_dataset=Tokens())
     attach(trainer, [2])
-    with pytest.raises(RuntimeError, match=r"ZeRO-3 .*transformer\.h\.0\.mlp\.c_fc\.weight.*ZeRO stage 1 or 2, or FSDP"):
+    with pytest.raises(RuntimeError, match=r"ZeRO-3 .*transformer\.h\.0\.mlp\.c_fc\.weight.*Use DDP, or FSDP"):
         trainer.train()
     assert trainer.state.global_step == 0
+    for name, p in model.named_parameters():
+        assert torch.equal(p, old[name]), name
+
+
+def test_a_deepspeed_trainer_is_refused_at_any_zero_stage_with_nothing_changed(tmp_path):
+    model = gpt2()
+    trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=4), train_dataset=Tokens())
+    callback = attach(trainer, [2])
+    old = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.is_deepspeed_enabled = True  # what TrainingArguments(deepspeed=...) sets (DeepSpeed is not installed here)
+    with pytest.raises(RuntimeError, match="every ZeRO stage keeps its own fp32 copy"):
+        callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=model)
     for name, p in model.named_parameters():
         assert torch.equal(p, old[name]), name
 
@@ -270,7 +282,8 @@ def test_activation_trigger_reads_the_probe_and_drift_is_logged(tmp_path):
     callback = attach(trainer, DormantAbove(0.0, every=4, tau=1.0), probe=probe)  # tau=1: below-average units
     trainer.train()
     assert [f.step for f in callback.history] == [4]
-    assert "transformer.h.1.mlp.act" in callback.history[0].reasons[0] or "dormant ratio" in callback.history[0].reasons[0]
+    reason = callback.history[0].reasons[0]
+    assert reason.startswith("dormant ratio (tau=1") and "; highest transformer.h." in reason, reason
     (entry,) = [h for h in trainer.state.log_history if "fire/fired" in h]
     assert entry["fire/drift"] == pytest.approx(callback.last_report.drift) and entry["fire/drift"] > 0
 
