@@ -43,13 +43,8 @@ from . import reinit
 from . import torch as fire_torch
 from .schedule import DormantAbove, Moment, SrankBelow, as_schedule
 
-__all__ = ["FIRE", "ACTIVATIONS"]
+__all__ = ["FIRE"]
 
-# Modules whose outputs are the "features" the activation triggers (DormantAbove, SrankBelow) measure.
-ACTIVATIONS = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign,
-)
 _SELECTION = ("include", "exclude", "split", "layouts", "frozen", "conv_groups")
 _TAKEN = {  # apply's arguments the callback fills in itself, and why a user cannot pass them
     "model": "the callback projects the LightningModule",
@@ -72,7 +67,7 @@ class FIRE(pl.Callback):
     of positional inputs or a dict of keyword inputs), or a callable of no
     arguments returning them; moved to the module's device. It gives the
     activation triggers their features (the outputs of the model's
-    activation modules, :data:`ACTIVATIONS`) and each firing's function
+    activation modules, read by :func:`fire_core.torch.activations`) and each firing's function
     drift (``fire/drift``).
 
     ``restart_warmup``: at a firing, every scheduler in
@@ -145,10 +140,10 @@ class FIRE(pl.Callback):
         is kept here is the state a fresh run starts from.
         """
         fire_torch.select(pl_module, **self.selection)  # a pattern that selects nothing fails now, not at step 1000
-        if self._measures_features and not _activation_modules(pl_module):
+        if self._measures_features and not fire_torch.activation_modules(pl_module):
             raise ValueError(
-                f"{self.schedule!r} measures the outputs of activation modules ({', '.join(a.__name__ for a in ACTIVATIONS[:4])}, "
-                f"...), and {type(pl_module).__name__} has none (functional activations such as F.relu cannot be "
+                f"{self.schedule!r} measures the outputs of activation modules (nn.ReLU, nn.GELU, nn.SiLU, ...), "
+                f"and {type(pl_module).__name__} has none (functional activations such as F.relu cannot be "
                 "hooked): use nn.ReLU() modules, or a data-free trigger (DfIAbove)"
             )
         self._initial = []
@@ -220,20 +215,8 @@ class FIRE(pl.Callback):
         return move_data_to_device(inputs, pl_module.device)
 
     def _features(self, pl_module) -> dict:
-        """``{name: (rows, units)}`` outputs of the activation modules on the probe (units: axis 1 of 4-D/5-D maps)."""
-        modules = _activation_modules(pl_module)
-        _, captured = fire_torch._run_probe(pl_module, self._probe_inputs(pl_module), modules)
-        features = {}
-        for name, outputs in captured.items():
-            for k, a in enumerate(outputs):
-                if a.ndim >= 4:  # (batch, channels, *spatial): each channel is a unit
-                    a = a.movedim(1, -1)
-                features[name if len(outputs) == 1 else f"{name}[{k}]"] = a.reshape(-1, a.shape[-1])
-        return features
-
-
-def _activation_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {name or type(m).__name__: m for name, m in model.named_modules() if isinstance(m, ACTIVATIONS)}
+        """``{name: (samples, units)}`` outputs of the activation modules on the probe (fire_core.torch.activations)."""
+        return fire_torch.activations(pl_module, self._probe_inputs(pl_module))
 
 
 def _check_options(options: dict) -> None:

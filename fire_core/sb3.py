@@ -166,24 +166,9 @@ class FIRE(BaseCallback):
             obs = self.probe.to(policy.device)
         else:
             obs = policy.obs_to_tensor(self.probe if isinstance(self.probe, dict) else np.asarray(self.probe))[0]
-        found, hooks = {}, []
-
-        def keep(name):
-            def hook(mod, inputs, out):  # conv maps: each channel is a unit, positions are samples
-                found[name] = out if out.ndim == 2 else out.movedim(1, -1).reshape(-1, out.shape[1])
-            return hook
-
-        for name, mod in self.networks.named_modules():
-            if type(mod).__module__ == "torch.nn.modules.activation":
-                hooks.append(mod.register_forward_hook(keep(name)))
-        cuda = [policy.device] if policy.device.type == "cuda" else []
-        try:  # a PPO forward samples actions: the run's own random numbers are left as they were
-            with torch.random.fork_rng(devices=cuda), torch.no_grad():
-                self.agent.forward(policy, obs)
-        finally:
-            for h in hooks:
-                h.remove()
-        return {name: a.detach().float().cpu() for name, a in found.items()}
+        # a PPO forward samples actions: activations() leaves the run's random numbers as they were
+        found = fire_torch.activations(self.networks, obs, forward=lambda _, o: self.agent.forward(policy, o))
+        return {name: a.cpu() for name, a in found.items()}
 
     # --- each step ---------------------------------------------------------------------------
 

@@ -60,7 +60,7 @@ from .metrics import drift
 from .plan import reinit_many
 from .report import Report
 
-__all__ = ["apply", "select", "reset_optimizer_state", "MODULE_TABLE"]
+__all__ = ["apply", "select", "activations", "activation_modules", "reset_optimizer_state", "MODULE_TABLE"]
 
 _SPATIAL = {1: "w", 2: "hw", 3: "dhw"}
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -1437,15 +1437,56 @@ def _owners(model: nn.Module, targets) -> dict[str, nn.Module]:
     return out
 
 
-def _run_probe(model: nn.Module, probe, owners: dict[str, nn.Module]):
+def activation_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``model``'s activation modules by name: types from ``torch.nn``'s activations or ``transformers.activations``."""
+    kinds = ("torch.nn.modules.activation", "transformers.activations")
+    return {name or type(m).__name__: m for name, m in model.named_modules() if type(m).__module__.startswith(kinds)}
+
+
+def activations(model: nn.Module, probe, *, modules: Mapping[str, nn.Module] | None = None, forward=None):
+    """``{module name: (samples, units)}`` outputs of ``model``'s activation modules on ``probe``, leaving no trace.
+
+    What the activation triggers of :mod:`fire_core.schedule`
+    (``DormantAbove``, ``SrankBelow``) measure. ``modules``: the modules
+    whose outputs are read (default: every module whose type comes from
+    ``torch.nn``'s activations or ``transformers.activations``: ReLU, GELU,
+    SiLU, Tanh...; a model with none is a ValueError). An output of 2 axes
+    is ``(batch, units)``; of 3, ``(batch, tokens, units)``; of 4 or more,
+    ``(batch, channels, *spatial)`` with each channel a unit; every other
+    axis becomes samples. ``probe`` is what :func:`apply` takes (a tensor, a
+    tuple of positional inputs, a dict of keyword inputs), or anything
+    ``forward(model, probe)`` knows how to run. As for :func:`apply`'s
+    probe: ``no_grad``, the model's current mode, buffers restored, random
+    numbers not advanced.
+    """
+    if modules is None:
+        modules = activation_modules(model)
+    if not modules:
+        raise ValueError(
+            f"the activation triggers read the outputs of activation modules, and {type(model).__name__} has none "
+            "(torch.nn activations such as nn.ReLU(), or transformers.activations; a functional F.relu is not "
+            "a module): add them as modules, pass modules=, or use the data-free trigger DfIAbove"
+        )
+    _, captured = _run_probe(model, probe, dict(modules), forward=forward)
+    features = {}
+    for name, outputs in captured.items():
+        for k, a in enumerate(outputs):
+            if a.ndim >= 4:  # (batch, channels, *spatial): each channel is a unit
+                a = a.movedim(1, -1)
+            features[name if len(outputs) == 1 else f"{name}[{k}]"] = a.reshape(-1, a.shape[-1]).float()
+    return features
+
+
+def _run_probe(model: nn.Module, probe, owners: dict[str, nn.Module], forward=None):
     """The model's outputs on the probe and each owner module's outputs, leaving no trace.
 
     Runs under ``no_grad`` in the model's current mode. Buffers (BatchNorm
     running statistics in train mode) are restored afterwards and the random
     number generators are forked, so two calls see the same dropout masks
-    and the caller's RNG state is not advanced.
+    and the caller's RNG state is not advanced. ``forward(model, probe)``
+    replaces the plain call ``model(probe)``.
     """
-    args, kwargs = _probe_args(probe)
+    args, kwargs = ((), {}) if forward is not None else _probe_args(probe)
     modules = {id(m): m for m in owners.values()}
     captured: dict[int, list] = {k: [] for k in modules}
 
@@ -1457,7 +1498,8 @@ def _run_probe(model: nn.Module, probe, owners: dict[str, nn.Module]):
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            out = [t.detach().clone() for t in _float_tensors(model(*args, **kwargs))]
+            result = forward(model, probe) if forward is not None else model(*args, **kwargs)
+            out = [t.detach().clone() for t in _float_tensors(result)]
     finally:
         for h in handles:
             h.remove()

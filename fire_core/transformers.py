@@ -371,36 +371,14 @@ def _to_device(batch, device):
     return batch
 
 
-def _is_activation(mod: nn.Module) -> bool:
-    """torch's activation modules and transformers' (``transformers.activations``: GELU variants, SiLU...)."""
-    kind = type(mod).__module__
-    return kind.startswith("torch.nn.modules.activation") or kind.startswith("transformers.activations")
-
-
 def _activations(model: nn.Module, probe) -> dict[str, torch.Tensor]:
-    """``{module name: (tokens, units)}`` outputs of every activation module on the probe, under no_grad."""
-    found: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, mod in model.named_modules():
-        if _is_activation(mod):
-            def hook(mod, inputs, output, name=name):
-                found[name] = output.detach().reshape(-1, output.shape[-1]).float()
-            hooks.append(mod.register_forward_hook(hook))
-    if not hooks:
-        raise ValueError(
-            f"the activation triggers read the outputs of activation modules, and {type(model).__name__} has "
-            "none (torch.nn activations or transformers.activations)"
-        )
+    """:func:`fire_core.torch.activations` of the probe in eval mode (no dropout), the model's mode restored."""
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
-            _call(model, probe)
+        return fire_torch.activations(model, probe, forward=_call)
     finally:
         model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return found
 
 
 def _call(model: nn.Module, probe) -> Any:
