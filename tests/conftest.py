@@ -1,7 +1,9 @@
 """Shared fixtures: the ``xp`` fixture runs a core test once per array backend.
 
 Backends: numpy, array_api_strict (the proof that the core uses only the
-standard), torch, jax (with x64 enabled) and cupy (only with a CUDA device).
+standard), torch, jax (with x64 enabled) and cupy (only with a CUDA device),
+as :mod:`fire_core.testing` defines them; ``torch:cuda`` and ``jax:gpu`` run
+when named in FIRE_CORE_BACKENDS.
 Choose a subset with ``FIRE_CORE_BACKENDS=numpy,torch``. A backend that is not
 installed is skipped with the reason; one named in FIRE_CORE_BACKENDS but
 missing is an error, so CI cannot silently lose a backend.
@@ -9,80 +11,16 @@ missing is an error, so CI cannot silently lose a backend.
 
 from __future__ import annotations
 
-import importlib
-import os
-from dataclasses import dataclass
-from typing import Callable
-
 import numpy as np
 import pytest
 
-ALL_BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "cupy")
+from fire_core import _pytest_plugin, testing
 
-
-@dataclass(frozen=True)
-class Backend:
-    """An array library as the tests see it: its namespace and numpy round trips."""
-
-    name: str
-    xp: object  # the array-API namespace (what fire_core sees)
-    asarray: Callable  # numpy array -> backend array
-    to_numpy: Callable  # backend array -> numpy array
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-def _requested() -> tuple[list[str], bool]:
-    env = os.environ.get("FIRE_CORE_BACKENDS")
-    if not env:
-        return list(ALL_BACKENDS), False
-    names = [n.strip() for n in env.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(ALL_BACKENDS))
-    if unknown:
-        raise pytest.UsageError(f"FIRE_CORE_BACKENDS names unknown backends {unknown}; known: {ALL_BACKENDS}")
-    return names, True
-
-
-def _make(name: str) -> Backend:
-    if name == "numpy":
-        return Backend("numpy", np, np.asarray, np.asarray)
-    if name == "array_api_strict":
-        strict = importlib.import_module("array_api_strict")
-        return Backend(name, strict, strict.asarray, lambda x: np.from_dlpack(x))
-    if name == "torch":
-        torch = importlib.import_module("torch")
-        from array_api_compat import torch as xp_torch
-
-        return Backend(name, xp_torch, torch.asarray, lambda x: x.detach().cpu().numpy())
-    if name == "jax":
-        jax = importlib.import_module("jax")
-        jax.config.update("jax_enable_x64", True)
-        jnp = importlib.import_module("jax.numpy")
-        return Backend(name, jnp, jnp.asarray, np.asarray)
-    if name == "cupy":
-        cupy = importlib.import_module("cupy")
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            raise ImportError("no CUDA device")
-        return Backend(name, cupy, cupy.asarray, lambda x: x.get())
-    raise AssertionError(name)
-
-
-_CACHE: dict[str, Backend] = {}
-
-
-def get_backend(name: str) -> Backend:
-    names, strict = _requested()
-    if name not in names:
-        pytest.skip(f"{name} not in FIRE_CORE_BACKENDS")
-    if name not in _CACHE:
-        try:
-            _CACHE[name] = _make(name)
-        except Exception as exc:  # not installed, or no GPU for cupy
-            if strict and name != "cupy":
-                raise
-            pytest.skip(f"backend {name} unavailable: {type(exc).__name__}: {exc}")
-    return _CACHE[name]
+# The backend table lives in fire_core.testing (users get the same through its pytest plugin's
+# fire_backend fixture); these names keep the suite's own spelling.
+ALL_BACKENDS = tuple(_pytest_plugin.params())
+Backend = testing.Backend
+get_backend = _pytest_plugin.backend  # skip with the reason, or error when named in FIRE_CORE_BACKENDS
 
 
 @pytest.fixture(params=ALL_BACKENDS)
