@@ -13,6 +13,15 @@
     failure leaves no partial output.
 ``fire-core demo``
     Runs :mod:`fire_core.demo`.
+``fire-core check [--bench] [--output FILE.md]``
+    The machine check after an install: ``project``, ``reinit`` (Linear,
+    conv and attention layouts) and each installed adapter, with the three
+    methods, on every backend and device present, in float64, float32 and
+    bfloat16, against NumPy float64 (:func:`fire_core.testing.check`).
+    Prints the agreement table; exit status 1 when something disagrees
+    beyond its tolerance. ``--bench`` adds per device ``project``'s time
+    against a bare matmul floor and exact SVD polar; ``--output`` writes it
+    all as Markdown with the devices, library versions and TF32 settings.
 
 Formats, told by the file's content (the extension must agree, see below):
 ``.safetensors`` (bfloat16 tensors need torch installed, since NumPy has no
@@ -731,6 +740,32 @@ def _plot(pyplot, path: str, layers: list) -> None:
         pyplot.close(fig)
 
 
+def _cmd_check(args) -> int:
+    from . import testing
+
+    if args.output and os.path.exists(args.output) and not args.force:
+        raise CliError(f"{args.output} exists; pass --force to overwrite it")
+    result = testing.check()
+    print(result)
+    sections = ["## Agreement", "", "```text", str(result), "```"]
+    if args.bench:
+        sizes = {name: args.size for name in testing.BACKENDS} if args.size else None
+        table = testing.bench_table(testing.bench(sizes))
+        print()
+        print(table)
+        sections += ["", "## Speed (float32)", "", "```text", table, "```"]
+    if args.output:
+        env = "\n".join(f"* {line}" for line in testing.environment())
+        text = f"# fire-core check\n\n{env}\n\n" + "\n".join(sections) + "\n"
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                f.write(text)
+
+        _atomic_write(args.output, write)
+    return 0 if result.ok else 1
+
+
 def _cmd_demo(argv: list[str]) -> int:
     try:
         from . import demo
@@ -752,7 +787,7 @@ def _parser() -> argparse.ArgumentParser:
         "(.safetensors, .npz, torch .pt/.pth/.bin, Lightning .ckpt).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,project,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,project,check,demo}")
 
     def selection(p):
         p.add_argument("file", help="checkpoint file: .safetensors, .npz, .pt, .pth, .bin or .ckpt")
@@ -778,6 +813,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="fire (default), variance, norm, none or a number")
     p.add_argument("--force", action="store_true", help="overwrite OUT (and the plot) if it exists")
     p.add_argument("--plot", metavar="FILE.png", help="also plot singular values before/after per layer")
+    p = sub.add_parser("check", help="check that every backend and device here agrees with NumPy float64")
+    p.add_argument("--bench", action="store_true", help="also time project against a matmul floor and SVD polar")
+    p.add_argument("--size", type=int, metavar="N", help="matrix size for --bench (default 1024 on CPUs, 4096 on GPUs)")
+    p.add_argument("--output", metavar="FILE.md", help="also write the tables, devices, versions and TF32 setting")
+    p.add_argument("--force", action="store_true", help="overwrite FILE.md if it exists")
     sub.add_parser("demo", help="run the built-in demonstration (fire-core demo --help)", add_help=False)
     return parser
 
@@ -788,7 +828,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["demo"]:
             return _cmd_demo(argv[1:])
         args = _parser().parse_args(argv)
-        return {"inspect": _cmd_inspect, "project": _cmd_project}[args.command](args)
+        return {"inspect": _cmd_inspect, "project": _cmd_project, "check": _cmd_check}[args.command](args)
     except CliError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1

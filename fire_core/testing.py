@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import math
 import os
 from dataclasses import dataclass, field
@@ -284,7 +285,7 @@ class Comparison:
                 body.append([r.backend, r.device, r.dtype, "-", "-", "-", f"skipped: {r.note}"])
             else:
                 verdict = "ok" if r.ok else "FAIL" + (f": {r.note}" if r.note else "")
-                body.append([r.backend, r.device, r.dtype, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", f"{r.tol:.0e}",
+                body.append([r.backend, r.device, r.dtype, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", f"{r.tol:.1e}",
                              verdict])
         widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
         lines = [f"{self.name}: against NumPy float64" if self.name else "against NumPy float64"]
@@ -415,3 +416,286 @@ def requested_backends(env: str | None = None) -> tuple[list[str], bool]:
 
 # The backends a test fixture runs on by default (see requested_backends).
 DEFAULT_TEST_BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "cupy")
+
+
+# --------------------------------------------------------------------------- fire-core check
+
+CHECK_STEPS = 10  # enough for "fast" to reach the polar factor; "fire" as the reference runs it
+_LINEAR, _CONV, _ATTENTION = (24, 40), (8, 3, 3, 3), (16, 4, 4)  # torch Linear "oi", Conv2d "oihw", Flax query "ioo"
+
+
+def _torch_adapter(method):
+    def run(w_lin, w_conv):
+        import torch
+
+        import fire_core.torch
+
+        model = torch.nn.Sequential(torch.nn.Linear(40, 24, bias=False), torch.nn.Conv2d(3, 8, 3, bias=False))
+        model = model.to(device=w_lin.device, dtype=w_lin.dtype)
+        with torch.no_grad():
+            model[0].weight.copy_(w_lin)
+            model[1].weight.copy_(w_conv)
+        fire_core.torch.apply(model, CHECK_STEPS, method=method)
+        return model[0].weight.detach(), model[1].weight.detach()
+
+    def reference(w_lin, w_conv):
+        from . import reinit
+
+        return reinit(w_lin, "oi", steps=CHECK_STEPS, method=method), reinit(w_conv, "oihw", steps=CHECK_STEPS,
+                                                                            method=method)
+
+    return run, reference, (_LINEAR, _CONV), ("torch", "torch:cuda")
+
+
+def _flax_adapter(method):
+    def run(k_dense, k_conv):
+        import fire_core.flax
+
+        params = {"Dense_0": {"kernel": k_dense}, "Conv_0": {"kernel": k_conv}}
+        new = fire_core.flax.apply(params, CHECK_STEPS, method=method)
+        return new["Dense_0"]["kernel"], new["Conv_0"]["kernel"]
+
+    def reference(k_dense, k_conv):
+        from . import reinit
+
+        return reinit(k_dense, "io", steps=CHECK_STEPS, method=method), reinit(k_conv, "hwio", steps=CHECK_STEPS,
+                                                                             method=method)
+
+    return run, reference, ((40, 24), (3, 3, 3, 8)), ("jax", "jax:gpu")
+
+
+def _cupy_adapter(method):
+    def run(w_lin, w_conv):
+        import fire_core.cupy
+
+        arrays = {"fc.weight": w_lin.copy(), "conv.weight": w_conv.copy()}
+        fire_core.cupy.apply(arrays, CHECK_STEPS, method=method)
+        return arrays["fc.weight"], arrays["conv.weight"]
+
+    def reference(w_lin, w_conv):
+        from . import reinit
+
+        return reinit(w_lin, "oi", steps=CHECK_STEPS, method=method), reinit(w_conv, "oihw", steps=CHECK_STEPS,
+                                                                            method=method)
+
+    return run, reference, (_LINEAR, _CONV), ("cupy",)
+
+
+_ADAPTERS = {"torch": (("torch",), _torch_adapter), "flax": (("jax", "flax"), _flax_adapter),
+             "cupy": (("cupy",), _cupy_adapter)}
+
+
+def check_cases():
+    """``(name, fn, reference, inputs, backends)`` for every check: the core on every backend, each installed adapter.
+
+    ``project`` and ``reinit`` in the three layouts run on every backend; an
+    adapter runs on its framework's backends, when its framework is installed
+    (absent ones come back as ``(name, reason)`` in the second list).
+    """
+    from . import project, reinit
+
+    cases, absent = [], []
+    for method in ("fire", "fast", "svd"):
+        cases.append((f"project {method}", lambda w, m=method: project(w, CHECK_STEPS, method=m), None,
+                      ((3, 48, 32),), None))
+        for layout, shape in (("oi", _LINEAR), ("oihw", _CONV), ("ioo", _ATTENTION)):
+            cases.append((f"reinit {layout} {method}",
+                          lambda w, m=method, lay=layout: reinit(w, lay, steps=CHECK_STEPS, method=m), None,
+                          (shape,), None))
+    for adapter, (modules, make) in _ADAPTERS.items():
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
+        if missing:
+            absent.append((f"fire_core.{adapter}", f"{missing[0]} is not installed"))
+            continue
+        for method in ("fire", "fast", "svd"):
+            fn, ref, shapes, on = make(method)
+            cases.append((f"{adapter}.apply {method}", fn, ref, shapes, on))
+    return cases, absent
+
+
+@dataclass
+class CheckResult:
+    """The agreement of every check case: ``tables`` maps a case name to its :class:`Comparison`."""
+
+    tables: dict
+    absent_adapters: list
+    dtypes: tuple
+
+    @property
+    def ok(self) -> bool:
+        return all(t.ok for t in self.tables.values())
+
+    def __str__(self) -> str:
+        present = [a.name for a in backends() if a.available]
+        header = ["case", "dtype", "tol", *present]
+        body = []
+        skipped = {}
+        for case, table in self.tables.items():
+            for d in self.dtypes:
+                cells = [case, d, f"{TOLERANCES[d]:.1e}"]
+                for b in present:
+                    rows = [r for r in table.rows if (r.backend, r.dtype) == (b, d)]
+                    if not rows:
+                        cells.append("")  # the case does not run there (another framework's adapter)
+                    elif rows[0].ok is None:
+                        cells.append("n/a")
+                        skipped[rows[0].note] = None
+                    else:
+                        cells.append(f"{rows[0].max_rel:.1e}" + ("" if rows[0].ok else " FAIL"))
+                body.append(cells)
+        widths = [max(len(h), *(len(c[i]) for c in body)) for i, h in enumerate(header)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in [header, *body]]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append("")
+        lines.append("Cells: largest difference from NumPy float64 divided by max(1, max |reference|); "
+                     "FAIL above tol. Tolerances: fire_core.testing.TOLERANCES.")
+        for note in skipped:
+            lines.append(f"n/a: {note}")
+        for a in backends():
+            if not a.available:
+                lines.append(f"absent: {a.name}: {a.reason}")
+        for name, reason in self.absent_adapters:
+            lines.append(f"not checked: {name}: {reason}")
+        fails = sum(len(t.failures) for t in self.tables.values())
+        ran = sum(1 for t in self.tables.values() for r in t.rows if r.ok is not None)
+        lines.append(f"{ran - fails} of {ran} agree" + ("" if not fails else f"; {fails} DISAGREE"))
+        return "\n".join(lines)
+
+
+def check(dtypes: Sequence[str] = DTYPES) -> CheckResult:
+    """Every case of :func:`check_cases` on every backend present, in ``dtypes``: what ``fire-core check`` prints."""
+    cases, absent = check_cases()
+    tables = {}
+    for name, fn, ref, shapes, on in cases:
+        names = [a.name for a in backends(on) if a.available] if on else [a.name for a in backends() if a.available]
+        tables[name] = compare(fn, *shapes, backends=names, dtypes=dtypes, reference=ref, name=name)
+    return CheckResult(tables, absent, tuple(dtypes))
+
+
+# --------------------------------------------------------------------------- fire-core check --bench
+
+BENCH_METHODS = (("fire", 5), ("fast", 8))
+_MATMULS_PER_STEP = {"fire": 2, "fast": 3}  # X^T X and X A; the quintic adds A A (fire_core.polar)
+
+
+def _synchronize(backend: Backend, result) -> None:
+    if backend.name.startswith("jax"):
+        result.block_until_ready()
+    elif backend.name == "torch:cuda":
+        import torch
+
+        torch.cuda.synchronize()
+    elif backend.name == "cupy":
+        import cupy
+
+        cupy.cuda.runtime.deviceSynchronize()
+
+
+def _best_time(backend: Backend, fn, x, repeat: int) -> float:
+    import time
+
+    _synchronize(backend, fn(x))  # warm up: compilation, allocation, autotuning
+    best = math.inf
+    for _ in range(repeat):
+        start = time.perf_counter()
+        _synchronize(backend, fn(x))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bench(sizes: dict | None = None, repeat: int = 3) -> list[dict]:
+    """Per backend and device, float32: ``project``'s time against that device's matmul floor and exact SVD polar.
+
+    The floor is ``matmuls * t(x @ x)``: the matmuls a method does at that
+    size (2 a step for ``"fire"``, 3 for ``"fast"``) at the speed of a bare
+    matmul of the same matrix. ``efficiency = floor / time`` (1 = nothing
+    but matmuls); ``vs_svd = t(U V^T by SVD) / time``. ``sizes`` maps a
+    backend name to n (n x n); default 1024 on a CPU, 4096 on a GPU. JAX is
+    timed jitted. array_api_strict is left out (it wraps NumPy).
+    """
+    from . import project
+
+    rows = []
+    for found in backends():
+        if not found.available or found.name == "array_api_strict":
+            continue
+        be = found.backend
+        gpu = found.name in ("torch:cuda", "jax:gpu", "cupy")
+        n = (sizes or {}).get(found.name, 4096 if gpu else 1024)
+        with be.context():
+            x = be.asarray(np.random.default_rng(0).normal(size=(n, n)).astype(np.float32))
+
+            def jit(f, name=found.name):
+                if name.startswith("jax"):
+                    import jax
+
+                    return jax.jit(f)
+                return f
+
+            t_mm = _best_time(be, jit(lambda a: a @ a), x, repeat)
+
+            def svd_polar(a, xp=be.xp):
+                u, _, vh = xp.linalg.svd(a, full_matrices=False)
+                return u @ vh
+
+            t_svd = _best_time(be, jit(svd_polar), x, repeat)
+            for method, steps in BENCH_METHODS:
+                t = _best_time(be, jit(lambda a, m=method, s=steps: project(a, s, method=m)), x, repeat)
+                floor = _MATMULS_PER_STEP[method] * steps * t_mm
+                rows.append({"backend": found.name, "device": be.device, "n": n, "method": method, "steps": steps,
+                             "seconds": t, "matmul_seconds": t_mm, "floor_seconds": floor, "efficiency": floor / t,
+                             "svd_seconds": t_svd, "vs_svd": t_svd / t})
+    return rows
+
+
+def bench_table(rows: list[dict]) -> str:
+    header = ["backend", "device", "n", "method", "steps", "project ms", "floor ms", "efficiency", "svd ms", "vs svd"]
+    body = [[r["backend"], r["device"], str(r["n"]), r["method"], str(r["steps"]), f"{r['seconds'] * 1e3:.1f}",
+             f"{r['floor_seconds'] * 1e3:.1f}", f"{r['efficiency']:.0%}", f"{r['svd_seconds'] * 1e3:.1f}",
+             f"{r['vs_svd']:.1f}x"] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in body)) if body else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("floor = matmuls of the method x time of one bare n x n float32 matmul on that device; "
+                 "efficiency = floor / project time; vs svd = exact SVD polar time / project time.")
+    return "\n".join(lines)
+
+
+def environment() -> list[str]:
+    """The machine as ``fire-core check --output`` records it: devices, library versions, TF32 settings."""
+    import platform
+
+    lines = [f"python {platform.python_version()} on {platform.platform()}"]
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    lines.append(f"CPU: {cpu} ({os.cpu_count()} logical cores)")
+    for a in backends():
+        if a.available and a.name in ("torch:cuda", "jax:gpu", "cupy"):
+            lines.append(f"GPU ({a.name}): {a.backend.device}")
+    from . import __version__
+
+    versions = [f"fire_core {__version__}", f"numpy {np.__version__}"]
+    for mod in ("array_api_compat", "array_api_strict", "torch", "jax", "jaxlib", "flax", "optax", "cupy"):
+        if importlib.util.find_spec(mod) is not None:
+            try:
+                versions.append(f"{mod} {importlib.import_module(mod).__version__}")
+            except Exception as e:  # installed but broken: say so
+                versions.append(f"{mod} (import failed: {type(e).__name__})")
+    lines.append("versions: " + ", ".join(versions))
+    tf32 = []
+    if "torch" in {v.split()[0] for v in versions}:
+        torch = importlib.import_module("torch")
+        tf32.append(f"torch allow_tf32={torch.backends.cuda.matmul.allow_tf32}, "
+                    f"float32_matmul_precision={torch.get_float32_matmul_precision()!r}")
+    if "jax" in {v.split()[0] for v in versions}:
+        jax = importlib.import_module("jax")
+        tf32.append(f"jax default_matmul_precision={jax.config.jax_default_matmul_precision!r} "
+                    "(None: XLA's default, TF32 for float32 on NVIDIA GPUs that have it)")
+    if "cupy" in {v.split()[0] for v in versions}:
+        tf32.append(f"cupy CUPY_TF32={os.environ.get('CUPY_TF32', '0')!r}")
+    lines.append("TF32: " + ("; ".join(tf32) if tf32 else "no GPU library installed"))
+    return lines

@@ -186,3 +186,58 @@ def test_plugin_errors_on_a_named_backend_that_is_absent(tmp_path):
     assert out.returncode == 1, out.stdout
     assert "1 passed" in out.stdout and "1 error" in out.stdout
     assert "named in FIRE_CORE_BACKENDS but unavailable: hidden by this test" in out.stdout
+
+
+# --- fire-core check ----------------------------------------------------------------------
+
+
+def test_check_covers_every_layout_method_and_installed_adapter():
+    result = ft.check(dtypes=("float64",))
+    assert result.ok, str(result)
+    names = set(result.tables)
+    for method in ("fire", "fast", "svd"):
+        assert {f"project {method}", f"reinit oi {method}", f"reinit oihw {method}", f"reinit ioo {method}"} <= names
+        assert f"torch.apply {method}" in names  # torch is installed here (this file needs it)
+    table = result.tables["torch.apply fast"]
+    assert {r.backend for r in table.rows} == {a.name for a in ft.backends(["torch", "torch:cuda"]) if a.available}
+    assert "agree" in str(result).splitlines()[-1]
+
+
+def _wrong_case(monkeypatch):
+    def off_on_torch(x):
+        return x + 1e-3 if is_torch_array(x) else x
+
+    monkeypatch.setattr(ft, "check_cases", lambda: ([("identity", off_on_torch, None, ((4, 3),), ("numpy", "torch"))],
+                                                    []))
+
+
+def test_check_command_exits_nonzero_on_a_disagreement(monkeypatch, capsys):
+    from fire_core import cli
+
+    _wrong_case(monkeypatch)
+    assert cli.main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "DISAGREE" in out
+
+
+def test_check_command_writes_markdown_with_versions_and_tf32(monkeypatch, tmp_path, capsys):
+    from fire_core import cli
+
+    monkeypatch.setattr(ft, "check_cases", lambda: ([("identity", lambda x: x, None, ((4, 3),), ("numpy",))], []))
+    out = tmp_path / "check.md"
+    assert cli.main(["check", "--output", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# fire-core check")
+    assert f"torch {torch.__version__}" in text and "TF32: torch allow_tf32=" in text and "## Agreement" in text
+    assert cli.main(["check", "--output", str(out)]) == 1  # exists: refused without --force
+    assert "--force" in capsys.readouterr().err
+
+
+def test_bench_times_project_against_the_matmul_floor_and_svd():
+    rows = ft.bench({name: 64 for name in ft.BACKENDS}, repeat=1)
+    present = {a.name for a in ft.backends() if a.available} - {"array_api_strict"}
+    assert {(r["backend"], r["method"]) for r in rows} == {(b, m) for b in present for m, _ in ft.BENCH_METHODS}
+    for r in rows:
+        assert r["n"] == 64 and r["floor_seconds"] == ft._MATMULS_PER_STEP[r["method"]] * r["steps"] * r["matmul_seconds"]
+        assert r["efficiency"] == pytest.approx(r["floor_seconds"] / r["seconds"])
+    assert "efficiency" in ft.bench_table(rows)
