@@ -23,7 +23,6 @@ nor misses a boundary. See ``docs/lightning.md``.
 from __future__ import annotations
 
 import copy
-import inspect
 from typing import Any, Callable
 
 try:
@@ -37,23 +36,18 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 import torch
-from torch import nn
 
-from . import reinit
 from . import torch as fire_torch
 from .schedule import DormantAbove, Moment, SrankBelow, as_schedule
 
 __all__ = ["FIRE"]
 
-_SELECTION = ("include", "exclude", "split", "layouts", "frozen", "conv_groups")
 _TAKEN = {  # apply's arguments the callback fills in itself, and why a user cannot pass them
-    "model": "the callback projects the LightningModule",
     "optimizer": "the callback resets every optimizer the trainer holds",
     "probe": "pass probe= to FIRE itself",
     "dry_run": "a callback that changes nothing has nothing to do; call fire_core.torch.apply(dry_run=True) yourself",
     "report": "the callback logs the report's totals",
 }
-_OPTIONS = [k for k in inspect.signature(fire_torch.apply).parameters if k not in _TAKEN]
 
 
 class FIRE(pl.Callback):
@@ -88,13 +82,7 @@ class FIRE(pl.Callback):
     """
 
     def __init__(self, schedule, probe=None, restart_warmup: bool = False, log: bool = True, **apply_options):
-        unknown = sorted(set(apply_options) - set(_OPTIONS))
-        if unknown:
-            why = "; ".join(f"{k}: {_TAKEN[k]}" for k in unknown if k in _TAKEN)
-            raise TypeError(
-                f"FIRE got unknown options {unknown}; it takes fire_core.torch.apply's {_OPTIONS}"
-                + (f" ({why})" if why else "")
-            )
+        self.selection = fire_torch.check_options(apply_options, taken=_TAKEN, who="FIRE")
         for name, value in (("restart_warmup", restart_warmup), ("log", log)):
             if not isinstance(value, bool):
                 raise TypeError(f"FIRE: {name} must be True or False, got {value!r}")
@@ -107,9 +95,7 @@ class FIRE(pl.Callback):
                 "FIRE: probe is the model's inputs (a tensor, a tuple of positional inputs, a dict of keyword inputs) "
                 f"or a callable returning them, got {type(probe).__name__}"
             )
-        _check_options(apply_options)
         self.apply_options = dict(apply_options)
-        self.selection = {k: v for k, v in apply_options.items() if k in _SELECTION}
         self.probe, self.restart_warmup, self.log = probe, restart_warmup, log
         self.last_report = None
         self._measures_features = bool(feature_triggers)
@@ -219,13 +205,3 @@ class FIRE(pl.Callback):
         return fire_torch.activations(pl_module, self._probe_inputs(pl_module))
 
 
-def _check_options(options: dict) -> None:
-    """apply's own checks of its options, on a 2 x 2 weight and an empty module: bad values fail at construction."""
-    core = {k: options[k] for k in ("steps", "method", "scale") if k in options}
-    if core:
-        reinit(torch.eye(2), "oi", **core)
-    distributed = options.get("distributed", "owner")
-    if distributed not in ("owner", "replicate"):
-        raise ValueError(f"distributed must be 'owner' or 'replicate', got {distributed!r}")
-    fire_torch._options(nn.Module(), *(options.get(k) for k in ("include", "exclude", "split", "layouts")),
-                        options.get("frozen", False), options.get("conv_groups", "stored"))

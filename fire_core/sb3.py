@@ -21,7 +21,6 @@ TypeError at the start of ``learn``, before anything changes.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -76,11 +75,9 @@ ALGORITHMS: dict[type, Agent] = {
     sb3.A2C: Agent((), ("optimizer",), (), lambda p, obs: p(obs)),
 }
 
-_APPLY = inspect.signature(fire_torch.apply).parameters
 _SET_HERE = {"model": "the callback passes the agent's networks",
              "optimizer": "the callback resets the agent's own optimizers (see ALGORITHMS)",
              "probe": "probe= is the callback's own (observations for the activation triggers)"}
-_SELECTION = ("include", "exclude", "split", "layouts", "frozen", "conv_groups")
 
 
 class FIRE(BaseCallback):
@@ -105,7 +102,7 @@ class FIRE(BaseCallback):
 
     ``**apply_options``: :func:`fire_core.torch.apply`'s (``steps``,
     ``method``, ``scale``, ``include``, ``exclude``, ...). Names are checked,
-    and the numeric options tried on a small layer, here; the selection
+    and the values tried on a 2 x 2 weight, here (fire_core.torch.check_options); the selection
     options are checked against the agent's networks at the start of
     ``learn``. Patterns match the names of ``model.policy.named_parameters()``
     (``q_net.q_net.0``, ``actor.mu``, ``critic.qf0``, ``mlp_extractor``).
@@ -113,12 +110,7 @@ class FIRE(BaseCallback):
 
     def __init__(self, schedule, sync_targets: bool = True, probe=None, verbose: int = 0, **apply_options):
         super().__init__(verbose)
-        for name in apply_options:
-            if name in _SET_HERE:
-                raise TypeError(f"FIRE(): {name}= is not an option here: {_SET_HERE[name]}")
-            if name not in _APPLY:
-                known = ", ".join(n for n in _APPLY if n not in _SET_HERE)
-                raise TypeError(f"FIRE(): unknown option {name}=; fire_core.torch.apply takes {known}")
+        self.selection = fire_torch.check_options(apply_options, taken=_SET_HERE, who="FIRE()")
         if not isinstance(sync_targets, bool):
             raise TypeError(f"FIRE(): sync_targets must be True or False, got {sync_targets!r}")
         self.schedule = as_schedule(schedule)
@@ -127,8 +119,6 @@ class FIRE(BaseCallback):
             raise ValueError(
                 f"FIRE(): {epochs} count epochs, which SB3 does not have; give the schedule in environment steps"
             )
-        numeric = {k: v for k, v in apply_options.items() if k not in _SELECTION}
-        fire_torch.apply(nn.Linear(2, 2), **{**numeric, "dry_run": True, "report": True})  # raises bad values now
         self.sync_targets = sync_targets
         self.probe = probe
         self.apply_options = apply_options
@@ -155,8 +145,7 @@ class FIRE(BaseCallback):
         self._select()  # the selection options against the real networks, before the first step
 
     def _select(self):
-        options = {k: v for k, v in self.apply_options.items() if k in _SELECTION}
-        return fire_torch.select(self.networks, **options)
+        return fire_torch.select(self.networks, **self.selection)
 
     def _features(self) -> dict:
         if self.probe is None:

@@ -44,6 +44,7 @@ DTensor's sharded ops and written back into their own shards.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import sys
 from dataclasses import dataclass, field
@@ -57,10 +58,13 @@ from torch.nn.utils import prune
 from ._array import sum_over_mesh, to_floats
 from .conventions import Patterns, glob_match, matches
 from .metrics import drift
-from .plan import reinit_many
+from .plan import reinit, reinit_many
 from .report import Report
 
-__all__ = ["apply", "select", "activations", "activation_modules", "reset_optimizer_state", "MODULE_TABLE"]
+__all__ = [
+    "apply", "select", "check_options", "SELECTION_OPTIONS", "activations", "activation_modules", "reset_optimizer_state",
+    "MODULE_TABLE",
+]
 
 _SPATIAL = {1: "w", 2: "hw", 3: "dhw"}
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -180,8 +184,7 @@ def apply(
     optimizers = _optimizers(optimizer)
     if dry_run and not report:
         raise ValueError("dry_run=True computes the report only; it cannot be combined with report=False")
-    if distributed not in ("owner", "replicate"):
-        raise ValueError(f"distributed must be 'owner' or 'replicate', got {distributed!r}")
+    _check_distributed(distributed)
     model, options = _options(model, include, exclude, split, layouts, frozen, conv_groups)
     targets, skipped, notes = _select(model, options)
     stats = _stats_note(model)
@@ -258,6 +261,44 @@ def select(
     model, options = _options(model, include, exclude, split, layouts, frozen, conv_groups)
     targets, _, _ = _select(model, options)
     return [(t.name, t.given(t.tensor.detach()), t.layout) for t in targets]
+
+
+SELECTION_OPTIONS = ("include", "exclude", "split", "layouts", "frozen", "conv_groups")  # select()'s, and apply's
+
+
+def check_options(options: Mapping, *, taken: Mapping[str, str], who: str) -> dict:
+    """:func:`apply`'s keyword ``options`` as a training integration takes them, checked without a model.
+
+    ``taken``: the arguments of :func:`apply` the integration fills in
+    itself, each with why (``{"optimizer": "the callback resets every
+    optimizer the trainer holds"}``); ``model`` always is. A name that is
+    taken or unknown is a TypeError naming it; a bad value of ``steps``,
+    ``method``, ``scale`` (tried on a 2 x 2 weight), ``distributed``,
+    ``frozen``, ``conv_groups`` or of the patterns' types is :func:`apply`'s
+    own error, raised at construction instead of at the first firing.
+    Returns the selection options (for :func:`select`). ``who`` starts each
+    message (``"FIRE"``).
+    """
+    allowed = [k for k in inspect.signature(apply).parameters if k != "model" and k not in taken]
+    for name in options:
+        if name in taken:
+            raise TypeError(f"{who}: {name}= is not an option here: {taken[name]}")
+        if name not in allowed:
+            raise TypeError(f"{who}: unknown option {name}=; fire_core.torch.apply takes {', '.join(allowed)}")
+    core = {k: options[k] for k in ("steps", "method", "scale") if k in options}
+    if core:
+        reinit(torch.eye(2, dtype=torch.float64), "oi", **core)
+    distributed = options.get("distributed", "owner")
+    _check_distributed(distributed)
+    selection = {k: options[k] for k in SELECTION_OPTIONS if k in options}
+    _options(nn.Module(), *(selection.get(k) for k in ("include", "exclude", "split", "layouts")),
+             selection.get("frozen", False), selection.get("conv_groups", "stored"))
+    return selection
+
+
+def _check_distributed(distributed) -> None:
+    if distributed not in ("owner", "replicate"):
+        raise ValueError(f"distributed must be 'owner' or 'replicate', got {distributed!r}")
 
 
 def _options(model, include, exclude, split, layouts, frozen, conv_groups) -> tuple[nn.Module, "_Options"]:

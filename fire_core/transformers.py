@@ -36,7 +36,6 @@ can gather; FIRE needs whole matrices, so such a model is refused at
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any
 
@@ -54,19 +53,17 @@ import torch
 from torch import nn
 
 from . import torch as fire_torch
-from .layout import check_scale
-from .polar import check_method
 from .schedule import DormantAbove, Moment, Schedule, SrankBelow, as_schedule
 
-__all__ = ["FIRECallback", "attach", "APPLY_OPTIONS", "SELECT_OPTIONS"]
+__all__ = ["FIRECallback", "attach"]
 
 logger = transformers.utils.logging.get_logger(__name__)
 
-# apply's keyword options a callback takes (model, optimizer and probe are the callback's to give).
-APPLY_OPTIONS = tuple(
-    name for name in inspect.signature(fire_torch.apply).parameters if name not in ("model", "optimizer", "probe")
-)
-SELECT_OPTIONS = tuple(name for name in inspect.signature(fire_torch.select).parameters if name != "model")
+# apply's arguments the callback gives itself, and why a user cannot pass them
+_TAKEN = {
+    "optimizer": "the callback resets the torch optimizer inside the Trainer's AcceleratedOptimizer",
+    "probe": "pass probe= to FIRECallback itself",
+}
 
 # learning-rate schedulers whose whole state is last_epoch and the groups' initial lr:
 # restarting them is setting those back. Others (SequentialLR, ChainedScheduler hold
@@ -124,14 +121,10 @@ class FIRECallback(TrainerCallback, ExportableState):
                 "True)): a schedule's triggers and callables cannot be saved as arguments, so leave that option "
                 "False; FIRECallback restores its own progress from the checkpoint when training resumes"
             )
-        unknown = sorted(set(apply_options) - set(APPLY_OPTIONS))
-        if unknown:
-            raise TypeError(f"FIRECallback: unknown option(s) {unknown}; fire_core.torch.apply takes {list(APPLY_OPTIONS)}")
+        self.select_options = fire_torch.check_options(apply_options, taken=_TAKEN, who="FIRECallback")
         for name, value in (("restart_warmup", restart_warmup), ("log", log)):
             if not isinstance(value, bool):
                 raise TypeError(f"FIRECallback: {name} must be True or False, got {value!r}")
-        check_method(apply_options.get("method", "fire"), apply_options.get("steps", 5))
-        check_scale(apply_options.get("scale", "fire"))
         if apply_options.get("dry_run"):
             raise ValueError("FIRECallback: dry_run=True would change nothing at a firing; use "
                              "fire_core.torch.apply(model, dry_run=True) to look at a report")
@@ -143,7 +136,6 @@ class FIRECallback(TrainerCallback, ExportableState):
         self.restart_warmup = restart_warmup
         self.log = log
         self.apply_options = dict(apply_options)
-        self.select_options = {k: v for k, v in apply_options.items() if k in SELECT_OPTIONS}
         self.trainer = trainer
         self.last_report = None  # the Report of the latest firing
         self._shown: set[str] = set()

@@ -137,3 +137,19 @@ def test_failed_call_leaves_gradients_and_optimizer_state():
     with torch.no_grad():
         model[1].weight[0, 0] = float("nan")
     assert_refused(model, ValueError, r"1\.weight.*NaN", optimizer=opt)
+
+
+def test_check_options_refuses_taken_and_unknown_names_and_bad_values_and_returns_the_selection():
+    taken = {"optimizer": "the callback resets the trainer's optimizers"}
+    with pytest.raises(TypeError, match=r"X: optimizer= is not an option here: the callback resets"):
+        ft.check_options({"optimizer": None}, taken=taken, who="X")
+    with pytest.raises(TypeError, match=r"X: unknown option stepz=; fire_core.torch.apply takes steps, "):
+        ft.check_options({"stepz": 3}, taken=taken, who="X")
+    with pytest.raises(ValueError, match="scale=0 writes a zero weight"):  # reinit's own check, on a 2 x 2 weight
+        ft.check_options({"scale": 0}, taken=taken, who="X")
+    with pytest.raises(ValueError, match="distributed must be"):
+        ft.check_options({"distributed": "shard"}, taken=taken, who="X")
+    with pytest.raises(TypeError, match="frozen must be True or False"):
+        ft.check_options({"frozen": "yes"}, taken=taken, who="X")
+    chosen = ft.check_options({"steps": 10, "exclude": "head", "frozen": True}, taken=taken, who="X")
+    assert chosen == {"exclude": "head", "frozen": True}
