@@ -238,18 +238,31 @@ class When(Trigger):
         return verdict if isinstance(verdict, str) else f"{self.describe()} returned {verdict!r} at {self.unit} {now}"
 
 
+_REDUCE = {"mean": lambda v: math.fsum(v) / len(v), "max": max, "min": min}
+
+
 class _Periodic(Trigger):
-    """A measured trigger: checked every ``every`` steps, the last check and its value kept."""
+    """A measured trigger: checked every ``every`` steps, the last check and its value kept.
 
-    what = "value"
+    Subclasses give the per-layer values (:meth:`_values`), how they may be
+    reduced (``reduces``), the side of the limit that fires (``below``) and
+    the reason's text (:meth:`_reason`).
+    """
 
-    def __init__(self, threshold: float, every: int, unit: str, cooldown: int):
+    reduces = ("mean", "max")
+    below = False  # fires when the reduced value is above the limit (below it: srank)
+
+    def __init__(self, threshold: float, every: int, unit: str, cooldown: int | None, reduce: str):
+        name = type(self).__name__
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
-            raise TypeError(f"{type(self).__name__}: threshold must be a finite number, got {threshold!r}")
+            raise TypeError(f"{name}: threshold must be a finite number, got {threshold!r}")
+        if reduce not in self.reduces:
+            raise ValueError(f"{name}: reduce must be {' or '.join(map(repr, self.reduces))}, got {reduce!r}")
         self.threshold = float(threshold)
-        self.every = _count(every, f"{type(self).__name__}(every=)", minimum=1)
+        self.every = _count(every, f"{name}(every=)", minimum=1)
         self.unit = _unit(unit)
-        self.cooldown = _count(cooldown, f"{type(self).__name__}(cooldown=)")
+        self.cooldown = _count(self.every if cooldown is None else cooldown, f"{name}(cooldown=)")
+        self.reduce = reduce
         self.last_check: int | None = None
         self.last_value: float | None = None
         self.last_fired: int | None = None
@@ -263,6 +276,23 @@ class _Periodic(Trigger):
         if self.last_fired is not None and now - self.last_fired < max(self.cooldown, 1):
             return None
         return now
+
+    def _limit(self, value: float) -> float | None:
+        """The limit this check's reduced ``value`` is compared with (None: this check only measures)."""
+        return self.threshold
+
+    def check(self, moment):
+        now = self._due(moment)
+        if now is None:
+            return None
+        values = self._values(moment)
+        value = _REDUCE[self.reduce](list(values.values()))
+        self.last_check, self.last_value = now, value
+        limit = self._limit(value)
+        if limit is None or not (value < limit if self.below else value > limit):
+            return None
+        worst = (min if self.below else max)(values, key=values.get)
+        return self._reason(values, value, now, worst)
 
     def fired(self, moment):
         now = moment.position(self.unit)
@@ -302,26 +332,18 @@ class DfIAbove(_Periodic):
     ``every``).
     """
 
-    what = "DfI"
-
     def __init__(self, threshold: float, every: int = 100, *, reduce: str = "mean", relative: bool = False,
                  unit: str = "step", cooldown: int | None = None):
-        super().__init__(threshold, every, unit, every if cooldown is None else cooldown)
-        if reduce not in ("mean", "max"):
-            raise ValueError(f"DfIAbove: reduce must be 'mean' or 'max', got {reduce!r}")
+        super().__init__(threshold, every, unit, cooldown, reduce)
         if self.threshold <= 0:
             raise ValueError(f"DfIAbove: threshold must be positive, got {threshold!r}")
-        self.reduce = reduce
         self.relative = bool(relative)
         self.baseline: float | None = None
 
     def __repr__(self) -> str:
         return f"DfIAbove({self.threshold:g}, every={self.every}, reduce={self.reduce!r}, relative={self.relative})"
 
-    def check(self, moment):
-        now = self._due(moment)
-        if now is None:
-            return None
+    def _values(self, moment) -> dict[str, float]:
         if moment.weights is None:
             raise ValueError(f"{self!r} needs the model's weights, which this integration did not pass")
         per_layer: dict[str, float] = {}
@@ -331,19 +353,21 @@ class DfIAbove(_Periodic):
                 per_layer[name if len(values) == 1 else f"{name}[{k}]"] = v
         if not per_layer:
             raise ValueError(f"{self!r}: the integration passed no weights to measure")
-        value = max(per_layer.values()) if self.reduce == "max" else math.fsum(per_layer.values()) / len(per_layer)
-        self.last_check, self.last_value = now, value
-        if self.relative and self.baseline is None:
+        return per_layer
+
+    def _limit(self, value):
+        if not self.relative:
+            return self.threshold
+        if self.baseline is None:  # the first check measures the baseline
             self.baseline = value
             return None
-        limit = self.threshold * (self.baseline if self.relative else 1.0)
-        if not value > limit:
-            return None
-        worst = max(per_layer, key=per_layer.get)
+        return self.threshold * self.baseline
+
+    def _reason(self, values, value, now, worst):
         against = f"{self.threshold:g} x the first check's {self.baseline:.4g}" if self.relative else f"{self.threshold:g}"
         return (
-            f"DfI/n ({self.reduce} over {len(per_layer)} layers) {value:.4g} > {against} at {self.unit} {now}; "
-            f"highest {worst} {per_layer[worst]:.4g}"
+            f"DfI/n ({self.reduce} over {len(values)} layers) {value:.4g} > {against} at {self.unit} {now}; "
+            f"highest {worst} {values[worst]:.4g}"
         )
 
     def state_dict(self):
@@ -355,9 +379,9 @@ class DfIAbove(_Periodic):
 
 
 class _OnFeatures(_Periodic):
-    """A trigger on the activations of a probe batch (``moment.features()``), reduced over layers."""
+    """A trigger on the activations of a probe batch (``moment.features()``), one value per layer."""
 
-    def _features(self, moment, now) -> dict[str, float]:
+    def _values(self, moment) -> dict[str, float]:
         if moment.features is None:
             raise ValueError(
                 f"{self!r} needs activations of a probe batch: pass probe= to the integration "
@@ -375,16 +399,12 @@ class DormantAbove(_OnFeatures):
     ``reduce="mean"`` averages the layers' ratios; ``"max"`` takes the worst layer.
     """
 
-    what = "dormant ratio"
-
     def __init__(self, threshold: float, every: int = 100, *, tau: float = DORMANT_TAU, reduce: str = "mean",
                  unit: str = "step", cooldown: int | None = None):
-        super().__init__(threshold, every, unit, every if cooldown is None else cooldown)
+        super().__init__(threshold, every, unit, cooldown, reduce)
         if not 0 <= self.threshold < 1:
             raise ValueError(f"DormantAbove: threshold is a share of units in [0, 1), got {threshold!r}")
-        if reduce not in ("mean", "max"):
-            raise ValueError(f"DormantAbove: reduce must be 'mean' or 'max', got {reduce!r}")
-        self.tau, self.reduce = float(tau), reduce
+        self.tau = float(tau)
 
     def __repr__(self) -> str:
         return f"DormantAbove({self.threshold:g}, every={self.every}, tau={self.tau:g}, reduce={self.reduce!r})"
@@ -392,16 +412,7 @@ class DormantAbove(_OnFeatures):
     def _measure(self, a) -> float:
         return float(dormant_ratio(a, self.tau))
 
-    def check(self, moment):
-        now = self._due(moment)
-        if now is None:
-            return None
-        values = self._features(moment, now)
-        value = max(values.values()) if self.reduce == "max" else math.fsum(values.values()) / len(values)
-        self.last_check, self.last_value = now, value
-        if not value > self.threshold:
-            return None
-        worst = max(values, key=values.get)
+    def _reason(self, values, value, now, worst):
         return (
             f"dormant ratio (tau={self.tau:g}, {self.reduce} over {len(values)} layers) {value:.3g} > "
             f"{self.threshold:g} at {self.unit} {now}; highest {worst} {values[worst]:.3g}"
@@ -416,16 +427,15 @@ class SrankBelow(_OnFeatures):
     lowest layer decides (``reduce="min"``) or their mean (``"mean"``).
     """
 
-    what = "srank"
+    reduces = ("mean", "min")
+    below = True
 
     def __init__(self, threshold: float, every: int = 100, *, delta: float = SRANK_DELTA, reduce: str = "min",
                  unit: str = "step", cooldown: int | None = None):
-        super().__init__(threshold, every, unit, every if cooldown is None else cooldown)
+        super().__init__(threshold, every, unit, cooldown, reduce)
         if not 0 < self.threshold <= 1:
             raise ValueError(f"SrankBelow: threshold is a fraction of the full rank in (0, 1], got {threshold!r}")
-        if reduce not in ("mean", "min"):
-            raise ValueError(f"SrankBelow: reduce must be 'mean' or 'min', got {reduce!r}")
-        self.delta, self.reduce = float(delta), reduce
+        self.delta = float(delta)
 
     def __repr__(self) -> str:
         return f"SrankBelow({self.threshold:g}, every={self.every}, delta={self.delta:g}, reduce={self.reduce!r})"
@@ -434,16 +444,7 @@ class SrankBelow(_OnFeatures):
         full = min(a.shape[-2], a.shape[-1])
         return float(srank(a, self.delta)) / full
 
-    def check(self, moment):
-        now = self._due(moment)
-        if now is None:
-            return None
-        values = self._features(moment, now)
-        value = min(values.values()) if self.reduce == "min" else math.fsum(values.values()) / len(values)
-        self.last_check, self.last_value = now, value
-        if not value < self.threshold:
-            return None
-        worst = min(values, key=values.get)
+    def _reason(self, values, value, now, worst):
         return (
             f"srank / full rank ({self.reduce} over {len(values)} layers) {value:.3g} < {self.threshold:g} "
             f"at {self.unit} {now}; lowest {worst} {values[worst]:.3g}"
