@@ -1,9 +1,10 @@
-"""What the seed-averaged training benchmarks (plasticity.py, stability.py) share.
+"""What the seed-averaged training benchmarks (plasticity, stability, language, rl, bitflip) share.
 
 Running the seeds (in spawned worker processes, one thread each, or in this
-one), the mean ± standard error they report, and the files a run leaves:
-``<stem>.json`` with everything, from which ``--replot`` redraws
-``<stem>.md`` and ``<stem>.png``.
+one), the mean ± standard error they report, the files a run leaves
+(``<stem>.json`` with everything, from which ``--replot`` redraws
+``<stem>.md`` and ``<stem>.png``), and the one rule by which every benchmark
+applies FIRE *when needed* instead of at every boundary (:class:`WhenNeeded`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
+
+from fire_core.schedule import DfIAbove, DormantAbove, Moment, as_schedule
 
 
 def mean_se(values) -> tuple[float, float]:
@@ -58,3 +61,78 @@ def write_outputs(stem: Path, plot: Callable[[Path], None], markdown: Callable[[
     print(md.read_text())
     print(f"wrote {md} and {png} ({seconds:.0f} s of runs)", file=sys.stderr)
     return 0
+
+
+# --- FIRE when needed: one rule for every benchmark -------------------------------------------------
+
+DFI_RATIO = 100.0
+"""``FIRE@DfI`` fires when the largest per-layer DfI/n (``fire_core.schedule.target_dfi``: the
+weights' distance from FIRE's target, 0 on it) has grown to this many times the largest at
+initialization. Data-free: one Gram matrix per layer. Chosen once, on held-out seeds
+(100-102) of the digits warm start (plasticity.py, MLP 64-128-128-10): the ratio at the
+boundary was 62-65 where plasticity is not lost (subset) and 13800-19200 where it is
+(random labels); 100 is the smallest power of ten above every no-loss value. Used unchanged
+in every benchmark (docs/benchmarks.md, "Where the thresholds came from")."""
+
+DORMANT_SHARE = 0.3
+"""``FIRE@dormant`` fires when the share of tau-dormant units (Sokar et al. 2023, tau 0.025),
+averaged over the layers' activations on a probe batch, exceeds this. Chosen on the same
+held-out seeds: the share was 0.20-0.25 at initialization, 0.16-0.19 after the subset phase
+and 0.08-0.13 after random labels (it fell where plasticity was lost), so no share separates
+the settings there; 0.3 is the smallest multiple of 0.1 above every held-out value, initial
+ones included. Used unchanged in every benchmark."""
+
+TRIGGERS = ("DfI", "dormant")
+
+
+class WhenNeeded:
+    """FIRE when the network says it has lost plasticity: the library's own trigger, one rule.
+
+    ``kind="DfI"``: :class:`fire_core.schedule.DfIAbove` (``DFI_RATIO``, relative to
+    the first check, worst layer); ``kind="dormant"``:
+    :class:`fire_core.schedule.DormantAbove` (``DORMANT_SHARE``, mean over layers).
+    The benchmark calls :meth:`check` where it would look: once on the initial
+    network (the DfI baseline; never fires there), then at each task boundary or
+    every K steps, and applies FIRE when it returns a reason. ``weights``: the
+    ``(name, array, layout)`` FIRE would project (``fire_core.torch.select(model)``
+    or stacked arrays); ``features``: ``{layer: (samples, units)}`` activations of
+    a probe batch. Only what the trigger reads is needed.
+    """
+
+    def __init__(self, kind: str, dfi_ratio: float = DFI_RATIO, dormant_share: float = DORMANT_SHARE):
+        if kind not in TRIGGERS:
+            raise ValueError(f"trigger kind must be one of {TRIGGERS}, got {kind!r}")
+        self.kind = kind
+        trigger = (
+            DfIAbove(dfi_ratio, every=1, relative=True, reduce="max")
+            if kind == "DfI"
+            else DormantAbove(dormant_share, every=1, reduce="mean")
+        )
+        self.schedule = as_schedule([trigger])
+        self.checks = 0
+        self.fired_at: list[int] = []  # the caller's step (or boundary) of each firing
+        self.values: list[float] = []  # the measured value at every check
+
+    def check(self, where: int, weights: Iterable | None = None, features: Mapping | None = None) -> str | None:
+        """The reason to apply FIRE now (at the caller's step or boundary ``where``), or None."""
+        self.checks += 1
+        first = self.checks == 1
+        moment = Moment(
+            step=self.checks,
+            weights=None if weights is None else (lambda: weights),
+            features=None if features is None else (lambda: features),
+        )
+        firing = self.schedule.poll(moment)
+        self.values.append(float(self.schedule.triggers[0].last_value))
+        if firing is None:
+            return None
+        if first:  # the initial network is the baseline, never a reason to reinitialize
+            self.schedule.history.clear()
+            return None
+        self.fired_at.append(where)
+        return "; ".join(firing.reasons)
+
+
+def fire_fraction(fire_seconds: float, train_seconds: float) -> float:
+    """FIRE's own wall time as a fraction of the training time of the phase it belongs to."""
+    return float(fire_seconds) / float(train_seconds) if train_seconds > 0 else float("nan")

@@ -31,7 +31,11 @@ download), with the MLP, data split and training loop of ``fire-core demo``
     choice for its small CNNs in Table 2, best of the grid in our sweep);
   - ``FIRE-5``, ``FIRE-10``: ``fire_core.torch.apply(model, steps)``, the
     reference iteration; ``FIRE-fast``: ``method="fast"``, 10 steps;
-    ``FIRE-svd``: the exact polar factor.
+    ``FIRE-svd``: the exact polar factor;
+  - ``FIRE@DfI``, ``FIRE@dormant``: FIRE-10 *only when needed*, decided at
+    the switch by the one rule every benchmark uses (``common.WhenNeeded``:
+    the data-free DfI trigger, relative to the initial network, or the
+    dormant-unit share on the phase-1 inputs); otherwise keep training.
 
 Measured for every (method, seed): test accuracy after each phase-2 epoch,
 accuracy on the old task right after the intervention (stability), SFE and
@@ -39,8 +43,10 @@ DfI (relative to FIRE's target ``sqrt(d_out/d_in)``) summed over the three
 weight matrices, feature effective rank (srank, Kumar et al. 2021, of the
 penultimate ReLU features on the training inputs) and dormant-unit ratio
 (ReDo, Sokar et al. 2023, tau = 0.025, both hidden layers) right after the
-intervention and at the end. Reports mean and standard error over seeds, and
-the per-seed paired difference to FIRE-10.
+intervention and at the end; FIRE's wall time as a fraction of phase 2's
+training time; for the triggered methods, whether they fired and the value
+the trigger read. Reports mean and standard error over seeds, and the
+per-seed paired difference to FIRE-10.
 
     python benchmarks/plasticity.py            # full run: 20 seeds, both settings
     python benchmarks/plasticity.py --quick    # < 1 minute, numbers not meaningful
@@ -72,11 +78,14 @@ from fire_core.diagnostics import dormant_ratio, srank
 from fire_core.layout import parse_layout, scale_factor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fmt, load_run, mean_se, save_run, seed_runner, write_outputs  # noqa: E402
+from common import (  # noqa: E402
+    DFI_RATIO, DORMANT_SHARE, WhenNeeded, fire_fraction, fmt, load_run, mean_se, save_run, seed_runner, write_outputs,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("none", "reset", "S&P", "SWR", "FIRE-5", "FIRE-10", "FIRE-fast", "FIRE-svd")
+METHODS = ("none", "reset", "S&P", "SWR", "FIRE-5", "FIRE-10", "FIRE-fast", "FIRE-svd", "FIRE@DfI", "FIRE@dormant")
 FIRE_RUNS = {"FIRE-5": ("fire", 5), "FIRE-10": ("fire", 10), "FIRE-fast": ("fast", 10), "FIRE-svd": ("svd", 0)}
+TRIGGERED = {"FIRE@DfI": "DfI", "FIRE@dormant": "dormant"}  # FIRE-10 when common.WhenNeeded says so
 SNP_COEF = 0.8
 SETTINGS = ("random-labels", "subset")
 SUBSET = 0.1
@@ -184,15 +193,30 @@ def run_seed(setting: str, seed: int, cfg: dict) -> dict:
         elif method in FIRE_RUNS:
             how, steps = FIRE_RUNS[method]
             fire_core.torch.apply(model, steps=steps, method=how)
+        trigger = None
+        if method in TRIGGERED:  # looked at twice: the initial network (baseline), then the switch
+            gate = WhenNeeded(TRIGGERED[method], cfg["dfi_ratio"], cfg["dormant_share"])
+            fresh = make_mlp(seed, cfg["hidden"])
+            gate.check(0, weights=fire_core.torch.select(fresh), features=fire_core.torch.activations(fresh, x_old))
+            looked = time.perf_counter()
+            reason = gate.check(1, weights=fire_core.torch.select(model), features=fire_core.torch.activations(model, x_old))
+            trigger = {"fired": reason is not None, "values": gate.values, "check_seconds": time.perf_counter() - looked}
+            started = time.perf_counter()  # FIRE's own time below, the check's apart
+            if reason is not None:
+                fire_core.torch.apply(model, steps=10)
         seconds = time.perf_counter() - started
         sfe, dfi = weight_stats(model, own_before)
         row = {"old": accuracy(model, x_old, y_old), "sfe": sfe, "dfi": dfi, "seconds": seconds}
+        if trigger is not None:
+            row["trigger"] = trigger
         row["srank_after"], row["dormant_after"] = feature_stats(model, x_train)
         curve = [accuracy(model, x_test, y_test)]
+        started = time.perf_counter()
         train(
             model, make_optimizer(model), x_train, y_train, cfg["epochs2"], seed=10 * seed + 1, after_step=swr,
             after_epoch=lambda epoch, m: curve.append(accuracy(m, x_test, y_test)),
         )
+        row["train_seconds"] = time.perf_counter() - started  # the test-set evaluations included
         row["curve"], row["final"] = curve, curve[-1]
         row["srank_end"], row["dormant_end"] = feature_stats(model, x_train)
         out[method] = row
@@ -233,7 +257,36 @@ def table(setting: str, runs: list[dict], cfg: dict) -> list[str]:
             f"| {mean_se(col(method, 'srank_after'))[0]:.1f} → {mean_se(col(method, 'srank_end'))[0]:.1f} "
             f"| {100 * mean_se(col(method, 'dormant_after'))[0]:.1f} → {100 * mean_se(col(method, 'dormant_end'))[0]:.1f} |"
         )
-    return lines + [""]
+    lines += [""] + when_needed_lines(runs, methods, cfg) + [""]
+    return lines
+
+
+def when_needed_lines(runs: list[dict], methods: list[str], cfg: dict) -> list[str]:
+    """FIRE's share of the phase's time, and what each triggered method read and decided."""
+    lines = []
+    fire = [m for m in methods if m in FIRE_RUNS]
+    if fire and "train_seconds" in runs[0][fire[0]]:
+        parts = []
+        for m in fire:
+            frac = [100 * fire_fraction(r[m]["seconds"], r[m]["train_seconds"]) for r in runs]
+            parts.append(f"{m} {1e3 * mean_se([r[m]['seconds'] for r in runs])[0]:.1f} ms = {fmt(frac, 1, 3)}%")
+        lines += ["FIRE's own wall time, and as a share of phase 2's training time: " + "; ".join(parts) + ".", ""]
+    for m in (m for m in methods if m in TRIGGERED):
+        fired = [r[m]["trigger"]["fired"] for r in runs]
+        values = [r[m]["trigger"]["values"] for r in runs]
+        if TRIGGERED[m] == "DfI":
+            read = [v[1] / v[0] for v in values]
+            what = f"largest layer DfI/n at the switch over that at initialization (fires above {cfg['dfi_ratio']:g})"
+        else:
+            read = [v[1] for v in values]
+            what = f"dormant share on the phase-1 inputs at the switch (fires above {cfg['dormant_share']:g})"
+        none_diff = [100 * (r[m]["final"] - r["none"]["final"]) for r in runs] if "none" in methods else None
+        lines.append(
+            f"{m}: fired in {sum(fired)} of {len(runs)} seeds; {what}: median {np.median(read):.3g} "
+            f"(range {min(read):.3g}-{max(read):.3g})"
+            + (f"; final accuracy minus none's {fmt(none_diff, 1, 2)} pts." if none_diff else ".")
+        )
+    return lines
 
 
 def plot(results: dict, cfg: dict, path: Path) -> None:
@@ -329,6 +382,9 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--swr-lambda", type=float, default=None,
                    help=f"SWR coefficient (default: the best of {SWR_GRID} on held-out seeds; quick 1e-3)")
+    p.add_argument("--dfi-ratio", type=float, default=DFI_RATIO, help=f"FIRE@DfI's threshold (default {DFI_RATIO:g})")
+    p.add_argument("--dormant-share", type=float, default=DORMANT_SHARE,
+                   help=f"FIRE@dormant's threshold (default {DORMANT_SHARE:g})")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md, .png and .json")
     p.add_argument("--replot", type=Path, default=None, help="rewrite the .md and .png from a saved .json, run nothing")
@@ -347,7 +403,7 @@ def main(argv=None) -> int:
     cfg = dict(
         quick=a.quick, seeds=a.seeds or (2 if a.quick else 20), epochs1=a.epochs1 or (40 if a.quick else 300),
         epochs2=a.epochs2 or (3 if a.quick else 20), hidden=a.hidden, swr_lambda=a.swr_lambda or 1e-3,
-        methods=methods, jobs=max(1, a.jobs),
+        methods=methods, jobs=max(1, a.jobs), dfi_ratio=a.dfi_ratio, dormant_share=a.dormant_share,
         command=" ".join(["python benchmarks/plasticity.py", *(argv if argv is not None else sys.argv[1:])]),
     )
     started = time.perf_counter()

@@ -17,6 +17,10 @@ steps, default 5 as the library's default) with each scale rule of
 (each layer keeps its Frobenius norm) and ``None`` (the bare projection).
 For the MLP and the transformer every projected weight is a matrix
 (``taps = 1``), where ``variance`` is ``fire`` exactly: it is not run twice.
+``FIRE@DfI`` and ``FIRE@dormant`` apply the ``fire`` rule *only when needed*,
+decided at the switch by the one rule every benchmark uses
+(``common.WhenNeeded``: the data-free DfI trigger relative to the initial
+network, or the dormant-unit share on the phase-1 inputs).
 
 Architectures (input: the 8x8 image):
 
@@ -61,6 +65,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
@@ -69,13 +74,16 @@ import fire_core.torch
 from fire_core.demo import BATCH, accuracy, digits, make_mlp, make_optimizer, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fmt, load_run, mean_se, save_run, seed_runner, write_outputs  # noqa: E402
+from common import (  # noqa: E402
+    DFI_RATIO, DORMANT_SHARE, WhenNeeded, fire_fraction, fmt, load_run, mean_se, save_run, seed_runner, write_outputs,
+)
 from plasticity import phase1_task  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ARCHS = ("cnn", "cnn-bn", "mlp", "transformer")
 RULES = {"fire": "fire", "variance": "variance", "norm": "norm", "None": None}
 MATRIX_ONLY = ("mlp", "transformer")  # every weight has taps = 1: "variance" is "fire"
+TRIGGERED = {"FIRE@DfI": "DfI", "FIRE@dormant": "dormant"}  # the "fire" rule when common.WhenNeeded says so
 # Phase-1 epochs per architecture: enough to memorize most of the shuffled labels (measured on seed 0:
 # cnn 92% after 160 epochs, cnn-bn 87% after 100, transformer 85% after 120; the MLP as in plasticity.py).
 EPOCHS1 = {"cnn": 150, "cnn-bn": 100, "mlp": 300, "transformer": 120}
@@ -110,7 +118,10 @@ class RowTransformer(nn.Module):
         super().__init__()
         self.embed = nn.Linear(8, d)
         self.pos = nn.Parameter(0.02 * torch.randn(8, d))
-        layer = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
+        # the ReLU as a module (the same function as the default "relu"), so the dormant trigger can read it
+        layer = nn.TransformerEncoderLayer(
+            d, heads, 2 * d, dropout=0.0, activation=nn.ReLU(), batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, 10)
@@ -134,7 +145,7 @@ def methods_for(arch: str) -> list[str]:
     out = ["none"] + rules
     if arch == "cnn-bn":
         out += [f"{r} + update_bn" for r in rules]
-    return out
+    return out + list(TRIGGERED)
 
 
 # --- one seed ------------------------------------------------------------------------------
@@ -157,11 +168,21 @@ def run_seed(arch: str, seed: int, cfg: dict) -> dict:
     out = {"phase1": {"old": accuracy(base, x_old, y_old), "test": accuracy(base, x_test, y_test)}}
     f_before = logits(base, x_old)
 
+    fresh = make_model(arch, seed, cfg["hidden"]).eval()  # the initial network: the DfI trigger's baseline
     for method in methods_for(arch):
         rule, refresh = method.removesuffix(" + update_bn"), method.endswith(" + update_bn")
         model = copy.deepcopy(base)
+        trigger, seconds = None, 0.0
+        if method in TRIGGERED:
+            gate = WhenNeeded(TRIGGERED[method], cfg["dfi_ratio"], cfg["dormant_share"])
+            for where, net in enumerate((fresh, model)):
+                reason = gate.check(where, weights=fire_core.torch.select(net), features=fire_core.torch.activations(net, x_old))
+            trigger = {"fired": reason is not None, "values": gate.values}
+            rule = "fire" if reason is not None else "none"
         if rule != "none":
+            started = time.perf_counter()
             fire_core.torch.apply(model, steps=cfg["steps"], scale=RULES[rule])
+            seconds = time.perf_counter() - started
         if refresh:  # the phase-1 inputs, in the training batch size
             loader = torch.utils.data.DataLoader(x_old, batch_size=BATCH)
             update_bn(loader, model)
@@ -170,7 +191,10 @@ def run_seed(arch: str, seed: int, cfg: dict) -> dict:
         row = {
             "old": accuracy(model, x_old, y_old),
             "drift": float(torch.linalg.vector_norm(f_after - f_before) / torch.linalg.vector_norm(f_before)),
+            "seconds": seconds,
         }
+        if trigger is not None:
+            row["trigger"] = trigger
         curve = [accuracy(model, x_test, y_test)]
 
         def record(epoch, m):
@@ -178,7 +202,9 @@ def run_seed(arch: str, seed: int, cfg: dict) -> dict:
             curve.append(accuracy(m, x_test, y_test))
             m.train()
 
+        started = time.perf_counter()
         train(model, make_optimizer(model), x_train, y_train, cfg["epochs2"], seed=10 * seed + 1, after_epoch=record)
+        row["train_seconds"] = time.perf_counter() - started  # the test-set evaluations included
         row["curve"], row["final"] = curve, curve[-1]
         out[method] = row
     return out
@@ -207,6 +233,20 @@ def table(arch: str, runs: list[dict]) -> list[str]:
             f"| {m} | {fmt(col(m, 'final'), 100)} | {'—' if m == 'none' else fmt(diff, 1, 2)} "
             f"| {fmt([r[m]['curve'][1] for r in runs], 100)} | {fmt(col(m, 'old'), 100)} "
             f"| {fmt(col(m, 'drift'), 1, 3)} | {fmt([r[m]['curve'][0] for r in runs], 100)} |"
+        )
+    lines.append("")
+    if "train_seconds" in runs[0].get("fire", {}):
+        frac = [100 * fire_fraction(r["fire"]["seconds"], r["fire"]["train_seconds"]) for r in runs]
+        lines += [f"FIRE (`fire` rule) took {1e3 * mean_se(col('fire', 'seconds'))[0]:.1f} ms, "
+                  f"{fmt(frac, 1, 3)}% of phase 2's training time.", ""]
+    for m in (m for m in methods if m in TRIGGERED):
+        values = [r[m]["trigger"]["values"] for r in runs]
+        read = [v[1] / v[0] for v in values] if TRIGGERED[m] == "DfI" else [v[1] for v in values]
+        what = ("largest layer DfI/n at the switch over that at initialization" if TRIGGERED[m] == "DfI"
+                else "dormant share on the phase-1 inputs at the switch")
+        lines.append(
+            f"{m}: fired in {sum(r[m]['trigger']['fired'] for r in runs)} of {len(runs)} seeds; {what}: "
+            f"median {np.median(read):.3g} (range {min(read):.3g}-{max(read):.3g})."
         )
     return lines + [""]
 
@@ -289,6 +329,9 @@ def main(argv=None) -> int:
     p.add_argument("--epochs2", type=int, default=None, help="phase-2 epochs (default 10; quick 2)")
     p.add_argument("--steps", type=int, default=5, help="Newton-Schulz steps of FIRE (default 5)")
     p.add_argument("--hidden", type=int, default=128, help="MLP width")
+    p.add_argument("--dfi-ratio", type=float, default=DFI_RATIO, help=f"FIRE@DfI's threshold (default {DFI_RATIO:g})")
+    p.add_argument("--dormant-share", type=float, default=DORMANT_SHARE,
+                   help=f"FIRE@dormant's threshold (default {DORMANT_SHARE:g})")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md, .png and .json")
     p.add_argument("--replot", type=Path, default=None, help="rewrite the .md and .png from a saved .json")
@@ -303,6 +346,7 @@ def main(argv=None) -> int:
     cfg = dict(
         quick=a.quick, seeds=a.seeds or (2 if a.quick else 8), epochs1=a.epochs1 or (5 if a.quick else None),
         epochs2=a.epochs2 or (2 if a.quick else 10), steps=a.steps, hidden=a.hidden, jobs=max(1, a.jobs),
+        dfi_ratio=a.dfi_ratio, dormant_share=a.dormant_share,
         command=" ".join(["python benchmarks/stability.py", *(argv if argv is not None else sys.argv[1:])]),
     )
     started = time.perf_counter()

@@ -1479,9 +1479,17 @@ def _owners(model: nn.Module, targets) -> dict[str, nn.Module]:
 
 
 def activation_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """``model``'s activation modules by name: types from ``torch.nn``'s activations or ``transformers.activations``."""
+    """``model``'s activation modules by name: types from ``torch.nn``'s activations or ``transformers.activations``.
+
+    ``nn.MultiheadAttention`` is defined among torch's activations but is an
+    attention layer (its output is no unit's activation): it is not one.
+    """
     kinds = ("torch.nn.modules.activation", "transformers.activations")
-    return {name or type(m).__name__: m for name, m in model.named_modules() if type(m).__module__.startswith(kinds)}
+    return {
+        name or type(m).__name__: m
+        for name, m in model.named_modules()
+        if type(m).__module__.startswith(kinds) and not isinstance(m, nn.MultiheadAttention)
+    }
 
 
 def activations(model: nn.Module, probe, *, modules: Mapping[str, nn.Module] | None = None, forward=None):

@@ -68,7 +68,8 @@ def test_shrink_perturb_blends_toward_the_initial_parameters(bench):
 
 
 def test_tiny_run_reports_every_method(bench):
-    cfg = dict(hidden=8, epochs1=1, epochs2=2, swr_lambda=1e-3, methods=list(bench.METHODS))
+    cfg = dict(hidden=8, epochs1=1, epochs2=2, swr_lambda=1e-3, methods=list(bench.METHODS), dfi_ratio=100.0,
+               dormant_share=0.3)
     out = bench.run_seed("random-labels", 0, cfg)
     assert set(out) == {"phase1", *bench.METHODS}
     for method in bench.METHODS:
@@ -80,3 +81,17 @@ def test_tiny_run_reports_every_method(bench):
     # "reset" puts back the network's initialization: right after it, the untrained network's accuracy
     _, _, x_test, y_test = digits()
     assert out["reset"]["curve"][0] == accuracy(make_mlp(0, hidden=8), x_test, y_test)
+
+
+@pytest.mark.parametrize("threshold, same_as", [(1e-9, "FIRE-10"), (1e12, "none")])
+def test_a_triggered_method_is_fire_10_when_it_fires_and_none_when_not(bench, threshold, same_as):
+    methods = ["none", "FIRE-10", "FIRE@DfI", "FIRE@dormant"]
+    cfg = dict(hidden=8, epochs1=2, epochs2=2, swr_lambda=1e-3, methods=methods, dfi_ratio=threshold,
+               dormant_share=min(threshold, 0.0) if same_as == "FIRE-10" else 0.999)
+    out = bench.run_seed("random-labels", 0, cfg)
+    for m in ("FIRE@DfI", "FIRE@dormant"):
+        assert out[m]["trigger"]["fired"] is (same_as == "FIRE-10")
+        assert len(out[m]["trigger"]["values"]) == 2  # the initial network, then the switch
+        assert out[m]["curve"] == out[same_as]["curve"] and out[m]["sfe"] == out[same_as]["sfe"]
+    lines = bench.when_needed_lines([out, out], methods, cfg)
+    assert any(line.startswith("FIRE@DfI: fired in " + ("2" if same_as == "FIRE-10" else "0")) for line in lines)

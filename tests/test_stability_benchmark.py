@@ -26,7 +26,7 @@ def bench():
         sys.path.remove(str(_PATH.parent))
 
 
-TINY = dict(epochs1=2, epochs2=2, steps=5, hidden=16)
+TINY = dict(epochs1=2, epochs2=2, steps=5, hidden=16, dfi_ratio=100.0, dormant_share=0.3)
 
 
 def test_variance_is_run_only_where_there_are_conv_taps(bench):
@@ -49,3 +49,17 @@ def test_a_refresh_of_batchnorm_statistics_changes_eval_accuracy_but_not_trainin
         assert plain["drift"] != fresh["drift"]  # eval mode right after: stale vs refreshed statistics
         assert plain["final"] == fresh["final"]  # train-mode BatchNorm uses each batch's statistics
     assert out["none"]["drift"] == 0.0
+
+
+def test_the_triggered_methods_apply_the_fire_rule_only_when_their_trigger_fires(bench):
+    out = bench.run_seed("mlp", 0, dict(TINY, dfi_ratio=1e-9, dormant_share=0.999))
+    assert out["FIRE@DfI"]["trigger"]["fired"] and not out["FIRE@dormant"]["trigger"]["fired"]
+    assert out["FIRE@DfI"]["curve"] == out["fire"]["curve"] and out["FIRE@DfI"]["drift"] == out["fire"]["drift"]
+    assert out["FIRE@dormant"]["curve"] == out["none"]["curve"] and out["FIRE@dormant"]["drift"] == 0.0
+    assert out["fire"]["seconds"] > 0 and out["none"]["seconds"] == 0.0
+
+
+def test_the_transformer_has_activation_modules_for_the_dormant_trigger(bench):
+    model = bench.make_model("transformer", 0)
+    features = bench.fire_core.torch.activations(model, torch.rand(5, 64))
+    assert len(features) == 2 and all(a.shape == (40, 64) for a in features.values())  # 5 x 8 tokens, ff width 64

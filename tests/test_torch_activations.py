@@ -60,3 +60,10 @@ def test_a_custom_forward_runs_the_probe():
 def test_a_model_without_activation_modules_is_an_error_naming_the_way_out():
     with pytest.raises(ValueError, match="F.relu is not a module.*DfIAbove"):
         ft.activations(nn.Linear(3, 4), torch.ones(2, 3))
+
+
+def test_attention_layers_are_not_activations_though_torch_defines_them_beside_relu():
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation=nn.ReLU(), batch_first=True)
+    assert list(ft.activation_modules(layer)) == ["activation"]
+    a = ft.activations(layer, torch.randn(3, 4, 8))
+    assert list(a) == ["activation"] and a["activation"].shape == (3 * 4, 16)

@@ -1,0 +1,63 @@
+"""benchmarks/common.py: the one rule by which every benchmark applies FIRE when needed."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import common  # noqa: E402
+
+sys.path.pop(0)
+
+
+def dfi_per_unit(w: np.ndarray) -> float:
+    """DfI/n of an (out, in) weight from its singular values: FIRE's target is sqrt(out/in) times an isometry."""
+    d_out, d_in = w.shape
+    s = np.linalg.svd(w, compute_uv=False) / np.sqrt(d_out / d_in)
+    return float(np.sum((s**2 - 1.0) ** 2) / min(d_out, d_in))
+
+
+def weights(rng, scale_hidden=1.0):
+    return [
+        ("hidden", scale_hidden * rng.normal(size=(16, 8)) / np.sqrt(3 * 8), "oi"),
+        ("head", rng.normal(size=(3, 16)) / np.sqrt(3 * 16), "oi"),
+    ]
+
+
+def test_the_dfi_rule_fires_when_the_largest_layer_value_passes_ratio_times_the_initial_largest():
+    rng = np.random.default_rng(0)
+    initial = weights(rng)
+    base = max(dfi_per_unit(w) for _, w, _ in initial)
+    gate = common.WhenNeeded("DfI", dfi_ratio=5.0)
+    assert gate.check(0, weights=initial) is None  # the initial network is the baseline
+    for where, grow in enumerate((1.2, 2.0, 3.0, 6.0), start=1):
+        now = [(n, w * (grow if n == "hidden" else 1.0), lay) for n, w, lay in initial]
+        expected = max(dfi_per_unit(w) for _, w, _ in now) > 5.0 * base
+        reason = gate.check(where, weights=now)
+        assert (reason is not None) is expected, (grow, reason)
+    assert gate.fired_at == [where for where, grow in enumerate((1.2, 2.0, 3.0, 6.0), start=1)
+                             if max(dfi_per_unit(w * (grow if n == "hidden" else 1.0)) for n, w, _ in initial) > 5 * base]
+    assert gate.fired_at  # the grown weights did pass it
+    np.testing.assert_allclose(gate.values[0], base, rtol=1e-10)
+
+
+def test_the_dormant_rule_never_fires_on_the_initial_network_and_reads_the_mean_share():
+    dead = np.zeros((50, 10))
+    gate = common.WhenNeeded("dormant", dormant_share=0.3)
+    assert gate.check(0, features={"a": dead}) is None  # all dormant, but it is the initial network
+    alive = np.abs(np.random.default_rng(1).normal(size=(50, 10))) + 0.5
+    half = alive.copy()
+    half[:, :8] = 0.0
+    assert gate.check(1, features={"a": alive, "b": alive}) is None
+    assert gate.check(2, features={"a": half, "b": alive}) is not None  # mean of 0.8 and 0
+    assert gate.values[1:] == [0.0, pytest.approx(0.4)] and gate.fired_at == [2]
+
+
+def test_unknown_kind_is_refused_and_fractions_are_plain():
+    with pytest.raises(ValueError, match="DfI"):
+        common.WhenNeeded("srank")
+    assert common.fire_fraction(1.0, 200.0) == 0.005 and np.isnan(common.fire_fraction(1.0, 0.0))
