@@ -89,7 +89,7 @@ to ``none``; when the triggers fired and the value at every check; DfI/n
 share at every flip; FIRE's wall time as a fraction of the SGD training time
 (common.fire_fraction).
 
-    python benchmarks/bitflip.py            # full run: 30 seeds, 1M examples, ~3 min at --jobs 2
+    python benchmarks/bitflip.py            # full run: 30 seeds, 1M examples, ~4 min at --jobs 2 (2 cores)
     python benchmarks/bitflip.py --quick    # seconds, numbers not meaningful
 
 Writes ``benchmarks/results/bitflip.md``, ``bitflip.png`` and the raw
@@ -351,7 +351,6 @@ def run_seed(seeds, cfg: dict) -> list[dict]:
         np.add.at(sq_bins, (t0 + np.arange(chunk)) // cfg["bin"], sq)
         if not np.all(np.isfinite(err)):
             raise FloatingPointError(f"seeds {seeds}: the online error is not finite at example {t0}")
-    boundary(examples)  # the final check (no intervention after the last example)
 
     sq_bins /= cfg["bin"]
     last_bins = max(1, round(LAST * n_bins))
