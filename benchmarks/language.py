@@ -617,11 +617,15 @@ def plot(results: dict, cfg: dict, path: Path) -> None:
     axes[0].set_xlabel("phase-1 step")
     colors = dict(zip(cfg["methods"], plt.get_cmap("tab10").colors))
     for ax, key in zip(axes[1:], ("A", "B")):
+        shared = {m: {r[m].get("same_as") for r in runs} for m in cfg["methods"]}
         for method in cfg["methods"]:
+            if len(shared[method]) == 1 and None not in shared[method]:
+                continue  # the same curve as another method in every seed: drawn once, under both names
+            label = " = ".join([method] + [m for m, src in shared.items() if src == {method}])
             steps = np.array(runs[0][method]["curve"]["step"])
             m, s = band(np.array([r[method]["curve"][key] for r in runs]))
             style = "-" if method.startswith("FIRE") else "--"
-            ax.plot(steps, m, style, color=colors[method], label=method)
+            ax.plot(steps, m, style, color=colors[method], label=label)
             ax.fill_between(steps, m - s, m + s, color=colors[method], alpha=0.15)
         ax.set_title(f"phase 2 on A+B: validation loss on {key}")
         ax.set_xlabel("phase-2 step")
