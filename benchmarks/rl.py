@@ -15,13 +15,15 @@ run with ``torch.baddbmm``; Adam written elementwise with a step count per
 member, so each member trains exactly as it would alone):
 
 * ``dqn``: DQN (Mnih et al. 2015; Huber loss, Polyak target tau 0.01) on
-  CartPole-v1, MLP 4-128-128-2, Adam lr 1e-3, batch 64, gamma 0.99,
-  epsilon-greedy 1 -> 0.05 over the first 10% of the steps;
+  CartPole-v1, MLP 4-64-64-2, Adam lr 1e-3, batch 64, gamma 0.99,
+  epsilon-greedy 1 -> 0.05 over the first 10% of the steps, 1000 uniformly
+  random warm-up steps;
 * ``td3``: TD3 (Fujimoto et al. 2018: twin critics, target policy noise 0.2
   clipped at 0.5, exploration noise 0.1, both times the action bound, actor
-  and targets updated every 2nd critic step, tau 0.005, Adam lr 1e-3,
-  batch 100, as in its paper) on Pendulum-v1, actor 3-128-128-1 (tanh),
-  critics 4-128-128-1.
+  and targets updated every 2nd critic step, tau 0.005, Adam lr 1e-3, as
+  in its paper) on Pendulum-v1, with smaller networks and batch than the
+  paper's 400-300 units and 100 to fit the CPU budget: actor 3-64-64-1
+  (tanh), critics 4-64-64-1, batch 64, 1000 uniformly random warm-up steps.
 
 Both environments are vectorized here in numpy with gymnasium's dynamics
 (tests/test_rl_benchmark.py checks them step for step against gymnasium's
@@ -35,9 +37,9 @@ find resets matter more the higher the ratio; D'Oro et al. scale it to 8-32
 below 1; 8 and 4 are what fits the CPU budget while being well past them.
 
 Methods, the periodic ones every ``P = steps / 5`` environment steps
-(4 interventions, at 20/40/60/80% of training, the same P for all, as
-Nikishin et al. reset 5 times over their runs (SPR every 2e4 of 1e5
-steps)); after every intervention the target networks are set to the new
+(4 interventions, at 20/40/60/80% of training, the same P for all: the
+cadence of Nikishin et al. 2022, Sec. 4, who reset SPR every 2e4 of its
+1e5 Atari steps); after every intervention the target networks are set to the new
 online networks:
 
 * ``none``;
@@ -114,11 +116,13 @@ FIRE_STEPS = 10
 PROBE = 256
 FINAL_WINDOW = 0.2  # the final return: evaluations in the last 20% of training
 
-# the full run's sizes (chosen from a timed reduced run; see the report in the commit)
-FULL = {"dqn": dict(steps=10_000, replay_ratio=8, learning_starts=1000),
+# the full run's sizes, from a timed reduced run (5 seeds x 7 methods in one process, as one chunk of
+# --jobs 2): 12.6 ms a DQN and 22.8 ms a TD3 gradient step on a loaded 2-core x86 machine, so
+# about 12 + 11 min per worker, ~23 min wall at --jobs 2 (~45 CPU-min)
+FULL = {"dqn": dict(steps=8_000, replay_ratio=8, learning_starts=1000),
         "td3": dict(steps=8_000, replay_ratio=4, learning_starts=1000)}
-QUICK = {"dqn": dict(steps=1_500, replay_ratio=2, learning_starts=200),
-         "td3": dict(steps=1_200, replay_ratio=2, learning_starts=200)}
+QUICK = {"dqn": dict(steps=800, replay_ratio=2, learning_starts=100),
+         "td3": dict(steps=600, replay_ratio=2, learning_starts=100)}
 
 
 # --- vectorized environments (gymnasium's dynamics, numpy, one row per member) ------------------------
@@ -806,9 +810,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 10; quick 2)")
     p.add_argument("--agents", default=",".join(AGENTS), help=f"comma-separated subset of {AGENTS}")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
-    p.add_argument("--steps", type=int, default=None, help="environment steps per agent (default: dqn 20000, td3 10000)")
+    p.add_argument("--steps", type=int, default=None, help="environment steps per agent (default: dqn 8000, td3 8000)")
     p.add_argument("--replay-ratio", type=int, default=None, help="gradient steps per environment step (default: dqn 8, td3 4)")
-    p.add_argument("--evals", type=int, default=20, help="evaluations over training (every steps/evals)")
+    p.add_argument("--learning-starts", type=int, default=None, help="random warm-up steps before learning (default 1000; quick 100)")
+    p.add_argument("--evals", type=int, default=None, help="evaluations over training, every steps/evals (default 20; quick 10)")
     p.add_argument("--eval-episodes", type=int, default=None, help="episodes per evaluation (default 5; quick 2)")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each); the seeds of each agent are split in this many chunks")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md, .png and .json")
@@ -831,12 +836,14 @@ def main(argv=None) -> int:
             spec["steps"] = a.steps
         if a.replay_ratio is not None:
             spec["replay_ratio"] = a.replay_ratio
+        if a.learning_starts is not None:
+            spec["learning_starts"] = a.learning_starts
     for ag, spec in specs.items():
         if spec["steps"] // (INTERVENTIONS + 1) <= spec["learning_starts"]:
             p.error(f"{ag}: --steps / {INTERVENTIONS + 1} must exceed the {spec['learning_starts']} warm-up steps")
     cfg = dict(
         quick=a.quick, seeds=a.seeds or (2 if a.quick else 10), agents=specs, methods=methods, jobs=max(1, a.jobs),
-        evals=a.evals, eval_episodes=a.eval_episodes or (2 if a.quick else 5),
+        evals=a.evals or (10 if a.quick else 20), eval_episodes=a.eval_episodes or (2 if a.quick else 5),
         command=" ".join(["python benchmarks/rl.py", *(argv if argv is not None else sys.argv[1:])]),
     )
     seeds = list(range(cfg["seeds"]))
