@@ -10,7 +10,7 @@ benchmarks, in the order docs/benchmarks.md reports them:
 * ``bitflip``: Dohare et al.'s slowly-changing regression (Nature 2024).
 
     python benchmarks/run_all.py --quick    # every quick mode: a smoke test, a few minutes
-    python benchmarks/run_all.py            # every full run (about an hour and a half on 2 cores)
+    python benchmarks/run_all.py            # every full run (about an hour on 2 cores)
 
 Each benchmark writes its own ``.md``, ``.png`` and ``.json`` into ``--out``
 (quick modes: ``<name>-quick.*``). The speed benchmarks (``speed.py``,

@@ -23,6 +23,15 @@ Backend = testing.Backend
 get_backend = _pytest_plugin.backend  # skip with the reason, or error when named in FIRE_CORE_BACKENDS
 
 
+# Files that take minutes in one process are collected first: pytest-xdist's --dist loadfile hands
+# files to workers in collection order, and one of these started last leaves the other workers idle.
+SLOW_FIRST = ("test_run_all.py", "test_distributed.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in SLOW_FIRST)  # stable: the rest keep their order
+
+
 @pytest.fixture(params=ALL_BACKENDS)
 def backend(request) -> Backend:
     return get_backend(request.param)
