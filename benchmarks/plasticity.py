@@ -377,8 +377,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 20; quick 2)")
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated subset of {SETTINGS}")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
-    p.add_argument("--epochs1", type=int, default=None, help="phase-1 epochs (default 300; quick 20)")
-    p.add_argument("--epochs2", type=int, default=None, help="phase-2 epochs (default 20; quick 3)")
+    p.add_argument("--epochs1", type=int, default=None, help="phase-1 epochs (default 300; quick 10)")
+    p.add_argument("--epochs2", type=int, default=None, help="phase-2 epochs (default 20; quick 2)")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--swr-lambda", type=float, default=None,
                    help=f"SWR coefficient (default: the best of {SWR_GRID} on held-out seeds; quick 1e-3)")
@@ -401,8 +401,8 @@ def main(argv=None) -> int:
         if bad or not given:
             p.error(f"unknown {what}s {bad}; choose from {known}")
     cfg = dict(
-        quick=a.quick, seeds=a.seeds or (2 if a.quick else 20), epochs1=a.epochs1 or (20 if a.quick else 300),
-        epochs2=a.epochs2 or (3 if a.quick else 20), hidden=a.hidden, swr_lambda=a.swr_lambda or 1e-3,
+        quick=a.quick, seeds=a.seeds or (2 if a.quick else 20), epochs1=a.epochs1 or (10 if a.quick else 300),
+        epochs2=a.epochs2 or (2 if a.quick else 20), hidden=a.hidden, swr_lambda=a.swr_lambda or 1e-3,
         methods=methods, jobs=max(1, a.jobs), dfi_ratio=a.dfi_ratio, dormant_share=a.dormant_share,
         command=" ".join(["python benchmarks/plasticity.py", *(argv if argv is not None else sys.argv[1:])]),
     )

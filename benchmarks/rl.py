@@ -121,8 +121,8 @@ FINAL_WINDOW = 0.2  # the final return: evaluations in the last 20% of training
 # about 12 + 11 min per worker, ~23 min wall at --jobs 2 (~45 CPU-min)
 FULL = {"dqn": dict(steps=8_000, replay_ratio=8, learning_starts=1000),
         "td3": dict(steps=8_000, replay_ratio=4, learning_starts=1000)}
-QUICK = {"dqn": dict(steps=800, replay_ratio=2, learning_starts=100),
-         "td3": dict(steps=600, replay_ratio=2, learning_starts=100)}
+QUICK = {"dqn": dict(steps=500, replay_ratio=2, learning_starts=50),
+         "td3": dict(steps=400, replay_ratio=2, learning_starts=50)}
 
 
 # --- vectorized environments (gymnasium's dynamics, numpy, one row per member) ------------------------
@@ -812,7 +812,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
     p.add_argument("--steps", type=int, default=None, help="environment steps per agent (default: dqn 8000, td3 8000)")
     p.add_argument("--replay-ratio", type=int, default=None, help="gradient steps per environment step (default: dqn 8, td3 4)")
-    p.add_argument("--learning-starts", type=int, default=None, help="random warm-up steps before learning (default 1000; quick 100)")
+    p.add_argument("--learning-starts", type=int, default=None, help="random warm-up steps before learning (default 1000; quick 50)")
     p.add_argument("--evals", type=int, default=None, help="evaluations over training, every steps/evals (default 20; quick 10)")
     p.add_argument("--eval-episodes", type=int, default=None, help="episodes per evaluation (default 5; quick 2)")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each); the seeds of each agent are split in this many chunks")

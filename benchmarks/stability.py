@@ -169,7 +169,7 @@ def run_seed(arch: str, seed: int, cfg: dict) -> dict:
     f_before = logits(base, x_old)
 
     fresh = make_model(arch, seed, cfg["hidden"]).eval()  # the initial network: the DfI trigger's baseline
-    for method in methods_for(arch):
+    for method in cfg.get("methods") or methods_for(arch):  # a subset: tests
         rule, refresh = method.removesuffix(" + update_bn"), method.endswith(" + update_bn")
         model = copy.deepcopy(base)
         trigger, seconds = None, 0.0
@@ -325,7 +325,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="1 seed per architecture, short phases: a smoke test")
     p.add_argument("--seeds", type=int, default=None, help="seeds per architecture (default 8; quick 1)")
     p.add_argument("--archs", default=",".join(ARCHS), help=f"comma-separated subset of {ARCHS}")
-    p.add_argument("--epochs1", type=int, default=None, help=f"phase-1 epochs (default per architecture {EPOCHS1}; quick 5)")
+    p.add_argument("--epochs1", type=int, default=None, help=f"phase-1 epochs (default per architecture {EPOCHS1}; quick 2)")
     p.add_argument("--epochs2", type=int, default=None, help="phase-2 epochs (default 10; quick 1)")
     p.add_argument("--steps", type=int, default=5, help="Newton-Schulz steps of FIRE (default 5)")
     p.add_argument("--hidden", type=int, default=128, help="MLP width")
@@ -344,7 +344,7 @@ def main(argv=None) -> int:
     if bad or not archs:
         p.error(f"unknown architectures {bad}; choose from {ARCHS}")
     cfg = dict(
-        quick=a.quick, seeds=a.seeds or (1 if a.quick else 8), epochs1=a.epochs1 or (5 if a.quick else None),
+        quick=a.quick, seeds=a.seeds or (1 if a.quick else 8), epochs1=a.epochs1 or (2 if a.quick else None),
         epochs2=a.epochs2 or (1 if a.quick else 10), steps=a.steps, hidden=a.hidden, jobs=max(1, a.jobs),
         dfi_ratio=a.dfi_ratio, dormant_share=a.dormant_share,
         command=" ".join(["python benchmarks/stability.py", *(argv if argv is not None else sys.argv[1:])]),

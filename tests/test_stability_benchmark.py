@@ -43,7 +43,8 @@ def test_every_network_classifies_the_digits_images(bench, arch):
 def test_a_refresh_of_batchnorm_statistics_changes_eval_accuracy_but_not_training(bench):
     # 8 epochs: the running statistics (momentum 0.1) then hold under 1e-8 of their state at the switch,
     # so eval-mode accuracy at the end reflects the trained weights only
-    out = bench.run_seed("cnn-bn", 0, dict(TINY, epochs2=8))
+    methods = ["none", "fire", "norm", "fire + update_bn", "norm + update_bn"]
+    out = bench.run_seed("cnn-bn", 0, dict(TINY, epochs2=8, methods=methods))
     for rule in ("fire", "norm"):
         plain, fresh = out[rule], out[f"{rule} + update_bn"]
         assert plain["drift"] != fresh["drift"]  # eval mode right after: stale vs refreshed statistics
