@@ -90,7 +90,7 @@ MLP = textwrap.dedent(
 
 RANK_HELPERS = textwrap.dedent(
     """
-    import datetime, json, sys
+    import datetime, json, os, sys
     import numpy as np, torch, torch.distributed as dist, torch.multiprocessing as mp
     from torch.distributed.tensor import DTensor
 
@@ -176,6 +176,11 @@ RANK_HELPERS = textwrap.dedent(
             json.dump(info, f)
         dist.barrier()  # no rank tears gloo down while another still talks
         dist.destroy_process_group()
+        # status 0 without the interpreter's teardown, where threads that outlive the group
+        # (gloo's, rank 0's TCPStore server) can abort the process (see benchmarks/distributed.py)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     """
 )
 
