@@ -1,21 +1,33 @@
-"""fire_core.flax.apply on a 10M-parameter linen MLP: eager and under jax.jit, on CPU.
+"""fire_core.flax.apply and report on linen MLPs: compiled, op by op and under jax.jit, on CPU.
 
 Run from the repository root (needs the ``jax`` extra):
 
     python benchmarks/flax_apply.py           # writes benchmarks/results/flax_apply-cpu.md
-    python benchmarks/flax_apply.py --quick   # a small MLP, a smoke test of the script
+    python benchmarks/flax_apply.py --quick   # the small MLP only, a smoke test of the script
 
-Model: a linen MLP 784 -> 2048 -> 2048 -> 2048 -> 10 (Dense layers, float32,
-random normal weights), 10.0M parameters; apply projects its four kernels,
-the two 2048 x 2048 ones in one batched call.
+Models: linen MLPs (Dense layers, float32, random normal weights), a small
+one (784 -> 256 -> 128 -> 10, 0.2M parameters) and a large one (784 -> 2048
+-> 2048 -> 2048 -> 10, 10.0M parameters; its two 2048 x 2048 kernels go in
+one batched call).
 
 Timings, in milliseconds (minimum over repeats, each ending in
-``jax.block_until_ready``):
+``jax.block_until_ready``), for each model in a fresh process state:
 
-* eager, first call: op-by-op dispatch, including JAX's compilation of each
-  op for these shapes; eager, warm: the same call again;
-* jit, compile: ``jax.jit(apply).lower(params).compile()``; jit, run: the
-  compiled call.
+* apply, first call and warm: ``fire_core.flax.apply(params)`` called
+  eagerly, which checks the leaves and runs the projection as one compiled
+  program per tree structure (the first call includes that compilation);
+* op by op: the core's own eager path on the same leaves
+  (``plan.reinit_many(..., report=False)``, what ``apply`` ran until it
+  compiled), where JAX compiles every operation for every new shape on the
+  first call;
+* jit compile and jit run: ``jax.jit(apply).lower(params).compile()`` and
+  the compiled call;
+
+Each path runs in a process of its own, so both first calls start with
+nothing compiled.
+* report, first call and warm: ``fire_core.flax.report(params, new)`` (its
+  two device steps compiled once per shape), and op by op
+  (``plan.measure`` without them).
 
 The script also measures the first Adam update after a task-boundary reset
 (``fire_core.flax.reset_opt_state``), with and without resetting Adam's step
@@ -25,8 +37,11 @@ count, against a fresh Adam, for several counts reached before the reset.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +52,7 @@ import numpy as np
 import optax
 
 import fire_core.flax as ff
+from fire_core.plan import measure, reinit_many
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -61,31 +77,73 @@ def random_params(widths, d_in, seed=0):
     )
 
 
-def timed(fn, repeats):
+def timed(fn, repeats, block=True):
     best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn())
+        out = fn()
+        if block:
+            jax.block_until_ready(out)
         best = min(best, time.perf_counter() - t0)
     return 1e3 * best
 
 
-def time_apply(params, steps, method, repeats):
-    def eager():
-        return ff.apply(params, steps, method=method)
+def time_path(path, params, steps, method, repeats) -> dict:
+    """One path's timings, in a process that has run nothing else (so first calls compile from cold).
 
-    first = timed(eager, 1)
-    warm = timed(eager, repeats)
-    jitted = jax.jit(lambda p: ff.apply(p, steps, method=method))
-    t0 = time.perf_counter()
-    compiled = jitted.lower(params).compile()
-    compile_ms = 1e3 * (time.perf_counter() - t0)
-    run = timed(lambda: compiled(params), repeats)
-    eager_out, jit_out = eager(), compiled(params)
-    diff = max(
-        float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(eager_out), jax.tree_util.tree_leaves(jit_out))
-    )
-    return first, warm, compile_ms, run, diff
+    ``compiled``: apply (first, warm), jax.jit(apply) (compile, run) and, for "fire", report.
+    ``op``: the core's op-by-op path for the same leaves, then its differences from apply's results.
+    """
+    items = [(name, _leaf(params, name), layout) for name, layout in ff.select(params).items()]
+    apply = lambda: ff.apply(params, steps, method=method)  # noqa: E731
+    if path == "compiled":
+        t = dict(first=timed(apply, 1), warm=timed(apply, repeats))
+        compiled = jax.jit(lambda p: ff.apply(p, steps, method=method))
+        t0 = time.perf_counter()
+        compiled = compiled.lower(params).compile()
+        t.update(compile=1e3 * (time.perf_counter() - t0), run=timed(lambda: compiled(params), repeats))
+        new, jitted = apply(), compiled(params)
+        t["jit_diff"] = max(
+            float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(jitted))
+        )
+        if method == "fire":
+            report = lambda: ff.report(params, new)  # noqa: E731
+            t.update(report_first=timed(report, 1, block=False), report_warm=timed(report, repeats, block=False))
+        return t
+
+    def op_by_op():
+        out = {}
+        reinit_many(items, steps=steps, method=method, write=out.__setitem__, report=False)
+        return out
+
+    t = dict(op_first=timed(op_by_op, 1), op_warm=timed(op_by_op, repeats))
+    pairs = None
+    if method == "fire":
+        out = op_by_op()
+        pairs = [(name, array, out[name], layout) for name, array, layout in items]
+        t.update(report_op_first=timed(lambda: measure(pairs), 1, block=False),
+                 report_op_warm=timed(lambda: measure(pairs), repeats, block=False))
+    ours, theirs = apply(), op_by_op()
+    t["diff"] = max(float(jnp.max(jnp.abs(_leaf(ours, name) - theirs[name]))) for name in theirs)
+    if pairs is not None:
+        a, b = ff.report(params, ours), measure([(n, w, _leaf(ours, n), lay) for n, w, lay in items])
+        t["report_rel"] = max(
+            abs(a[r["name"]][k] - r[k]) / max(abs(r[k]), 1e-300) for r in b.rows for k in ("sfe", "dfi_before", "dfi_after")
+        )
+    return t
+
+
+def in_fresh_process(*args) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--child", *map(str, args)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _leaf(tree, path):
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree
 
 
 def adam_reset_effect(params, counts):
@@ -117,31 +175,64 @@ def adam_reset_effect(params, counts):
     return rows
 
 
+MODELS = {"small": ((256, 128, 10), 784), "large": ((2048, 2048, 2048, 10), 784)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small MLP and one repeat: a smoke test")
+    parser.add_argument("--quick", action="store_true", help="the small MLP and one repeat: a smoke test")
     parser.add_argument("--out", type=Path, default=None, help="where to write the markdown table")
+    parser.add_argument("--child", nargs=5, default=None, help=argparse.SUPPRESS)  # path model method steps repeats
     args = parser.parse_args()
+    if args.child:
+        path, label, method, steps, repeats = args.child
+        params = random_params(*MODELS[label])
+        print(json.dumps(time_path(path, params, int(steps), method, int(repeats))))
+        return
 
-    widths, d_in, repeats = ((256, 256, 10), 64, 1) if args.quick else ((2048, 2048, 2048, 10), 784, 3)
-    params = random_params(widths, d_in)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
-    shapes = " -> ".join(map(str, (d_in, *widths)))
-
+    models = {k: v for k, v in MODELS.items() if not (args.quick and k == "large")}
+    methods = (("fire", 5),) if args.quick else (("fire", 5), ("fast", 8))
+    repeats = 1 if args.quick else 3
+    machine = f"jax {jax.__version__}, {jax.devices()[0].platform}, {platform.processor() or platform.machine()}"
     lines = [
         f"# fire_core.flax.apply on CPU{' (quick)' if args.quick else ''}",
         "",
-        f"linen MLP {shapes}, float32, {n_params / 1e6:.1f}M parameters; "
-        f"jax {jax.__version__}, {jax.devices()[0].platform}, {platform.processor() or platform.machine()}. "
-        f"Milliseconds, minimum of {repeats} repeat(s).",
+        f"linen MLPs, float32: {'; '.join(f'{k} ' + ' -> '.join(map(str, (d, *w))) for k, (w, d) in models.items())}; "
+        f"{machine}. Milliseconds, minimum of {repeats} repeat(s). Each path of each row runs in a fresh process, "
+        "so its first call compiles from cold.",
         "",
-        "| method | steps | eager, first call | eager, warm | jit compile | jit run | max abs(eager - jit) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| model | parameters | method | steps | apply, first call | apply, warm | op by op, first call | op by op, warm "
+        "| jit compile | jit run | max abs(apply - op by op) | max abs(apply - jit) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for method, steps in (("fire", 5),) if args.quick else (("fire", 5), ("fast", 8)):
-        first, warm, compile_ms, run, diff = time_apply(params, steps, method, repeats)
-        lines.append(f"| {method} | {steps} | {first:.1f} | {warm:.1f} | {compile_ms:.1f} | {run:.1f} | {diff:.2g} |")
-        print(lines[-1], flush=True)
+    report_lines = [
+        "",
+        "## `report`",
+        "",
+        "`fire_core.flax.report(params, new)` after `apply` (fire, 5 steps) in the same process, against "
+        "`plan.measure` op by op after the op-by-op projection; the largest relative difference of SFE and DfI "
+        "between the two on the same weights.",
+        "",
+        "| model | report, first call | report, warm | op by op, first call | op by op, warm | max rel. difference |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, (widths, d_in) in models.items():
+        params = random_params(widths, d_in)
+        n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+        for method, steps in methods:
+            t = {**in_fresh_process("compiled", label, method, steps, repeats), **in_fresh_process("op", label, method, steps, repeats)}
+            lines.append(
+                f"| {label} | {n_params / 1e6:.1f}M | {method} | {steps} | {t['first']:.1f} | {t['warm']:.1f} | "
+                f"{t['op_first']:.1f} | {t['op_warm']:.1f} | {t['compile']:.1f} | {t['run']:.1f} | "
+                f"{t['diff']:.2g} | {t['jit_diff']:.2g} |"
+            )
+            print(lines[-1], flush=True)
+            if method == "fire":
+                report_lines.append(
+                    f"| {label} | {t['report_first']:.1f} | {t['report_warm']:.1f} | {t['report_op_first']:.1f} | "
+                    f"{t['report_op_warm']:.1f} | {t['report_rel']:.2g} |"
+                )
+    lines += report_lines
 
     lines += [
         "",

@@ -59,6 +59,7 @@ ValueError naming the closest paths, and so is a call that selects nothing.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import jax
@@ -66,13 +67,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ._array import check_finite
+from ._array import check_finite, is_tracing
 from . import _flax_select
 from ._flax_select import STACK_NAMES, _key_name
 from ._flax_select import is_variables_dict as _is_variables_dict
 from ._optax_state import reset
 from .metrics import drift
-from .plan import measure, reinit_many
+from . import plan as _plan
+from .plan import host_checked, measure, reinit_many
 
 __all__ = ["apply", "report", "reset_opt_state", "update", "select", "refresh_batch_stats", "STACK_NAMES"]
 
@@ -204,7 +206,7 @@ def report(
         (leaf.path, _gathered(leaf.array), _gathered(_flax_select.value(leaves_a[leaf.index])), leaf.layout)
         for leaf in chosen
     )
-    rep = measure(pairs, scale=scale, method=method, steps=steps)
+    rep = measure(pairs, scale=scale, method=method, steps=steps, stages=(_measure_arrays, _measure_dfi))
     for name, shape, reason in skipped:
         rep.skip(name, shape, reason)
     if probe is not None:
@@ -465,7 +467,32 @@ def _optimizer_writes(optimizer, model, after, reset_count):
 
 
 def _project(items, out: dict, steps, method, scale) -> None:
+    """Project ``(name, array, layout)`` items into ``out``.
+
+    Concrete JAX arrays are checked here (each problem a named error) and then
+    projected by one compiled program per tree structure: eager dispatch
+    would compile every operation for every new shape on the first call
+    (seconds for a small MLP, measured in ``benchmarks/flax_apply.py``), one
+    ``jax.jit`` compiles the whole projection once. Weights whose new values
+    must be checked on the host before they are returned (extreme magnitudes,
+    ``plan.host_checked``), tracers and other arrays take the core's own path.
+    """
+    arrays = [array for _, array, _ in items]
+    if items and all(isinstance(a, jax.Array) and not is_tracing(a) for a in arrays) and not host_checked(
+        items, steps=steps, method=method, scale=scale
+    ):
+        layouts = tuple(layout for _, _, layout in items)
+        out.update(zip((name for name, _, _ in items), _compiled_project(arrays, layouts, steps, method, scale)))
+        return
     reinit_many(items, steps=steps, method=method, scale=scale, write=out.__setitem__, report=False)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _compiled_project(arrays, layouts, steps, method, scale):
+    out: dict = {}
+    items = [(str(k), array, layout) for k, (array, layout) in enumerate(zip(arrays, layouts))]
+    reinit_many(items, steps=steps, method=method, scale=scale, write=out.__setitem__, report=False)
+    return [out[str(k)] for k in range(len(arrays))]
 
 
 def _project_stacked(items, out: dict, steps, method, scale, mesh) -> None:
@@ -518,6 +545,24 @@ def _sharding_group(x):
     if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and len(x.sharding.device_set) > 1:
         return ("concrete", getattr(x.sharding, "mesh", None) or tuple(sorted(d.id for d in x.sharding.device_set)))
     return None
+
+
+# plan.measure's two device steps compiled once per shape (eager dispatch compiles each of their
+# dozens of operations for every new shape); host arrays (gathered sharded weights) stay on NumPy.
+_measure_arrays_jit = jax.jit(_plan._measure_arrays, static_argnums=(2, 3))
+_measure_dfi_jit = jax.jit(_plan._measure_dfi)
+
+
+def _measure_arrays(before, after, layout, work):
+    if isinstance(before, jax.Array) and isinstance(after, jax.Array):
+        return _measure_arrays_jit(before, after, layout, work)
+    return _plan._measure_arrays(before, after, layout, work)
+
+
+def _measure_dfi(*arrays):
+    if all(isinstance(a, jax.Array) for a in arrays):
+        return _measure_dfi_jit(*arrays)
+    return _plan._measure_dfi(*arrays)
 
 
 def _gathered(x):

@@ -148,6 +148,23 @@ def reinit_many(
     return rep
 
 
+def host_checked(weights: Iterable[tuple[str, object, str]], *, steps: int = 5, method: str = "fire", scale="fire") -> bool:
+    """Check ``weights`` as :func:`reinit_many` does; True if any result must be checked on the host.
+
+    Every problem :func:`reinit_many` would raise before any work (a bad
+    dtype, layout or scale, a NaN or Inf value, each naming the weight) is
+    raised here, from concrete arrays. The answer says whether some weight's
+    new value might not be representable (see :func:`_assess`): such a
+    weight's result is checked on the host before it is written, so a call
+    holding one cannot run as one compiled program (``jax.jit``), which would
+    skip that check. Otherwise ``reinit_many(..., report=False)`` may be
+    traced with no check lost: its value checks have all been made here.
+    """
+    check_method(method, steps)
+    check_scale(scale)
+    return any(e.risky for e in _validate(list(weights), _no_context, method=method, steps=steps, scale=scale))
+
+
 def _no_context(array):
     return contextlib.nullcontext()
 
@@ -636,7 +653,9 @@ def _per_matrix(xp, factors, chunk, work, dev):
     return xp.reshape(xp.asarray(values, dtype=work, device=dev), (-1, 1, 1))
 
 
-def measure(pairs: Iterable[tuple[str, object, object, str]], *, scale="fire", method=None, steps=None) -> Report:
+def measure(
+    pairs: Iterable[tuple[str, object, object, str]], *, scale="fire", method=None, steps=None, stages=None
+) -> Report:
     """The rows of a FIRE :class:`Report` from ``(name, before, after, layout)`` pairs.
 
     For a caller that holds the old and the new weights but not the projection
@@ -663,8 +682,14 @@ def measure(pairs: Iterable[tuple[str, object, object, str]], *, scale="fire", m
     computed in pieces that fit the dtype and combined in float64 (as
     :func:`reinit_many` does); a number beyond float64 is a ValueError
     naming the weight.
+
+    ``stages``: the two device computations, :func:`_measure_arrays` and
+    :func:`_measure_dfi`, as callables with their signatures; by default
+    those functions themselves. The JAX adapter passes them compiled
+    (``jax.jit``), one program each per shape instead of one per operation.
     """
     check_scale(scale)
+    arrays_stage, dfi_stage = stages or (_measure_arrays, _measure_dfi)
     rep = Report(method=method, steps=steps, scale=scale)
     for name, before, after, layout in pairs:
         xp = array_namespace(before, after)
@@ -673,23 +698,11 @@ def measure(pairs: Iterable[tuple[str, object, object, str]], *, scale="fire", m
         if tuple(before.shape) != tuple(after.shape):
             raise ValueError(f"{name}: before and after differ in shape, {tuple(before.shape)} vs {tuple(after.shape)}")
         lay = parse_layout(layout, before.shape, name)
-        old = xp.astype(to_matrices(before, layout), work)
-        new = xp.astype(to_matrices(after, layout), work)
         n = min(lay.d_out, lay.d_in)
-        # 1. Each matrix times a power of two near 1 / its largest magnitude (metrics.unit_scale):
-        # norms and Gram matrices that cannot overflow.
-        amaxes, scales, nus, grams = [], [], [], []
-        for m in (old, new):
-            amax = largest_magnitude(m, xp)
-            s = unit_scale(amax, xp)
-            grams.append(small_gram(m * s, xp))
-            nus.append(xp.sqrt(xp.sum(xp.linalg.diagonal(grams[-1]), axis=-1)))  # ||m s||_F
-            amaxes.append(amax)
-            scales.append(xp.reshape(s, (-1,)))
-        sigma = unit_scale(xp.maximum(amaxes[0], amaxes[1]), xp)  # bounds both terms of the difference
-        sq = xp.linalg.vector_norm(new * sigma - old * sigma, axis=(-2, -1)) ** 2
+        # 1. Per matrix: scales, norms, Gram matrices and the squared difference (_measure_arrays).
+        values, *grams = arrays_stage(before, after, lay.text, work)
         total = lay.matrices
-        values = to_floats(xp.concat([scales[0], nus[0], scales[1], nus[1], xp.reshape(sigma, (-1,)), sq]))
+        values = to_floats(values)
         scale_o, nu_o, scale_n, nu_n, sig, sq = (values[k * total : (k + 1) * total] for k in range(6))
         # 2. The factor the rule applied, per matrix, in float64.
         factor = applied = scale_factor(scale, lay)
@@ -710,11 +723,11 @@ def measure(pairs: Iterable[tuple[str, object, object, str]], *, scale="fire", m
             [dfi_split(u, v, b) for u, v, b in zip(s, nu, by)]
             for s, nu, by in ((scale_o, nu_o, [ref] * total), (scale_n, nu_n, factors))
         ]
-        parts = []
-        for gram, split in zip(grams, splits):
-            cols = [xp.reshape(xp.asarray([t[k] for t in split], dtype=work, device=device_of(gram)), (-1, 1, 1)) for k in (0, 1)]
-            parts.append(gram_dfi(gram, xp, weight=cols[0], shift=cols[1]))
-        d = to_floats(xp.concat(parts))
+        cols = [
+            xp.reshape(xp.asarray([t[k] for t in split], dtype=work, device=device_of(gram)), (-1, 1, 1))
+            for gram, split in zip(grams, splits) for k in (0, 1)
+        ]
+        d = to_floats(dfi_stage(*grams, *cols))
         terms = {"SFE": [_scaled(v, 1 / u, -math.log10(u)) for u, v in zip(sig, sq)]}
         for k, label in enumerate(("DfI before", "DfI after")):
             terms[label] = [_scaled(x, t[2], t[3]) for x, t in zip(d[k * total : (k + 1) * total], splits[k])]
@@ -727,3 +740,36 @@ def measure(pairs: Iterable[tuple[str, object, object, str]], *, scale="fire", m
             )
         )
     return rep
+
+
+def _measure_arrays(before, after, layout: str, work):
+    """:func:`measure`'s first device step: ``(values, old Gram, new Gram)`` of one weight's matrices.
+
+    Each matrix is multiplied by a power of two near 1 / its largest
+    magnitude (metrics.unit_scale), so its norm and Gram matrix cannot
+    overflow. ``values`` holds, per matrix, the old matrix's scale and scaled
+    Frobenius norm, the new one's, the common scale ``sigma`` of the
+    difference and ``||new sigma - old sigma||_F^2``, in that order.
+    """
+    xp = array_namespace(before, after)
+    old = xp.astype(to_matrices(before, layout), work)
+    new = xp.astype(to_matrices(after, layout), work)
+    amaxes, scales, nus, grams = [], [], [], []
+    for m in (old, new):
+        amax = largest_magnitude(m, xp)
+        s = unit_scale(amax, xp)
+        grams.append(small_gram(m * s, xp))
+        nus.append(xp.sqrt(xp.sum(xp.linalg.diagonal(grams[-1]), axis=-1)))  # ||m s||_F
+        amaxes.append(amax)
+        scales.append(xp.reshape(s, (-1,)))
+    sigma = unit_scale(xp.maximum(amaxes[0], amaxes[1]), xp)  # bounds both terms of the difference
+    sq = xp.linalg.vector_norm(new * sigma - old * sigma, axis=(-2, -1)) ** 2
+    values = xp.concat([scales[0], nus[0], scales[1], nus[1], xp.reshape(sigma, (-1,)), sq])
+    return values, grams[0], grams[1]
+
+
+def _measure_dfi(gram_old, gram_new, weight_old, shift_old, weight_new, shift_new):
+    """:func:`measure`'s second device step: per matrix ``||weight A - shift I||_F^2`` of both Gram batches."""
+    xp = array_namespace(gram_old, gram_new)
+    return xp.concat([gram_dfi(gram_old, xp, weight=weight_old, shift=shift_old),
+                      gram_dfi(gram_new, xp, weight=weight_new, shift=shift_new)])

@@ -221,6 +221,39 @@ def test_jit_equals_eager(tree):
         assert_close(b, a)
 
 
+def test_eager_apply_compiles_one_program_per_tree_and_equals_the_core_op_by_op():
+    """Concrete leaves are checked, then projected by one jax.jit program (cached per tree structure)."""
+    params = to64(cnn_variables()["params"])
+    chosen = [(name, leaf(params, name), lay) for name, lay in ff.select(params).items()]
+    op_by_op = {}
+    reinit_many(chosen, write=op_by_op.__setitem__, report=False)  # the core's own eager path
+    before = ff._compiled_project._cache_size()
+    new = ff.apply(params)
+    assert ff._compiled_project._cache_size() == before + 1
+    for name in op_by_op:
+        assert_close(leaf(new, name), op_by_op[name])
+    ff.apply(jax.tree_util.tree_map(lambda x: x + 1, params))  # new values, same structure: no new program
+    assert ff._compiled_project._cache_size() == before + 1
+
+
+def test_a_weight_whose_result_needs_a_host_check_is_projected_op_by_op():
+    """One "fast" step can lift entries to 1.77 x scale: near float32's largest value the new entries
+    are checked on the host before they are returned, which a compiled program would skip."""
+    from fire_core.plan import host_checked
+
+    kernel = jnp.asarray(np.random.default_rng(0).normal(size=(4, 4)), jnp.float32)
+    params = {"Dense_0": {"kernel": kernel}}
+    assert host_checked([("k", kernel, "io")], steps=1, method="fast", scale=1.8e38)
+    before = ff._compiled_project._cache_size()
+    new = ff.apply(params, 1, method="fast", scale=1.8e38)["Dense_0"]["kernel"]
+    assert ff._compiled_project._cache_size() == before
+    want = {}
+    reinit_many([("k", kernel, "io")], steps=1, method="fast", scale=1.8e38, write=want.__setitem__, report=False)
+    assert np.array_equal(np.asarray(new), np.asarray(want["k"])) and np.abs(np.asarray(new)).max() > 3e38
+    with pytest.raises(ValueError, match="Dense_0/kernel: the new weight is not representable in float32"):
+        ff.apply(params, 1, method="fast", scale=2e38)
+
+
 def test_frozendict_stays_frozendict():
     params = FrozenDict(mlp_params())
     new = ff.apply(params)
