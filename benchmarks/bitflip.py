@@ -118,9 +118,11 @@ from fire_core.diagnostics import dormant_ratio
 from fire_core.schedule import target_dfi  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WhenNeeded, fire_fraction, fmt, load_run, mean_se, save_run, seed_runner, write_outputs  # noqa: E402
+from common import (  # noqa: E402
+    WhenNeeded, add_run_options, command_line, fire_fraction, load_run, mean_se, names, save_run, seed_runner,
+    write_outputs,
+)
 
-RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("none", "reset", "S&P", "FIRE", "FIRE@DfI", "FIRE@dormant")
 TRIGGERED = {"FIRE@DfI": "DfI", "FIRE@dormant": "dormant"}
 PERIODIC = ("reset", "S&P", "FIRE")
@@ -454,13 +456,13 @@ def verdicts(runs: list[dict], cfg: dict) -> list[str]:
     return [lop, "", win]
 
 
-def plot(runs: list[dict], cfg: dict, path: Path) -> None:
+def plot(results: dict, cfg: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = cfg["methods"]
+    runs, methods = results["runs"], cfg["methods"]
     colors = dict(zip(methods, plt.get_cmap("tab10").colors))
     fig, (ax, dx) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [3, 2]})
     x = (np.arange(cfg["examples"] // cfg["bin"]) + 0.5) * cfg["bin"]
@@ -592,24 +594,21 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=5, help="learner's hidden ReLU units")
     p.add_argument("--snp", default=None, help="S&P 'lambda,sigma' (default: the best of SNP_GRID on held-out seeds)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS} (none is required)")
-    p.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
-    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md, .png and .json")
-    p.add_argument("--replot", type=Path, default=None, help="rewrite the .md and .png from a saved .json, run nothing")
+    add_run_options(p)
     a = p.parse_args(argv)
     if a.replot is not None:
         cfg, results, seconds = load_run(a.replot)
-        return _write(results, cfg, a.replot.with_suffix(""), seconds)
-    methods = [meth for meth in a.methods.split(",") if meth]
-    bad = sorted(set(methods) - set(METHODS))
-    if bad or "none" not in methods:
-        p.error(f"unknown methods {bad} (or none missing); choose from {METHODS}, with none")
+        return write_outputs(a.replot.with_suffix(""), results, cfg, seconds, plot, write_markdown)
+    methods = names(p, "methods", a.methods, METHODS)
+    if "none" not in methods:
+        p.error(f"the methods must include none (the baseline of every difference); got {methods}")
     q = a.quick
     cfg = dict(
         quick=q, seeds=a.seeds or (2 if q else 30), examples=a.examples or (30_000 if q else 1_000_000),
         period=a.period or (1_000 if q else 10_000), bin=a.bin or (2_000 if q else 20_000), every=a.every,
         fire_steps=a.fire_steps, step_size=a.step_size, hidden=a.hidden, m=20, f=15, target_hidden=100, beta=0.7,
         methods=methods, jobs=max(1, a.jobs), snp=list(SNP_DEFAULT),
-        command=" ".join(["python benchmarks/bitflip.py", *(argv if argv is not None else sys.argv[1:])]),
+        command=command_line(__file__, argv),
     )
     try:
         cfg["torch"] = metadata.version("torch")  # recorded for the header; this benchmark runs on numpy
@@ -639,14 +638,7 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - started
     stem = a.out / ("bitflip-quick" if q else "bitflip")
     save_run(stem, cfg, results, seconds)
-    return _write(results, cfg, stem, seconds)
-
-
-def _write(results: dict, cfg: dict, stem: Path, seconds: float) -> int:
-    return write_outputs(
-        stem, lambda png: plot(results["runs"], cfg, png),
-        lambda md, png: write_markdown(results, cfg, md, png, seconds), seconds,
-    )
+    return write_outputs(stem, results, cfg, seconds, plot, write_markdown)
 
 
 if __name__ == "__main__":

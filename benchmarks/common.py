@@ -53,11 +53,35 @@ def load_run(path: Path) -> tuple[dict, dict, float]:
     return saved["cfg"], saved["results"], saved["seconds"]
 
 
-def write_outputs(stem: Path, plot: Callable[[Path], None], markdown: Callable[[Path, Path], None], seconds: float) -> int:
-    """``<stem>.png`` by ``plot(png)``, ``<stem>.md`` by ``markdown(md, png)``; prints the table."""
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def add_run_options(parser, jobs_help: str = "worker processes (one thread each)") -> None:
+    """``--jobs``, ``--out`` and ``--replot``, the same in every training benchmark."""
+    parser.add_argument("--jobs", type=int, default=2, help=jobs_help)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md, .png and .json")
+    parser.add_argument("--replot", type=Path, default=None, help="rewrite the .md and .png from a saved .json, run nothing")
+
+
+def names(parser, what: str, text: str, known) -> list[str]:
+    """The comma-separated ``text`` as a list, in the order given; an unknown name, or none, is ``parser``'s error."""
+    given = [name for name in text.split(",") if name]
+    bad = sorted(set(given) - set(known))
+    if bad or not given:
+        parser.error(f"{f'unknown {what} {bad}' if bad else f'no {what} given'}; choose from {list(known)}")
+    return given
+
+
+def command_line(script: str, argv) -> str:
+    """How the run was started, for its results file: ``python benchmarks/<script> <arguments>``."""
+    return " ".join([f"python benchmarks/{Path(script).name}", *(argv if argv is not None else sys.argv[1:])])
+
+
+def write_outputs(stem: Path, results, cfg: dict, seconds: float, plot: Callable, markdown: Callable) -> int:
+    """``<stem>.png`` by ``plot(results, cfg, png)``, ``<stem>.md`` by ``markdown(results, cfg, md, png, seconds)``; prints the table."""
     md, png = stem.with_suffix(".md"), stem.with_suffix(".png")
-    plot(png)
-    markdown(md, png)
+    plot(results, cfg, png)
+    markdown(results, cfg, md, png, seconds)
     print(md.read_text())
     print(f"wrote {md} and {png} ({seconds:.0f} s of runs)", file=sys.stderr)
     return 0

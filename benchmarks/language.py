@@ -106,11 +106,11 @@ import fire_core.torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    DFI_RATIO, DORMANT_SHARE, WhenNeeded, fire_fraction, fmt, load_run, mean_se, save_run, seed_runner, write_outputs,
+    DFI_RATIO, DORMANT_SHARE, WhenNeeded, add_run_options, command_line, fire_fraction, fmt, load_run, mean_se, names,
+    save_run, seed_runner, write_outputs,
 )
 from plasticity import shrink_perturb  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("none", "reset", "S&P 0.8", "S&P tuned", "FIRE ref", "FIRE default", "FIRE best-scale", "FIRE@DfI",
            "FIRE@dormant")
 SNP_COEF = 0.8
@@ -702,23 +702,18 @@ def main(argv=None) -> int:
     p.add_argument("--snp-coef", type=float, default=None, help="S&P tuned's lam (default: tuned on held-out seeds)")
     p.add_argument("--scale", choices=tuple(SCALE_GRID), default=None,
                    help="FIRE best-scale's rule (default: tuned on held-out seeds)")
-    p.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
-    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md, .png and .json")
-    p.add_argument("--replot", type=Path, default=None, help="rewrite the .md and .png from a saved .json, run nothing")
+    add_run_options(p)
     a = p.parse_args(argv)
     if a.replot is not None:
         cfg, results, seconds = load_run(a.replot)
         for grid in ("snp_sweep",):
             if grid in cfg:
                 cfg[grid] = {float(v): rows for v, rows in cfg[grid].items()}
-        return _write(results, cfg, a.replot.with_suffix(""), seconds)
-    methods = [m for m in a.methods.split(",") if m]
-    bad = sorted(set(methods) - set(METHODS))
-    if bad or not methods:
-        p.error(f"unknown methods {bad}; choose from {METHODS}")
+        return write_outputs(a.replot.with_suffix(""), results, cfg, seconds, plot, write_markdown)
+    methods = names(p, "methods", a.methods, METHODS)
     methods = [m for m in METHODS if m in methods]  # a fixed order: the identical-weights check runs FIRE ref first
     cfg = dict(QUICK if a.quick else FULL, quick=a.quick, methods=methods, jobs=max(1, a.jobs),
-               command=" ".join(["python benchmarks/language.py", *(argv if argv is not None else sys.argv[1:])]))
+               command=command_line(__file__, argv))
     for key in ("seeds", "steps1", "steps2"):
         if getattr(a, key) is not None:
             cfg[key] = getattr(a, key)
@@ -741,13 +736,7 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - started
     stem = a.out / ("language-quick" if a.quick else "language")
     save_run(stem, cfg, results, seconds)
-    return _write(results, cfg, stem, seconds)
-
-
-def _write(results: dict, cfg: dict, stem: Path, seconds: float) -> int:
-    return write_outputs(
-        stem, lambda png: plot(results, cfg, png), lambda md, png: write_markdown(results, cfg, md, png, seconds), seconds
-    )
+    return write_outputs(stem, results, cfg, seconds, plot, write_markdown)
 
 
 if __name__ == "__main__":

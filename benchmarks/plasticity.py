@@ -79,10 +79,10 @@ from fire_core.layout import parse_layout, scale_factor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    DFI_RATIO, DORMANT_SHARE, WhenNeeded, fire_fraction, fmt, load_run, mean_se, save_run, seed_runner, write_outputs,
+    DFI_RATIO, DORMANT_SHARE, WhenNeeded, add_run_options, command_line, fire_fraction, fmt, load_run, mean_se, names,
+    save_run, seed_runner, write_outputs,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("none", "reset", "S&P", "SWR", "FIRE-5", "FIRE-10", "FIRE-fast", "FIRE-svd", "FIRE@DfI", "FIRE@dormant")
 FIRE_RUNS = {"FIRE-5": ("fire", 5), "FIRE-10": ("fire", 10), "FIRE-fast": ("fast", 10), "FIRE-svd": ("svd", 0)}
 TRIGGERED = {"FIRE@DfI": "DfI", "FIRE@dormant": "dormant"}  # FIRE-10 when common.WhenNeeded says so
@@ -385,26 +385,20 @@ def main(argv=None) -> int:
     p.add_argument("--dfi-ratio", type=float, default=DFI_RATIO, help=f"FIRE@DfI's threshold (default {DFI_RATIO:g})")
     p.add_argument("--dormant-share", type=float, default=DORMANT_SHARE,
                    help=f"FIRE@dormant's threshold (default {DORMANT_SHARE:g})")
-    p.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
-    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md, .png and .json")
-    p.add_argument("--replot", type=Path, default=None, help="rewrite the .md and .png from a saved .json, run nothing")
+    add_run_options(p)
     a = p.parse_args(argv)
     if a.replot is not None:
         cfg, results, seconds = load_run(a.replot)
         if "swr_sweep" in cfg:
             cfg["swr_sweep"] = {float(lam): v for lam, v in cfg["swr_sweep"].items()}
-        return _write(results, cfg, a.replot.with_suffix(""), seconds)
-    settings = [s for s in a.settings.split(",") if s]
-    methods = [m for m in a.methods.split(",") if m]
-    for what, given, known in (("setting", settings, SETTINGS), ("method", methods, METHODS)):
-        bad = sorted(set(given) - set(known))
-        if bad or not given:
-            p.error(f"unknown {what}s {bad}; choose from {known}")
+        return write_outputs(a.replot.with_suffix(""), results, cfg, seconds, plot, write_markdown)
+    settings = names(p, "settings", a.settings, SETTINGS)
+    methods = names(p, "methods", a.methods, METHODS)
     cfg = dict(
         quick=a.quick, seeds=a.seeds or (2 if a.quick else 20), epochs1=a.epochs1 or (10 if a.quick else 300),
         epochs2=a.epochs2 or (2 if a.quick else 20), hidden=a.hidden, swr_lambda=a.swr_lambda or 1e-3,
         methods=methods, jobs=max(1, a.jobs), dfi_ratio=a.dfi_ratio, dormant_share=a.dormant_share,
-        command=" ".join(["python benchmarks/plasticity.py", *(argv if argv is not None else sys.argv[1:])]),
+        command=command_line(__file__, argv),
     )
     started = time.perf_counter()
     with seed_runner(run_seed, cfg["jobs"]) as run_all:
@@ -421,13 +415,7 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - started
     stem = a.out / ("plasticity-quick" if a.quick else "plasticity")
     save_run(stem, cfg, results, seconds)
-    return _write(results, cfg, stem, seconds)
-
-
-def _write(results: dict, cfg: dict, stem: Path, seconds: float) -> int:
-    return write_outputs(
-        stem, lambda png: plot(results, cfg, png), lambda md, png: write_markdown(results, cfg, md, png, seconds), seconds
-    )
+    return write_outputs(stem, results, cfg, seconds, plot, write_markdown)
 
 
 if __name__ == "__main__":

@@ -103,9 +103,11 @@ import torch
 import fire_core
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WhenNeeded, fire_fraction, fmt, load_run, mean_se, save_run, seed_runner, write_outputs  # noqa: E402
+from common import (  # noqa: E402
+    WhenNeeded, add_run_options, command_line, fire_fraction, fmt, load_run, mean_se, names, save_run, seed_runner,
+    write_outputs,
+)
 
-RESULTS = Path(__file__).resolve().parent / "results"
 AGENTS = ("dqn", "td3")
 METHODS = ("none", "reset-last", "reset", "S&P", "FIRE", "FIRE@DfI", "FIRE@dormant")
 TRIGGERED = {"FIRE@DfI": "DfI", "FIRE@dormant": "dormant"}
@@ -815,19 +817,13 @@ def main(argv=None) -> int:
     p.add_argument("--learning-starts", type=int, default=None, help="random warm-up steps before learning (default 1000; quick 50)")
     p.add_argument("--evals", type=int, default=None, help="evaluations over training, every steps/evals (default 20; quick 10)")
     p.add_argument("--eval-episodes", type=int, default=None, help="episodes per evaluation (default 5; quick 2)")
-    p.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each); the seeds of each agent are split in this many chunks")
-    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md, .png and .json")
-    p.add_argument("--replot", type=Path, default=None, help="rewrite the .md and .png from a saved .json, run nothing")
+    add_run_options(p, "worker processes (one thread each); the seeds of each agent are split in this many chunks")
     a = p.parse_args(argv)
     if a.replot is not None:
         cfg, results, seconds = load_run(a.replot)
-        return _write(results, cfg, a.replot.with_suffix(""), seconds)
-    agents = [s for s in a.agents.split(",") if s]
-    methods = [m for m in a.methods.split(",") if m]
-    for what, given, known in (("agent", agents, AGENTS), ("method", methods, METHODS)):
-        bad = sorted(set(given) - set(known))
-        if bad or not given:
-            p.error(f"unknown {what}s {bad}; choose from {known}")
+        return write_outputs(a.replot.with_suffix(""), results, cfg, seconds, plot, write_markdown)
+    agents = names(p, "agents", a.agents, AGENTS)
+    methods = names(p, "methods", a.methods, METHODS)
     methods = [m for m in METHODS if m in methods]
     sizes = QUICK if a.quick else FULL
     specs = {ag: dict(sizes[ag]) for ag in agents}
@@ -844,7 +840,7 @@ def main(argv=None) -> int:
     cfg = dict(
         quick=a.quick, seeds=a.seeds or (2 if a.quick else 10), agents=specs, methods=methods, jobs=max(1, a.jobs),
         evals=a.evals or (10 if a.quick else 20), eval_episodes=a.eval_episodes or (2 if a.quick else 5),
-        command=" ".join(["python benchmarks/rl.py", *(argv if argv is not None else sys.argv[1:])]),
+        command=command_line(__file__, argv),
     )
     seeds = list(range(cfg["seeds"]))
     chunks = [list(c) for c in np.array_split(seeds, min(cfg["jobs"], len(seeds))) if len(c)]
@@ -856,13 +852,7 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - started
     stem = a.out / ("rl-quick" if a.quick else "rl")
     save_run(stem, cfg, results, seconds)
-    return _write(results, cfg, stem, seconds)
-
-
-def _write(results: dict, cfg: dict, stem: Path, seconds: float) -> int:
-    return write_outputs(
-        stem, lambda png: plot(results, cfg, png), lambda md, png: write_markdown(results, cfg, md, png, seconds), seconds
-    )
+    return write_outputs(stem, results, cfg, seconds, plot, write_markdown)
 
 
 if __name__ == "__main__":

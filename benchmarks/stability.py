@@ -75,11 +75,11 @@ from fire_core.demo import BATCH, accuracy, digits, make_mlp, make_optimizer, tr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    DFI_RATIO, DORMANT_SHARE, WhenNeeded, fire_fraction, fmt, load_run, mean_se, save_run, seed_runner, write_outputs,
+    DFI_RATIO, DORMANT_SHARE, WhenNeeded, add_run_options, command_line, fire_fraction, fmt, load_run, mean_se, names,
+    save_run, seed_runner, write_outputs,
 )
 from plasticity import phase1_task  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ARCHS = ("cnn", "cnn-bn", "mlp", "transformer")
 RULES = {"fire": "fire", "variance": "variance", "norm": "norm", "None": None}
 MATRIX_ONLY = ("mlp", "transformer")  # every weight has taps = 1: "variance" is "fire"
@@ -268,7 +268,7 @@ def summary(results: dict) -> list[str]:
     return lines + [""]
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, cfg: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -332,22 +332,17 @@ def main(argv=None) -> int:
     p.add_argument("--dfi-ratio", type=float, default=DFI_RATIO, help=f"FIRE@DfI's threshold (default {DFI_RATIO:g})")
     p.add_argument("--dormant-share", type=float, default=DORMANT_SHARE,
                    help=f"FIRE@dormant's threshold (default {DORMANT_SHARE:g})")
-    p.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
-    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md, .png and .json")
-    p.add_argument("--replot", type=Path, default=None, help="rewrite the .md and .png from a saved .json")
+    add_run_options(p)
     a = p.parse_args(argv)
     if a.replot is not None:
         cfg, results, seconds = load_run(a.replot)
-        return _write(results, cfg, a.replot.with_suffix(""), seconds)
-    archs = [s for s in a.archs.split(",") if s]
-    bad = sorted(set(archs) - set(ARCHS))
-    if bad or not archs:
-        p.error(f"unknown architectures {bad}; choose from {ARCHS}")
+        return write_outputs(a.replot.with_suffix(""), results, cfg, seconds, plot, write_markdown)
+    archs = names(p, "architectures", a.archs, ARCHS)
     cfg = dict(
         quick=a.quick, seeds=a.seeds or (1 if a.quick else 8), epochs1=a.epochs1 or (2 if a.quick else None),
         epochs2=a.epochs2 or (1 if a.quick else 10), steps=a.steps, hidden=a.hidden, jobs=max(1, a.jobs),
         dfi_ratio=a.dfi_ratio, dormant_share=a.dormant_share,
-        command=" ".join(["python benchmarks/stability.py", *(argv if argv is not None else sys.argv[1:])]),
+        command=command_line(__file__, argv),
     )
     started = time.perf_counter()
     jobs = [(arch, seed, cfg) for arch in archs for seed in range(cfg["seeds"])]
@@ -357,13 +352,7 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - started
     stem = a.out / ("stability-quick" if a.quick else "stability")
     save_run(stem, cfg, results, seconds)
-    return _write(results, cfg, stem, seconds)
-
-
-def _write(results: dict, cfg: dict, stem: Path, seconds: float) -> int:
-    return write_outputs(
-        stem, lambda png: plot(results, png), lambda md, png: write_markdown(results, cfg, md, png, seconds), seconds
-    )
+    return write_outputs(stem, results, cfg, seconds, plot, write_markdown)
 
 
 if __name__ == "__main__":

@@ -61,3 +61,34 @@ def test_unknown_kind_is_refused_and_fractions_are_plain():
     with pytest.raises(ValueError, match="DfI"):
         common.WhenNeeded("srank")
     assert common.fire_fraction(1.0, 200.0) == 0.005 and np.isnan(common.fire_fraction(1.0, 0.0))
+
+
+def test_names_keep_the_given_order_and_the_parser_names_what_is_wrong(capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="bench")
+    common.add_run_options(parser)
+    args = parser.parse_args(["--jobs", "3"])
+    assert (args.jobs, args.out, args.replot) == (3, common.RESULTS, None)
+    assert common.names(parser, "methods", "FIRE,,none", ("none", "FIRE")) == ["FIRE", "none"]
+    for text, said in (("none,S&P", "unknown methods ['S&P']"), (",", "no methods given")):
+        with pytest.raises(SystemExit):
+            common.names(parser, "methods", text, ("none", "FIRE"))
+        assert said in capsys.readouterr().err
+    assert common.command_line("/x/benchmarks/rl.py", ["--quick"]) == "python benchmarks/rl.py --quick"
+
+
+def test_write_outputs_hands_results_and_cfg_to_plot_and_markdown(tmp_path, capsys):
+    calls = []
+
+    def plot(results, cfg, png):
+        calls.append(("plot", results, cfg, png.name))
+        png.write_bytes(b"")
+
+    def markdown(results, cfg, md, png, seconds):
+        calls.append(("md", results, cfg, png.name, seconds))
+        md.write_text("| table |")
+
+    assert common.write_outputs(tmp_path / "run", {"r": 1}, {"c": 2}, 5.0, plot, markdown) == 0
+    assert calls == [("plot", {"r": 1}, {"c": 2}, "run.png"), ("md", {"r": 1}, {"c": 2}, "run.png", 5.0)]
+    assert "| table |" in capsys.readouterr().out
