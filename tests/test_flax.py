@@ -249,7 +249,8 @@ def test_a_weight_whose_result_needs_a_host_check_is_projected_op_by_op():
     assert ff._compiled_project._cache_size() == before
     want = {}
     reinit_many([("k", kernel, "io")], steps=1, method="fast", scale=1.8e38, write=want.__setitem__, report=False)
-    assert np.array_equal(np.asarray(new), np.asarray(want["k"])) and np.abs(np.asarray(new)).max() > 3e38
+    np.testing.assert_allclose(np.asarray(new), np.asarray(want["k"]), rtol=1e-6)  # float32 rounding, 4 x 4
+    assert np.abs(np.asarray(new)).max() > 3e38
     with pytest.raises(ValueError, match="Dense_0/kernel: the new weight is not representable in float32"):
         ff.apply(params, 1, method="fast", scale=2e38)
 
