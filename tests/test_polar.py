@@ -195,6 +195,25 @@ def test_batch_equals_loop_with_per_matrix_norms(b, m, n, seed, method):
         np.testing.assert_allclose(batched[k], fire_core.project(w[k], 7, method=method), atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(9, 9), (12, 5), (5, 12), (24, 6)])
+@pytest.mark.parametrize("method, steps", [("fire", 5), ("fire", 0), ("fast", 8), ("svd", 1)])
+def test_a_batch_of_one_gives_what_the_same_matrix_gives_in_a_larger_batch(backend, rng, shape, method, steps):
+    """polar projects a (1, m, n) batch as its matrix (faster under XLA); every field of the result
+    must still be the first member's of a batch of two, which takes the batched path."""
+    from fire_core.polar import polar
+
+    w = rng.normal(size=(2, *shape))
+    one = polar(backend.asarray(w[:1]), steps, method, backend.xp, with_dfi=True)
+    two = polar(backend.asarray(w), steps, method, backend.xp, with_dfi=True)
+    for field, a, b in zip(one._fields, one, two):
+        if b is None:
+            assert a is None, field
+            continue
+        a, b = backend.to_numpy(a), backend.to_numpy(b)
+        assert a.shape == (1, *b.shape[1:]), field
+        np.testing.assert_allclose(a, b[:1], rtol=1e-12, atol=1e-12, err_msg=field)
+
+
 # --- dtypes, purity and bad input -------------------------------------------------------
 
 
