@@ -22,12 +22,12 @@ Timings, in milliseconds (minimum over repeats, each ending in
   first call;
 * jit compile and jit run: ``jax.jit(apply).lower(params).compile()`` and
   the compiled call;
-
-Each path runs in a process of its own, so both first calls start with
-nothing compiled.
 * report, first call and warm: ``fire_core.flax.report(params, new)`` (its
   two device steps compiled once per shape), and op by op
   (``plan.measure`` without them).
+
+Each path runs in a process of its own, so both first calls start with
+nothing compiled.
 
 The script also measures the first Adam update after a task-boundary reset
 (``fire_core.flax.reset_opt_state``), with and without resetting Adam's step
@@ -117,15 +117,14 @@ def time_path(path, params, steps, method, repeats) -> dict:
         return out
 
     t = dict(op_first=timed(op_by_op, 1), op_warm=timed(op_by_op, repeats))
-    pairs = None
+    theirs = op_by_op()
     if method == "fire":
-        out = op_by_op()
-        pairs = [(name, array, out[name], layout) for name, array, layout in items]
+        pairs = [(name, array, theirs[name], layout) for name, array, layout in items]
         t.update(report_op_first=timed(lambda: measure(pairs), 1, block=False),
                  report_op_warm=timed(lambda: measure(pairs), repeats, block=False))
-    ours, theirs = apply(), op_by_op()
+    ours = apply()
     t["diff"] = max(float(jnp.max(jnp.abs(_leaf(ours, name) - theirs[name]))) for name in theirs)
-    if pairs is not None:
+    if method == "fire":
         a, b = ff.report(params, ours), measure([(n, w, _leaf(ours, n), lay) for n, w, lay in items])
         t["report_rel"] = max(
             abs(a[r["name"]][k] - r[k]) / max(abs(r[k]), 1e-300) for r in b.rows for k in ("sfe", "dfi_before", "dfi_after")
