@@ -39,6 +39,8 @@ activation triggers need a forward pass and are refused there).
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -113,9 +115,18 @@ class Firing:
 
 
 class Trigger:
-    """One condition for applying FIRE. Subclasses define :meth:`check` and their saved state."""
+    """One condition for applying FIRE. Subclasses define :meth:`check` and their saved state.
+
+    :meth:`spec` is the trigger's identity: a JSON-able dict of its type and
+    the arguments that decide when it fires, the same in every process (no
+    memory address), so that saved progress is found again on resume.
+    """
 
     unit = "step"
+
+    def spec(self) -> dict:  # pragma: no cover - abstract
+        """The trigger's stable identity: its type and the arguments that decide when it fires."""
+        raise NotImplementedError
 
     def check(self, moment: Moment) -> str | None:  # pragma: no cover - abstract
         """The reason FIRE should be applied now, or None."""
@@ -164,6 +175,17 @@ class AtSteps(Trigger):
     def __repr__(self) -> str:
         return f"AtSteps({self.steps}{'' if self.unit == 'step' else ', unit=' + repr(self.unit)})"
 
+    def spec(self):
+        return {"type": "AtSteps", "steps": list(self.steps), "unit": self.unit}
+
+    def boundaries(self, until: int) -> list[int]:
+        """This trigger's boundaries at or before ``until``."""
+        return [s for s in self.steps if s <= until]
+
+    def adopt(self, until: int) -> None:
+        """Take every boundary at or before ``until`` as done (a changed schedule resumed there)."""
+        self.done = self.boundaries(until)
+
     def check(self, moment):
         now = moment.position(self.unit)
         if now is None:
@@ -196,6 +218,17 @@ class Every(Trigger):
         extra = ("" if self.unit == "step" else f", unit={self.unit!r}") + (f", start={self.start}" if self.start else "")
         return f"Every({self.n}{extra})"
 
+    def spec(self):
+        return {"type": "Every", "n": self.n, "unit": self.unit, "start": self.start}
+
+    def boundaries(self, until: int) -> range:
+        """This trigger's boundaries at or before ``until``."""
+        return range(self.start + self.n, until + 1, self.n)
+
+    def adopt(self, until: int) -> None:
+        """Take every multiple at or before ``until`` as done (a changed schedule resumed there)."""
+        self.last = len(self.boundaries(until))
+
     def check(self, moment):
         now = moment.position(self.unit)
         if now is None or now < self.start + self.n:
@@ -216,26 +249,77 @@ class Every(Trigger):
 
 
 class When(Trigger):
-    """FIRE when ``fn(moment)`` is true (a string it returns is the reason), checked every ``every`` polls' steps."""
+    """FIRE when ``fn(moment)`` is true (a string it returns is the reason).
 
-    def __init__(self, fn: Callable[[Moment], Any], every: int = 1, unit: str = "step"):
+    ``fn`` is called at the first poll at or past each multiple of ``every``
+    (every poll with the default 1; never at step 0, before training).
+    ``name``: the trigger's identity in saved progress. By default it is the
+    callable's qualified name (``mymodule.task_switched``; the class for a
+    callable object, the wrapped function for a ``functools.partial``), the
+    same in every process; give ``name`` to tell apart two triggers built
+    from one function.
+    """
+
+    def __init__(self, fn: Callable[[Moment], Any], every: int = 1, unit: str = "step", *, name: str | None = None):
         if not callable(fn):
             raise TypeError(f"When expects a callable of a Moment, got {type(fn).__name__} {fn!r}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"When(name=) must be a string, got {type(name).__name__} {name!r}")
         self.fn = fn
         self.every = _count(every, "When(every=)", minimum=1)
         self.unit = _unit(unit)
+        self.name = name if name is not None else callable_name(fn)
+        self.last: int | None = None  # the position of the last check
 
     def __repr__(self) -> str:
-        return f"When({getattr(self.fn, '__qualname__', self.fn)!s})"
+        extra = ("" if self.every == 1 else f", every={self.every}") + ("" if self.unit == "step" else f", unit={self.unit!r}")
+        return f"When({self.name}{extra})"
+
+    def spec(self):
+        return {"type": "When", "name": self.name, "every": self.every, "unit": self.unit}
 
     def check(self, moment):
-        now = moment.position(self.unit)
-        if now is None or now % self.every:
+        now = _crossed(moment.position(self.unit), self.last, self.every)
+        if now is None:
             return None
+        self.last = now
         verdict = self.fn(moment)
         if not verdict:
             return None
         return verdict if isinstance(verdict, str) else f"{self.describe()} returned {verdict!r} at {self.unit} {now}"
+
+    def state_dict(self):
+        return {"last": self.last}
+
+    def load_state_dict(self, state):
+        self.last = state.get("last")
+
+    def adopt(self, until: int) -> None:
+        """Resume a changed schedule at ``until``: the next check is at the first multiple past it."""
+        self.last = until
+
+
+def callable_name(fn) -> str:
+    """A name for ``fn`` that is the same in every process: ``module.qualname``, never a memory address."""
+    if isinstance(fn, functools.partial):
+        return f"partial({callable_name(fn.func)})"
+    named = fn if hasattr(fn, "__qualname__") else type(fn)
+    module = getattr(named, "__module__", None)
+    return f"{module}.{named.__qualname__}" if module else named.__qualname__
+
+
+def _crossed(now: int | None, last: int | None, every: int) -> int | None:
+    """``now`` if a multiple of ``every`` (the first is ``every`` itself) was reached since ``last``, else None.
+
+    A trigger checked "every K steps" checks at the first poll at or past
+    each multiple of K, whatever the polls' spacing (SB3 counts steps of all
+    environments, gradient accumulation skips steps).
+    """
+    if now is None or now < every:
+        return None
+    if last is not None and now // every <= last // every:
+        return None
+    return now
 
 
 _REDUCE = {"mean": lambda v: math.fsum(v) / len(v), "max": max, "min": min}
@@ -268,14 +352,25 @@ class _Periodic(Trigger):
         self.last_fired: int | None = None
 
     def _due(self, moment) -> int | None:
+        """The position to check at: 0 (measure only) or the first poll at or past each multiple of ``every``."""
         now = moment.position(self.unit)
-        if now is None or now == 0 or now % self.every:
+        if now == 0:  # before training: the initial network is measured (a baseline), never a reason to fire
+            return 0 if self.last_check is None else None
+        now = _crossed(now, self.last_check, self.every)
+        if now is None:
             return None
-        if self.last_check is not None and now <= self.last_check:
-            return None
-        if self.last_fired is not None and now - self.last_fired < max(self.cooldown, 1):
+        multiple = now - now % self.every  # the multiple this poll reached; one inside the cooldown is passed over
+        if self.last_fired is not None and multiple - self.last_fired < max(self.cooldown, 1):
             return None
         return now
+
+    def spec(self):
+        return {"type": type(self).__name__, "threshold": self.threshold, "every": self.every, "unit": self.unit,
+                "cooldown": self.cooldown, "reduce": self.reduce, **self._options()}
+
+    def _options(self) -> dict:
+        """The subclass's own arguments that decide when it fires (part of :meth:`spec`)."""
+        return {}
 
     def _limit(self, value: float) -> float | None:
         """The limit this check's reduced ``value`` is compared with (None: this check only measures)."""
@@ -289,7 +384,7 @@ class _Periodic(Trigger):
         value = _REDUCE[self.reduce](list(values.values()))
         self.last_check, self.last_value = now, value
         limit = self._limit(value)
-        if limit is None or not (value < limit if self.below else value > limit):
+        if now == 0 or limit is None or not (value < limit if self.below else value > limit):
             return None
         worst = (min if self.below else max)(values, key=values.get)
         return self._reason(values, value, now, worst)
@@ -339,6 +434,9 @@ class DfIAbove(_Periodic):
             raise ValueError(f"DfIAbove: threshold must be positive, got {threshold!r}")
         self.relative = bool(relative)
         self.baseline: float | None = None
+
+    def _options(self):
+        return {"relative": self.relative}
 
     def __repr__(self) -> str:
         return f"DfIAbove({self.threshold:g}, every={self.every}, reduce={self.reduce!r}, relative={self.relative})"
@@ -406,6 +504,9 @@ class DormantAbove(_OnFeatures):
             raise ValueError(f"DormantAbove: threshold is a share of units in [0, 1), got {threshold!r}")
         self.tau = float(tau)
 
+    def _options(self):
+        return {"tau": self.tau}
+
     def __repr__(self) -> str:
         return f"DormantAbove({self.threshold:g}, every={self.every}, tau={self.tau:g}, reduce={self.reduce!r})"
 
@@ -436,6 +537,9 @@ class SrankBelow(_OnFeatures):
         if not 0 < self.threshold <= 1:
             raise ValueError(f"SrankBelow: threshold is a fraction of the full rank in (0, 1], got {threshold!r}")
         self.delta = float(delta)
+
+    def _options(self):
+        return {"delta": self.delta}
 
     def __repr__(self) -> str:
         return f"SrankBelow({self.threshold:g}, every={self.every}, delta={self.delta:g}, reduce={self.reduce!r})"
@@ -480,13 +584,23 @@ class Schedule:
     def __init__(self, triggers: Sequence[Trigger]):
         self.triggers = list(triggers)
         self.history: list[Firing] = []
-        self.last_poll: int | None = None
+        self.last_poll: int | None = None  # the step of the last poll after an optimizer step
+        self.last_epoch: int | None = None  # the epoch of the last poll at an epoch's start
 
     def __repr__(self) -> str:
         return f"Schedule({', '.join(map(repr, self.triggers))})"
 
-    def poll(self, moment: Moment, agree: Callable[[dict | None], dict | None] | None = None) -> Firing | None:
+    def poll(self, moment: Moment, agree: Callable[[dict | None], dict | None] | None = None,
+             fire: Callable[[Firing], Any] | None = None) -> Firing | None:
         """Check every trigger at ``moment``; a :class:`Firing` with all their reasons when any fires.
+
+        ``fire``: what applying FIRE is (``lambda firing: fire_core.torch.apply(model, ...)``).
+        Given, it is called with the firing, and the poll is one step with it:
+        if ``fire`` (or a trigger's check) raises, the schedule is put back
+        exactly as it was before the poll (no boundary marked done, no check,
+        no cooldown, no history) and the error propagates, so a continued or
+        resumed run tries again. Without ``fire`` the firing is recorded when
+        it is returned, and applying it is the caller's business.
 
         ``agree``: in a run of several processes, a function that takes this
         process's decision (``Firing.to_dict()`` or None) and returns the one
@@ -497,15 +611,25 @@ class Schedule:
         """
         if moment.at not in UNITS:
             raise ValueError(f"Moment.at must be one of {UNITS}, got {moment.at!r}")
-        reasons = [r for r in (t.check(moment) for t in self.triggers) if r]
-        if moment.at == "step":
-            self.last_poll = moment.step
-        firing = Firing(moment.step, moment.epoch, reasons) if reasons else None
-        if agree is not None:
-            decision = agree(None if firing is None else firing.to_dict())
-            firing = None if decision is None else Firing(decision["step"], decision["epoch"], list(decision["reasons"]))
-        if firing is None:
-            return None
+        before = copy.deepcopy(self.state_dict())
+        try:
+            reasons = [r for r in (t.check(moment) for t in self.triggers) if r]
+            if moment.at == "step":
+                self.last_poll = moment.step
+            else:
+                self.last_epoch = moment.epoch
+            firing = Firing(moment.step, moment.epoch, reasons) if reasons else None
+            if agree is not None:
+                decision = agree(None if firing is None else firing.to_dict())
+                firing = None if decision is None else Firing(decision["step"], decision["epoch"],
+                                                              list(decision["reasons"]))
+            if firing is None:
+                return None
+            if fire is not None:
+                fire(firing)
+        except BaseException:
+            self._restore(before)
+            raise
         for t in self.triggers:
             t.fired(moment)
         self.history.append(firing)
@@ -516,28 +640,147 @@ class Schedule:
         """Whether every process reaches the same decision from the step alone (steps and Every only)."""
         return all(isinstance(t, (AtSteps, Every)) for t in self.triggers)
 
+    def spec(self) -> list[dict]:
+        """The schedule's identity: each trigger's :meth:`Trigger.spec`, in order (JSON-able, stable across processes)."""
+        return [t.spec() for t in self.triggers]
+
     def state_dict(self) -> dict:
-        """What the schedule has done, as a JSON-able dict: firings, last poll, each trigger's state."""
+        """What the schedule has done, as a JSON-able dict: firings, last polls, each trigger's identity and state."""
         return {
+            "format": 2,
             "triggers": [repr(t) for t in self.triggers],
+            "specs": self.spec(),
             "trigger_state": [t.state_dict() for t in self.triggers],
             "history": [f.to_dict() for f in self.history],
             "last_poll": self.last_poll,
+            "last_epoch": self.last_epoch,
         }
 
-    def load_state_dict(self, state: Mapping) -> None:
-        """Restore :meth:`state_dict`'s output; the triggers must be those it was saved with."""
-        saved = list(state.get("triggers", []))
-        if saved != [repr(t) for t in self.triggers]:
+    def load_state_dict(self, state: Mapping) -> list[str]:
+        """Restore :meth:`state_dict`'s output; returns what was carried over when the schedule changed.
+
+        The same schedule (same :meth:`spec`) resumes exactly. A changed one
+        is carried over trigger by trigger and boundary by boundary, or
+        refused with a ValueError naming both schedules, before anything
+        changes:
+
+        * a trigger that is in the saved schedule (same spec) keeps its progress;
+        * a new step list or ``Every``: each of its boundaries at or before
+          the saved position (the last poll in its unit) must have fired in
+          the saved run, and is then done; one that never fired is refused
+          (firing it late or skipping it would both be guesses);
+        * a new ``When`` starts checking after the saved position;
+        * a new measured trigger (``DfIAbove``, ``DormantAbove``,
+          ``SrankBelow``) is refused: its baseline, last check and cooldown
+          belong to the run it was started in;
+        * saved triggers the new schedule lacks are dropped, with the
+          boundaries they had left.
+
+        The returned lines say what was carried over and dropped (empty when
+        the schedule is the same); the integrations log them.
+        """
+        saved = _saved_schedule(state, [repr(t) for t in self.triggers])
+        ours = self.spec()
+        history = [Firing(f["step"], f.get("epoch"), list(f["reasons"])) for f in state.get("history", [])]
+        position = {"step": state.get("last_poll"), "epoch": state.get("last_epoch")}
+        if [s for s, _ in saved] == ours or "specs" not in state:
+            loads = [(t, st) for t, (_, st) in zip(self.triggers, saved)]
+            lines = []
+        else:
+            loads, lines = self._carry_over(saved, position, [repr(t) for t in self.triggers],
+                                            list(state.get("triggers", [])))
+        for t, st in loads:  # every check ran above: nothing from here on can fail half-way
+            if st is None:
+                t.adopt(position[t.unit])
+            else:
+                t.load_state_dict(st)
+        self.history = history
+        self.last_poll, self.last_epoch = position["step"], position["epoch"]
+        return lines
+
+    def _carry_over(self, saved, position, ours_shown, saved_shown):
+        """Which saved state each trigger takes (None: adopt the saved position), and the lines saying so."""
+        both = f"the saved schedule {saved_shown} and this one {ours_shown}"
+        unused = list(range(len(saved)))
+        loads, carried, adopted = [], [], []
+        for t in self.triggers:
+            match = next((k for k in unused if saved[k][0] == t.spec()), None)
+            if match is not None:
+                unused.remove(match)
+                loads.append((t, saved[match][1]))
+                carried.append(repr(t))
+                continue
+            until = position[t.unit]
+            if isinstance(t, (DfIAbove, _OnFeatures)):
+                raise ValueError(
+                    f"{both} differ in a measured trigger: {t!r} was not in the saved schedule, and its baseline, "
+                    "last check and cooldown cannot be made up for a run already under way; resume with the "
+                    "saved schedule's measured triggers, or start a new run"
+                )
+            if until is not None and isinstance(t, (AtSteps, Every)):
+                missed = [b for b in t.boundaries(until) if not _fired(saved, t.unit, b)]
+                if missed:
+                    shown = ", ".join(map(str, missed[:5])) + (f" and {len(missed) - 5} more" if len(missed) > 5 else "")
+                    raise ValueError(
+                        f"{both} differ: {t!r} has {t.unit} boundaries {shown} at or before the checkpoint's "
+                        f"{t.unit} {until}, where the saved run never fired; firing them late or skipping them "
+                        "would both be guesses. Drop them from the schedule, or resume from a checkpoint "
+                        "taken before them"
+                    )
+            loads.append((t, None if until is not None else {}))
+            adopted.append(repr(t))
+        lines = [f"resumed {both}"]
+        if carried:
+            lines.append(f"progress carried over unchanged: {', '.join(carried)}")
+        if adopted:
+            lines.append(f"new, started from the saved position (passed boundaries had fired): {', '.join(adopted)}")
+        if unused:
+            lines.append(f"dropped, with any boundaries still ahead: {', '.join(saved_shown[k] for k in unused)}")
+        return loads, lines
+
+    def _restore(self, state: Mapping) -> None:
+        """Put back a :meth:`state_dict` of this very schedule (after a failed poll)."""
+        for t, st in zip(self.triggers, state["trigger_state"]):
+            t.load_state_dict(st)
+        self.history = [Firing(f["step"], f.get("epoch"), list(f["reasons"])) for f in state["history"]]
+        self.last_poll, self.last_epoch = state["last_poll"], state["last_epoch"]
+
+
+def _saved_schedule(state: Mapping, ours: list[str]) -> list[tuple[dict, dict]]:
+    """``(spec, trigger state)`` pairs of a saved schedule.
+
+    A state saved before triggers had specs is read by its reprs (``ours``:
+    this schedule's) and must be this same schedule.
+    """
+    states = list(state.get("trigger_state", []))
+    if "specs" in state:
+        specs = list(state["specs"])
+    else:
+        reprs = list(state.get("triggers", []))
+        if reprs != ours:
             raise ValueError(
-                f"the saved schedule {saved} is not this one {[repr(t) for t in self.triggers]}: resuming with "
-                "another schedule would fire again at boundaries already passed, or miss some; pass the "
-                "schedule the run was started with"
+                f"the saved schedule {reprs} (saved by an older fire_core, which cannot carry progress over to "
+                f"another schedule) is not this one {ours}: pass the schedule the run was started with"
             )
-        for t, s in zip(self.triggers, state.get("trigger_state", [])):
-            t.load_state_dict(s)
-        self.history = [Firing(f["step"], f.get("epoch"), list(f["reasons"])) for f in state.get("history", [])]
-        self.last_poll = state.get("last_poll")
+        specs = [{"type": "repr", "repr": r} for r in reprs]
+    if len(states) != len(specs):
+        raise ValueError(f"a saved schedule holds {len(specs)} triggers and {len(states)} trigger states: not a "
+                         "Schedule.state_dict()")
+    return list(zip(specs, states))
+
+
+def _fired(saved, unit: str, boundary: int) -> bool:
+    """Whether the saved schedule fired at ``boundary`` (a step list's or an ``Every``'s, in ``unit``)."""
+    for spec, state in saved:
+        if spec.get("unit") != unit:
+            continue
+        if spec["type"] == "AtSteps" and boundary in state.get("done", []):
+            return True
+        if spec["type"] == "Every":
+            k, rest = divmod(boundary - spec["start"], spec["n"])
+            if rest == 0 and 1 <= k <= state.get("last", 0):
+                return True
+    return False
 
 
 def as_schedule(spec) -> Schedule:
@@ -628,27 +871,29 @@ def traced_poll(schedule: Schedule, state: dict, step, measure: Callable[[], Any
             idx = jnp.where(step >= t.start + t.n, (step - t.start) // t.n, 0)
             fire = idx > s
             new[f"t{k}"] = jnp.maximum(s, idx)
-        elif isinstance(t, When):
-            fire = jnp.logical_and(step % t.every == 0, jnp.asarray(t.fn(step), bool))
+        elif isinstance(t, When):  # as the host's: at multiples of every (optax polls each count), never at 0
+            due = jnp.logical_and(step >= t.every, step % t.every == 0)
+            fire = jnp.logical_and(due, jnp.asarray(t.fn(step), bool))
             new[f"t{k}"] = s + fire.astype(jnp.int32)
-        else:  # DfIAbove
+        else:  # DfIAbove: measured at count 0 (the initial network, never a firing) and at multiples of every
             due = jnp.logical_and(step > 0, step % t.every == 0)
             due = jnp.logical_and(due, step - s["last_fired"] >= max(t.cooldown, 1))
+            measured = jnp.logical_or(due, step == 0)
             shape = jax.eval_shape(measure).shape
             per_layer = jax.lax.cond(
-                due, lambda: jnp.asarray(measure(), jnp.float32), lambda: jnp.zeros(shape, jnp.float32)
+                measured, lambda: jnp.asarray(measure(), jnp.float32), lambda: jnp.zeros(shape, jnp.float32)
             )
             value = jnp.max(per_layer) if t.reduce == "max" else jnp.mean(per_layer)
             if t.relative:
                 first = s["baseline"] < 0
                 limit = jnp.where(first, jnp.inf, t.threshold * s["baseline"])
                 fire = jnp.logical_and(due, value > limit)
-                baseline = jnp.where(jnp.logical_and(due, first), value, s["baseline"])
+                baseline = jnp.where(jnp.logical_and(measured, first), value, s["baseline"])
             else:
                 fire = jnp.logical_and(due, value > t.threshold)
                 baseline = s["baseline"]
             new[f"t{k}"] = {"baseline": baseline, "last_fired": s["last_fired"],
-                            "last_value": jnp.where(due, value, s["last_value"])}
+                            "last_value": jnp.where(measured, value, s["last_value"])}
         verdicts.append(fire)
     fired = jnp.stack(verdicts) if verdicts else jnp.zeros(0, bool)
     fire = jnp.any(fired)

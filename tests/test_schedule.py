@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -165,10 +166,181 @@ def test_history_survives_a_resume():
     assert [f.to_dict() for f in second.history] == [{"step": 3, "epoch": None, "reasons": ["scheduled at step 3"]}]
 
 
-def test_loading_another_schedules_progress_is_an_error():
-    first = as_schedule([100])
-    with pytest.raises(ValueError, match="not this one"):
-        as_schedule([200]).load_state_dict(first.state_dict())
+def _saved_after(spec, polls) -> dict:
+    first = as_schedule(spec)
+    _fired_steps(first, polls)
+    return json.loads(json.dumps(first.state_dict()))
+
+
+def test_an_extended_step_list_carries_over_what_fired_and_fires_only_the_new_boundary():
+    saved = _saved_after([6], range(1, 9))  # fired at 6, checkpoint at step 8
+    second = as_schedule([6, 14])
+    lines = second.load_state_dict(saved)
+    assert _fired_steps(second, range(9, 20)) == [14]  # 6 is not fired again at 9
+    assert [f.step for f in second.history] == [6, 14]
+    assert "AtSteps([6])" in lines[0] and "AtSteps([6, 14])" in lines[0]
+
+
+def test_a_changed_schedule_with_a_passed_boundary_that_never_fired_is_refused_naming_both():
+    saved = _saved_after([6], range(1, 9))
+    second = as_schedule([4, 6, 14])
+    before = second.state_dict()
+    with pytest.raises(ValueError, match=r"AtSteps\(\[6\]\).*AtSteps\(\[4, 6, 14\]\).*boundaries 4 at or before"):
+        second.load_state_dict(saved)
+    assert second.state_dict() == before  # refused before anything changed
+
+
+def test_a_changed_every_carries_over_when_its_passed_multiples_fired_and_is_refused_otherwise():
+    saved = _saved_after(Every(10), range(1, 24))  # fired at 10, 20
+    coarser = as_schedule(Every(20))
+    coarser.load_state_dict(saved)
+    assert _fired_steps(coarser, range(24, 61)) == [40, 60]
+    with pytest.raises(ValueError, match="boundaries 5, 15"):
+        as_schedule(Every(5)).load_state_dict(saved)
+    assert _fired_steps(_loaded([10, 20, 30], saved), range(24, 40)) == [30]  # a list over Every's boundaries
+
+
+def _loaded(spec, saved):
+    s = as_schedule(spec)
+    s.load_state_dict(saved)
+    return s
+
+
+def test_a_dropped_trigger_is_said_and_a_new_when_starts_after_the_saved_position():
+    saved = _saved_after([6, 20], range(1, 9))
+    resumed = as_schedule([6, When(lambda m: m.step % 5 == 0, name="fives")])
+    lines = resumed.load_state_dict(saved)
+    assert any("dropped" in line and "AtSteps([6, 20])" in line for line in lines)
+    assert _fired_steps(resumed, range(9, 21)) == [10, 15, 20]
+
+
+def test_a_new_measured_trigger_is_refused_and_the_same_one_keeps_its_baseline():
+    weights = [("w", np.eye(3) * 1.5, "oi")]
+    first = as_schedule([DfIAbove(2.0, every=5, relative=True), 100])
+    for step in (0, 5, 10):
+        first.poll(Moment(step=step, weights=lambda: weights))
+    saved = json.loads(json.dumps(first.state_dict()))
+    with pytest.raises(ValueError, match="measured trigger"):
+        as_schedule([DfIAbove(3.0, every=5, relative=True), 100]).load_state_dict(saved)
+    again = as_schedule([Every(20), DfIAbove(2.0, every=5, relative=True)])  # the same DfIAbove beside a new Every
+    again.load_state_dict(saved)
+    assert again.triggers[1].baseline == first.triggers[1].baseline and again.triggers[1].last_check == 10
+
+
+_NEW_PROCESS = """
+import functools, json, sys
+from fire_core.schedule import When, DfIAbove, as_schedule, Moment
+
+class TaskSwitch:
+    def __call__(self, moment):
+        return moment.step in (3, 7)
+
+def changed(moment, at):
+    return moment.step == at
+
+schedule = as_schedule([When(TaskSwitch()), When(functools.partial(changed, at=5)), DfIAbove(2.0, every=4)])
+if sys.argv[1] == "save":
+    for step in range(1, 5):
+        schedule.poll(Moment(step=step, weights=lambda: [("w", [[1.0, 0.0], [0.0, 1.0]], "oi")]))
+    print(json.dumps(schedule.state_dict()))
+else:
+    schedule.load_state_dict(json.loads(sys.stdin.read()))
+    fired = [k for k in range(5, 9) if schedule.poll(Moment(step=k, weights=lambda: [("w", [[1.0, 0.0], [0.0, 1.0]], "oi")]))]
+    print(json.dumps([f.step for f in schedule.history]))
+"""
+
+
+def test_callable_triggers_resume_in_a_new_process(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(_NEW_PROCESS)
+    saved = subprocess.run([sys.executable, str(script), "save"], capture_output=True, text=True, check=True).stdout
+    assert "0x" not in saved  # no memory address in the identity
+    out = subprocess.run([sys.executable, str(script), "load"], input=saved, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == [3, 5, 7]
+
+
+def test_when_is_named_by_its_callable_and_partials_and_objects_have_no_address():
+    import functools
+
+    class Switch:
+        def __call__(self, moment):
+            return False
+
+    assert When(Switch()).spec()["name"].endswith("Switch")
+    assert When(functools.partial(max, 1)).spec()["name"] == "partial(builtins.max)"
+    assert "0x" not in repr(When(Switch())) and When(Switch(), name="task").spec()["name"] == "task"
+
+
+def test_a_state_saved_before_specs_loads_into_the_same_schedule_and_refuses_another():
+    old = {"triggers": ["AtSteps([6])"], "trigger_state": [{"done": [6]}], "history": [], "last_poll": 8}
+    same = as_schedule([6])
+    same.load_state_dict(old)
+    assert _fired_steps(same, range(9, 12)) == []
+    with pytest.raises(ValueError, match="older fire_core"):
+        as_schedule([6, 14]).load_state_dict(old)
+
+
+# --- a failed firing leaves the schedule as it was -----------------------------------------------------
+
+
+def test_a_firing_that_raises_is_not_recorded_and_the_boundary_fires_at_the_next_poll():
+    s = as_schedule([5, DfIAbove(0.5, every=5)])
+    weights = lambda: [("w", np.eye(2) * 3.0, "oi")]  # noqa: E731
+    for step in range(1, 5):
+        s.poll(Moment(step=step, weights=weights))
+    before = json.loads(json.dumps(s.state_dict()))
+
+    def failing(firing):
+        raise RuntimeError("a NaN weight")
+
+    with pytest.raises(RuntimeError, match="a NaN weight"):
+        s.poll(Moment(step=5, weights=weights), fire=failing)
+    assert s.state_dict() == before  # no boundary done, no check, no cooldown, no history
+    applied = []
+    assert s.poll(Moment(step=6, weights=weights), fire=applied.append) is not None
+    assert [f.step for f in applied] == [6] and [f.step for f in s.history] == [6]
+
+
+def test_a_check_that_raises_leaves_the_schedule_as_it_was():
+    s = as_schedule([3, DfIAbove(0.5, every=3)])
+    before = s.state_dict()
+    with pytest.raises(ValueError, match="needs the model's weights"):
+        s.poll(Moment(step=3))
+    assert s.state_dict() == before
+
+
+# --- measured triggers: cadence and baseline -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [lambda: DfIAbove(100.0, every=10), lambda: When(lambda m: False, every=10)],
+                         ids=["dfi", "when"])
+def test_periodic_triggers_check_at_the_first_poll_at_or_past_each_multiple(make):
+    trigger = make()
+    checked = []
+    weights = lambda: [("w", np.eye(2), "oi")]  # noqa: E731
+    s = as_schedule(trigger)
+    for step in range(7, 141, 7):  # a loop polling every 7 steps
+        before = trigger.state_dict()
+        s.poll(Moment(step=step, weights=weights))
+        if trigger.state_dict() != before:
+            checked.append(step)
+    crossed = [b for a, b in zip(range(0, 141, 7), range(7, 141, 7)) if b // 10 > a // 10]
+    assert checked == crossed and len(checked) == 14
+
+
+def test_a_poll_at_step_zero_measures_the_initial_network_as_the_baseline_and_never_fires():
+    scale = {"c": 3.0}
+    weights = lambda: [("w", np.eye(2) * scale["c"], "oi")]  # noqa: E731
+    trigger = DfIAbove(2.0, every=5, relative=True)
+    s = as_schedule(trigger)
+    assert s.poll(Moment(step=0, weights=weights)) is None  # far from the target, but before training
+    assert trigger.baseline == pytest.approx(64.0) and trigger.last_check == 0
+    assert s.poll(Moment(step=0, weights=weights)) is None and trigger.last_check == 0  # once
+    scale["c"] = 4.0  # (16 - 1)^2 = 225 > 2 x 64
+    assert [k for k in range(1, 6) if s.poll(Moment(step=k, weights=weights))] == [5]
 
 
 # --- target_dfi: the per-layer DfI relative to FIRE's target -------------------------------------------
@@ -291,16 +463,24 @@ def test_activation_trigger_without_a_probe_is_an_error_naming_the_option():
 # --- the traced form (optax, under jit) ----------------------------------------------------------------
 
 
-def test_traced_poll_fires_where_the_python_schedule_does():
+@pytest.mark.parametrize("measured", [DfIAbove(3.0, every=3, reduce="max"), DfIAbove(40.0, every=3, relative=True),
+                                      When(lambda m: m.step % 9 == 0, every=3)], ids=["dfi", "relative", "when"])
+def test_traced_poll_fires_where_the_python_schedule_does(measured):
     jax = pytest.importorskip("jax")
     jnp = jax.numpy
 
     def spec():
-        return [7, 12, Every(5), Every(11), DfIAbove(3.0, every=3, reduce="max")]
+        m = copy.deepcopy(measured)
+        if isinstance(m, When):  # traced, the callable gets the count itself
+            m.fn = (lambda k: k % 9 == 0) if traced_form["on"] else (lambda moment: moment.step % 9 == 0)
+        return [7, 12, Every(5), Every(11), m]
 
-    weights = [np.eye(3) * (1 + 0.05 * k) for k in range(40)]  # DfI/n = ((1 + 0.05 k)^2 - 1)^2 grows with k
+    weights = [np.eye(3) * (1.1 + 0.05 * k) for k in range(40)]  # DfI/n = ((1.1 + 0.05 k)^2 - 1)^2 grows with k
+    traced_form = {"on": False}
     python = as_schedule(spec())
-    expected = [k for k in range(40) if k and python.poll(Moment(step=k, weights=lambda k=k: [("w", weights[k], "oi")]))]
+    # polled from count 0 as optax is: the initial network is the relative trigger's baseline
+    expected = [k for k in range(40) if python.poll(Moment(step=k, weights=lambda k=k: [("w", weights[k], "oi")]))]
+    traced_form["on"] = True
 
     traced = as_schedule(spec())
     poll = jax.jit(lambda state, k, w: traced_poll(traced, state, k, lambda: target_dfi(w, "oi")))
