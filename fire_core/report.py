@@ -62,6 +62,8 @@ class Report:
     applied: bool = True
     drift: float | None = None
     skipped: list[dict] = field(default_factory=list)
+    measured: bool = True  # False for report=False: weights written, no row measured
+    projected: int | None = None  # weights written (or, in a dry run, that would be); None: one per row
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -87,6 +89,22 @@ class Report:
         if aliases:
             entry["aliases"] = list(aliases)
         self.skipped.append(entry)
+
+    def metrics(self, prefix: str = "fire/") -> dict[str, float]:
+        """The numbers a training integration logs at a firing, one convention for all of them.
+
+        ``weights`` (projected) and ``skipped`` always; ``sfe``,
+        ``dfi_before`` and ``dfi_after`` (totals over the rows) only when the
+        call measured them (not with ``report=False``, where they would read
+        0 while the weights moved); ``drift`` when a probe was given.
+        """
+        out = {"weights": float(len(self.rows) if self.projected is None else self.projected),
+               "skipped": float(len(self.skipped))}
+        if self.measured:
+            out.update({key: self.total(key) for key in ("sfe", "dfi_before", "dfi_after")})
+        if self.drift is not None:
+            out["drift"] = float(self.drift)
+        return {prefix + key: value for key, value in out.items()}
 
     def total(self, key: str) -> float:
         """Sum of a numeric column over all rows."""

@@ -227,7 +227,7 @@ def apply(
         notes.append(f"report=False: {len(targets)} weights projected, nothing measured")
     result = Report(
         method=method, steps=int(steps), scale=scale, rows=rows, notes=notes, applied=not dry_run, drift=drift,
-        skipped=skipped,
+        skipped=skipped, measured=bool(report), projected=len(targets),
     )
     if not dry_run:
         written = _written(targets)
