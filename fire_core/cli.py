@@ -50,8 +50,12 @@ Which tensors are targets, and in which layout, follows
 ``auto`` picks ``flax`` when the names have ``kernel`` leaves and no torch
 weights). Every tensor of two or more axes that is not projected is listed
 under the report with the reason. Errors are one line on stderr with exit
-status 1; a bad option value (``--steps -3``) exits 2 with the usage line,
-as argparse does. Set ``FIRE_CORE_DEBUG=1`` for the traceback.
+status 1. Options are checked before any work: a bad value (``--steps -3``,
+``check --size 0``), an output or plot path that cannot be written (its
+folder missing or not writable, an existing file without ``--force``, the
+input itself, a directory) or options that do not go together (``check
+--size`` without ``--bench``) exit 2 at once with the subcommand's usage
+line, as argparse does. Set ``FIRE_CORE_DEBUG=1`` for the traceback.
 """
 
 from __future__ import annotations
@@ -492,22 +496,70 @@ def _atomic_write(out: str, write: Callable[[str], None]) -> None:
         raise
 
 
-def _check_output(src: str, out: str, fmt: str, force: bool, what: str = "output") -> None:
+def _check_extension(out: str, fmt: str) -> None:
+    """The output is named for the input's format (known only once the input is read: a CliError, status 1)."""
+    ext = os.path.splitext(out)[1].lower()
+    if FORMATS.get(ext) != fmt:
+        exts = " or ".join(e for e, f in FORMATS.items() if f == fmt)
+        raise CliError(f"{out}: the output is written in the input's format; give it the extension {exts}")
+
+
+def _writable(directory: str) -> str | None:
+    """None when a file can be created in ``directory``; else why not (tried, so root and read-only mounts tell)."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        return e.strerror or _one_line(e)
+    return None
+
+
+def _output_problem(out: str, force: bool, src: str | None = None) -> str | None:
+    """What is wrong with writing ``out``, found from the command line and the file system alone; None if nothing."""
     if os.path.isdir(out):
-        raise CliError(f"{out}: the {what} is a directory")
+        return "is a directory"
     if os.path.exists(out):
-        if os.path.samefile(src, out):
-            raise CliError(f"{out}: the {what} is the input file; fire-core never modifies its input")
+        if src is not None and os.path.exists(src) and os.path.samefile(src, out):
+            return "is the input file; fire-core never modifies its input"
         if not force:
-            raise CliError(f"{out}: exists; pass --force to overwrite it")
+            return "exists; pass --force to overwrite it"
     directory = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(directory):
-        raise CliError(f"{out}: directory {directory} does not exist")
-    if fmt is not None:
-        ext = os.path.splitext(out)[1].lower()
-        if FORMATS.get(ext) != fmt:
-            exts = " or ".join(e for e, f in FORMATS.items() if f == fmt)
-            raise CliError(f"{out}: the {what} is written in the input's format; give it the extension {exts}")
+        return f"directory {directory} does not exist"
+    why = _writable(directory)
+    if why is not None:
+        return f"cannot write in directory {directory}: {why}"
+    return None
+
+
+def _check_options(args, error: Callable[[str], None]) -> None:
+    """Every option value and combination, checked before any work: ``error`` (argparse's, exit status 2) if bad.
+
+    What needs the input's content (the output's extension against the input's format) is checked once the
+    input is read, before any projection.
+    """
+    outputs = []  # (option, path)
+    if args.command == "project":
+        outputs.append(("-o/--output", args.output))
+        if args.plot is not None:
+            if not args.plot.lower().endswith(".png"):
+                error(f"--plot {args.plot}: the plot is written as PNG; name it *.png")
+            if os.path.abspath(args.plot) == os.path.abspath(args.output):
+                error(f"--plot and -o/--output name the same file ({args.plot})")
+            outputs.append(("--plot", args.plot))
+    elif args.command == "check":
+        if args.size is not None and args.size < 1:
+            error(f"--size must be a positive integer, got {args.size}")
+        if args.size is not None and not args.bench:
+            error("--size sets the matrix size of --bench; pass --bench too")
+        if args.force and args.output is None:
+            error("--force overwrites the --output file; pass --output too")
+        if args.output is not None:
+            outputs.append(("--output", args.output))
+    for option, path in outputs:
+        problem = _output_problem(path, args.force, getattr(args, "file", None))
+        if problem is not None:
+            error(f"{option} {path}: {problem}")
 
 
 # --------------------------------------------------------------------------- selection
@@ -659,11 +711,8 @@ def _cmd_inspect(args) -> int:
 
 def _cmd_project(args) -> int:
     content = _check_input(args.file)
-    _check_output(args.file, args.output, content.format, args.force)
+    _check_extension(args.output, content.format)
     if args.plot:
-        _check_output(args.file, args.plot, None, args.force, what="plot")
-        if not args.plot.lower().endswith(".png"):
-            raise CliError(f"{args.plot}: the plot is written as PNG; name it *.png")
         pyplot = _pyplot()
     ckpt = _load(args.file, content)
     selection, convention = _select(ckpt, args)
@@ -743,13 +792,11 @@ def _plot(pyplot, path: str, layers: list) -> None:
 def _cmd_check(args) -> int:
     from . import testing
 
-    if args.output and os.path.exists(args.output) and not args.force:
-        raise CliError(f"{args.output} exists; pass --force to overwrite it")
     result = testing.check()
     print(result)
     sections = ["## Agreement", "", "```text", str(result), "```"]
     if args.bench:
-        sizes = {name: args.size for name in testing.BACKENDS} if args.size else None
+        sizes = {name: args.size for name in testing.BACKENDS} if args.size is not None else None
         table = testing.bench_table(testing.bench(sizes))
         print()
         print(table)
@@ -762,7 +809,10 @@ def _cmd_check(args) -> int:
             with open(tmp, "w") as f:
                 f.write(text)
 
-        _atomic_write(args.output, write)
+        try:
+            _atomic_write(args.output, write)
+        except OSError as e:
+            raise CliError(f"{args.output}: cannot write: {e.strerror or _one_line(e)}") from None
     return 0 if result.ok else 1
 
 
@@ -780,7 +830,8 @@ def _cmd_demo(argv: list[str]) -> int:
 # --------------------------------------------------------------------------- argument parsing
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The parser, and each subcommand's own (whose ``error`` prints its usage line and exits 2)."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="FIRE (Frobenius-Isometry REinitialization) on checkpoint files "
@@ -802,9 +853,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="project a fused weight as N equal blocks along its output axis, or as blocks of the "
                             "given sizes: '*.c_attn=3', '*.qkv_proj=3072,1024,1024' (repeatable)")
 
-    p = sub.add_parser("inspect", help="show each FIRE target's distance from isometry; writes nothing")
+    subs = {}
+    p = subs["inspect"] = sub.add_parser("inspect", help="show each FIRE target's distance from isometry; writes nothing")
     selection(p)
-    p = sub.add_parser("project", help="write the FIRE-projected checkpoint")
+    p = subs["project"] = sub.add_parser("project", help="write the FIRE-projected checkpoint")
     selection(p)
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file, same format as the input")
     p.add_argument("--steps", type=_parse_steps, default=5, help="Newton-Schulz steps (default 5, the reference's)")
@@ -813,13 +865,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="fire (default), variance, norm, none or a number")
     p.add_argument("--force", action="store_true", help="overwrite OUT (and the plot) if it exists")
     p.add_argument("--plot", metavar="FILE.png", help="also plot singular values before/after per layer")
-    p = sub.add_parser("check", help="check that every backend and device here agrees with NumPy float64")
+    p = subs["check"] = sub.add_parser("check", help="check that every backend and device here agrees with NumPy float64")
     p.add_argument("--bench", action="store_true", help="also time project against a matmul floor and SVD polar")
-    p.add_argument("--size", type=int, metavar="N", help="matrix size for --bench (default 1024 on CPUs, 4096 on GPUs)")
+    p.add_argument("--size", type=int, metavar="N",
+                   help="matrix size for --bench, N >= 1 (default 1024 on CPUs, 4096 on GPUs)")
     p.add_argument("--output", metavar="FILE.md", help="also write the tables, devices, versions and TF32 setting")
     p.add_argument("--force", action="store_true", help="overwrite FILE.md if it exists")
     sub.add_parser("demo", help="run the built-in demonstration (fire-core demo --help)", add_help=False)
-    return parser
+    return parser, subs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -827,7 +880,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["demo"]:
             return _cmd_demo(argv[1:])
-        args = _parser().parse_args(argv)
+        parser, subs = _parser()
+        args = parser.parse_args(argv)
+        _check_options(args, subs[args.command].error)  # before any work: a bad option exits 2 at once
         return {"inspect": _cmd_inspect, "project": _cmd_project, "check": _cmd_check}[args.command](args)
     except CliError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -388,7 +388,7 @@ def test_existing_output_is_refused_without_force(small):
     out = small.with_name("o.npz")
     out.write_bytes(b"keep me")
     res = run("project", small, "-o", out)
-    assert res.returncode == 1 and "exists; pass --force" in res.stderr
+    assert res.returncode == 2 and "exists; pass --force" in res.stderr
     assert out.read_bytes() == b"keep me"
 
 
@@ -406,7 +406,7 @@ def test_force_overwrites_the_output(small):
 def test_output_equal_to_input_is_refused_even_with_force(small):
     before = digest(small)
     res = run("project", small, "-o", small, "--force")
-    assert res.returncode == 1 and "never modifies its input" in res.stderr
+    assert res.returncode == 2 and "never modifies its input" in res.stderr
     assert digest(small) == before
 
 
@@ -566,9 +566,6 @@ def _bad(tmp_path, case):
     if case == "output-extension":
         p = _valid_safetensors(t / "m.safetensors")
         return ["project", p, "-o", out], None, None
-    if case == "output-directory-missing":
-        p = _valid_safetensors(t / "m.safetensors")
-        return ["project", p, "-o", t / "no" / "where.safetensors"], None, None
     raise AssertionError(case)
 
 
@@ -595,7 +592,6 @@ BAD_INPUTS = {
     "bfloat16-without-torch": "holds bfloat16/float8 tensors, which NumPy cannot hold; install torch",
     "bad-layout-option": "fc.weight: layouts pattern 'fc' gives 'xyz'",
     "output-extension": "give it the extension .safetensors",
-    "output-directory-missing": "does not exist",
 }
 TORCH_CASES = {"empty-pt", "garbage-pt", "truncated-pt", "pt-not-a-dict", "malicious-torch-zip",
                "malicious-pickle", "bfloat16-without-torch"}
@@ -1172,3 +1168,148 @@ def test_recurrent_weights_equal_torch_apply(rnn_run):
     got = torch.load(rnn_run["out"], weights_only=True)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=1e-12, msg=name)
+
+
+# --------------------------------------------------------------------------- options checked before any work
+# A bad option value, path or combination exits 2 at once with the subcommand's usage line and one message of
+# ours; "at once" is checked by the work itself failing the test if it is reached, not by timing.
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Make every piece of work the commands do fail the test if it is called."""
+    from fire_core import testing
+
+    def reached(*a, **k):
+        raise AssertionError("work started before the options were checked")
+
+    for name in ("check", "bench"):
+        monkeypatch.setattr(testing, name, reached)
+    for name in ("_load", "_check_input", "reinit_many"):
+        monkeypatch.setattr(cli, name, reached)
+
+
+def usage_error(capsys, argv, command):
+    """``cli.main(argv)`` must exit 2 with ``command``'s usage line; returns its message (after 'error: ')."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main([str(a) for a in argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: fire-core {command}"), err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"fire-core {command}: error: "), err
+    return last[len(f"fire-core {command}: error: "):]
+
+
+@pytest.mark.parametrize("size", ["0", "-4"])
+def test_check_size_must_be_positive(no_work, capsys, size):
+    assert usage_error(capsys, ["check", "--bench", "--size", size], "check") == (
+        f"--size must be a positive integer, got {size}"
+    )
+
+
+def test_check_size_needs_bench(no_work, capsys):
+    assert "pass --bench too" in usage_error(capsys, ["check", "--size", "64"], "check")
+
+
+def test_check_force_needs_output(no_work, capsys):
+    assert "pass --output too" in usage_error(capsys, ["check", "--force"], "check")
+
+
+def read_only_directory(path, monkeypatch):
+    """``path`` made a directory no file can be created in (for root too: creating one there is refused)."""
+    path.mkdir()
+    real = cli.tempfile.TemporaryFile
+
+    def refuse(*a, dir=None, **k):
+        if dir is not None and os.path.abspath(dir) == str(path):
+            raise PermissionError(13, "Permission denied")
+        return real(*a, dir=dir, **k)
+
+    monkeypatch.setattr(cli.tempfile, "TemporaryFile", refuse)
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing-folder", "read-only-folder", "a-directory", "exists"])
+def test_check_output_path_is_checked_first(no_work, capsys, monkeypatch, tmp_path, case):
+    out = {"missing-folder": tmp_path / "no" / "check.md", "read-only-folder": tmp_path / "ro" / "check.md",
+           "a-directory": tmp_path, "exists": tmp_path / "check.md"}[case]
+    if case == "read-only-folder":
+        read_only_directory(tmp_path / "ro", monkeypatch)
+    if case == "exists":
+        out.write_text("keep me")
+    message = usage_error(capsys, ["check", "--output", out], "check")
+    want = {"missing-folder": f"directory {tmp_path / 'no'} does not exist",
+            "read-only-folder": f"cannot write in directory {tmp_path / 'ro'}: Permission denied",
+            "a-directory": "is a directory", "exists": "exists; pass --force to overwrite it"}[case]
+    assert message == f"--output {out}: {want}"
+    if case == "exists":
+        assert out.read_text() == "keep me"
+
+
+def test_check_output_in_a_read_only_folder_is_refused_by_the_file_system(no_work, capsys, tmp_path):
+    """Without the stand-in above: a directory the process really cannot write in (not as root)."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        pytest.skip("root writes in any directory")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert "cannot write in directory" in usage_error(capsys, ["check", "--output", ro / "c.md"], "check")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_check_valid_options_reach_the_work(monkeypatch, tmp_path, capsys):
+    """The checks above refuse nothing valid: --bench --size 64 --output (existing, with --force) runs."""
+    from fire_core import testing
+
+    seen = {}
+    monkeypatch.setattr(testing, "check", lambda: type("R", (), {"ok": True, "__str__": lambda self: "agree"})())
+    monkeypatch.setattr(testing, "bench", lambda sizes: seen.setdefault("sizes", sizes) and [])
+    monkeypatch.setattr(testing, "bench_table", lambda rows: "table")
+    out = tmp_path / "c.md"
+    out.write_text("old")
+    assert cli.main(["check", "--bench", "--size", "64", "--output", str(out), "--force"]) == 0
+    assert set(seen["sizes"].values()) == {64}
+    assert "## Speed" in out.read_text()
+
+
+@pytest.mark.parametrize("case", ["missing-folder", "read-only-folder", "a-directory", "exists", "is-the-input"])
+def test_project_output_path_is_checked_before_reading_the_input(no_work, capsys, monkeypatch, small, case):
+    t = small.parent
+    out = {"missing-folder": t / "no" / "o.npz", "read-only-folder": t / "ro" / "o.npz", "a-directory": t,
+           "exists": t / "o.npz", "is-the-input": small}[case]
+    if case == "read-only-folder":
+        read_only_directory(t / "ro", monkeypatch)
+    if case == "exists":
+        out.write_bytes(b"keep me")
+    message = usage_error(capsys, ["project", small, "-o", out, "--force" if case == "is-the-input" else "--steps=5"],
+                          "project")
+    want = {"missing-folder": f"directory {t / 'no'} does not exist",
+            "read-only-folder": f"cannot write in directory {t / 'ro'}: Permission denied",
+            "a-directory": "is a directory", "exists": "exists; pass --force to overwrite it",
+            "is-the-input": "is the input file; fire-core never modifies its input"}[case]
+    assert message == f"-o/--output {out}: {want}"
+
+
+@pytest.mark.parametrize("case", ["missing-folder", "read-only-folder", "not-png", "same-as-output", "exists"])
+def test_project_plot_path_is_checked_before_reading_the_input(no_work, capsys, monkeypatch, small, case):
+    t = small.parent
+    out = t / "o.npz"
+    plot = {"missing-folder": t / "no" / "p.png", "read-only-folder": t / "ro" / "p.png", "not-png": t / "p.pdf",
+            "same-as-output": t / "p.png", "exists": t / "p.png"}[case]
+    if case == "same-as-output":
+        out = plot
+    if case == "read-only-folder":
+        read_only_directory(t / "ro", monkeypatch)
+    if case == "exists":
+        plot.write_bytes(b"keep me")
+    message = usage_error(capsys, ["project", small, "-o", out, "--plot", plot], "project")
+    want = {"missing-folder": f"--plot {plot}: directory {t / 'no'} does not exist",
+            "read-only-folder": f"--plot {plot}: cannot write in directory {t / 'ro'}: Permission denied",
+            "not-png": f"--plot {plot}: the plot is written as PNG; name it *.png",
+            "same-as-output": f"--plot and -o/--output name the same file ({plot})",
+            "exists": f"--plot {plot}: exists; pass --force to overwrite it"}[case]
+    assert message == want
+    assert not out.exists()

@@ -229,8 +229,9 @@ def test_check_command_writes_markdown_with_versions_and_tf32(monkeypatch, tmp_p
     text = out.read_text()
     assert text.startswith("# fire-core check")
     assert f"torch {torch.__version__}" in text and "TF32: torch allow_tf32=" in text and "## Agreement" in text
-    assert cli.main(["check", "--output", str(out)]) == 1  # exists: refused without --force
-    assert "--force" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # exists: refused without --force, a usage error
+        cli.main(["check", "--output", str(out)])
+    assert exc.value.code == 2 and "--force" in capsys.readouterr().err
 
 
 def test_bench_times_project_against_the_matmul_floor_and_svd():
