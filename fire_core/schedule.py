@@ -100,14 +100,27 @@ class Moment:
 
 @dataclass
 class Firing:
-    """A decision to apply FIRE: where, and why (one reason per trigger that fired)."""
+    """A decision to apply FIRE: where, and why (one reason per trigger that fired).
+
+    ``info``: what the firing did, filled in by the integration that applied
+    it (the report's :meth:`~fire_core.report.Report.metrics`, targets
+    synced, ...); JSON-able, saved with the history.
+    """
 
     step: int
     epoch: int | None
     reasons: list[str]
+    info: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "reasons": list(self.reasons)}
+        out = {"step": self.step, "epoch": self.epoch, "reasons": list(self.reasons)}
+        if self.info:
+            out["info"] = dict(self.info)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Firing":
+        return cls(d["step"], d.get("epoch"), list(d["reasons"]), dict(d.get("info", {})))
 
     def __str__(self) -> str:
         where = f"step {self.step}" + ("" if self.epoch is None else f", epoch {self.epoch}")
@@ -621,8 +634,7 @@ class Schedule:
             firing = Firing(moment.step, moment.epoch, reasons) if reasons else None
             if agree is not None:
                 decision = agree(None if firing is None else firing.to_dict())
-                firing = None if decision is None else Firing(decision["step"], decision["epoch"],
-                                                              list(decision["reasons"]))
+                firing = None if decision is None else Firing.from_dict(decision)
             if firing is None:
                 return None
             if fire is not None:
@@ -681,7 +693,7 @@ class Schedule:
         """
         saved = _saved_schedule(state, [repr(t) for t in self.triggers])
         ours = self.spec()
-        history = [Firing(f["step"], f.get("epoch"), list(f["reasons"])) for f in state.get("history", [])]
+        history = [Firing.from_dict(f) for f in state.get("history", [])]
         position = {"step": state.get("last_poll"), "epoch": state.get("last_epoch")}
         if [s for s, _ in saved] == ours or "specs" not in state:
             loads = [(t, st) for t, (_, st) in zip(self.triggers, saved)]
@@ -742,7 +754,7 @@ class Schedule:
         """Put back a :meth:`state_dict` of this very schedule (after a failed poll)."""
         for t, st in zip(self.triggers, state["trigger_state"]):
             t.load_state_dict(st)
-        self.history = [Firing(f["step"], f.get("epoch"), list(f["reasons"])) for f in state["history"]]
+        self.history = [Firing.from_dict(f) for f in state["history"]]
         self.last_poll, self.last_epoch = state["last_poll"], state["last_epoch"]
 
 
