@@ -33,8 +33,14 @@ written from it:
   ``[g]``, ``[o]``; GRU ``[r]``, ``[z]``, ``[n]``; RNN one block),
   ``weight_hr*`` (``proj_size``) whole.
 
+PEFT tuner layers (``peft``'s ``BaseTunerLayer``: LoRA and the others) are
+one row: the base layer inside is read as the layer it wraps (a LoRA'd
+``c_attn`` base still splits into q, k, v; frozen, so only ``frozen=True``
+projects it), and the adapter weights (LoRA's ``lora_A``, ``lora_B``,
+``lora_embedding_A/B``) are left alone unless ``adapters="project"``.
+
 Left alone, each listed in ``Report.skipped`` with its reason: embeddings,
-``nn.Bilinear``, quantized modules, parameters of other module types (unless a
+``nn.Bilinear``, quantized modules, PEFT adapter weights, parameters of other module types (unless a
 ``layouts`` pattern names them), frozen weights (``requires_grad=False``;
 ``frozen=True`` projects them), empty weights, and what ``include`` /
 ``exclude`` leave out. FSDP2 (DTensor) weights are projected whole through
@@ -47,7 +53,7 @@ import contextlib
 import inspect
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -70,6 +76,7 @@ _SPATIAL = {1: "w", 2: "hw", 3: "dhw"}
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _CONV_GROUPS = ("stored", "each")
+_ADAPTERS = ("skip", "project")
 _WRAPPERS = ("_orig_mod", "module")  # torch.compile; (Distributed)DataParallel
 
 
@@ -86,6 +93,7 @@ def apply(
     layouts: Mapping[str, str | None] | None = None,
     frozen: bool = False,
     conv_groups: str = "stored",
+    adapters: str = "skip",
     dry_run: bool = False,
     report: bool = True,
     probe=None,
@@ -136,6 +144,23 @@ def apply(
     ``"Goihw"``: a stack of groups), scaled per group. The report row's
     ``note`` says which was done.
 
+    ``adapters``: what to do with the adapter weights of PEFT tuner layers
+    (``peft.get_peft_model``). ``"skip"`` (default) leaves them alone, each
+    named in ``Report.skipped`` with why: projected on its own, LoRA's
+    ``lora_B`` (zero at initialization by design) would get singular values
+    ``sqrt(out/r)`` and the adapter's ``s*B*A`` would jump to spectral norm
+    ``(alpha/r) sqrt(out/in)``, larger than most frozen weights it adds to.
+    Merge first (``model.merge_and_unload()``, then FIRE the merged model,
+    whose weights peft leaves frozen: ``frozen=True``), or reset the adapter
+    (``layer.reset_lora_parameters(name, True)``). ``"project"`` projects
+    LoRA's factors anyway, each as the Linear (or conv) matrix it is
+    (``lora_A`` ``r x in``, ``lora_B`` ``out x r``, layout ``"oi"``;
+    ``lora_B`` of a fused ``c_attn`` cut into its q, k, v blocks), with a
+    report note on what that does to ``s*B*A``; other tuners' weights (LoHa,
+    IA3, ...) stay left alone (``layouts=`` projects any of them). The base
+    weight inside a LoRA layer is frozen, so ``frozen=True`` projects it,
+    read as the layer it wraps, the adapter's change still added on top.
+
     ``optimizer``: a ``torch.optim.Optimizer`` or a list of them. The state
     (moments, step count) of every written parameter is dropped, so the
     optimizer restarts it; other parameters keep theirs. ``LBFGS`` keeps one
@@ -185,7 +210,7 @@ def apply(
     if dry_run and not report:
         raise ValueError("dry_run=True computes the report only; it cannot be combined with report=False")
     _check_distributed(distributed)
-    model, options = _options(model, include, exclude, split, layouts, frozen, conv_groups)
+    model, options = _options(model, include, exclude, split, layouts, frozen, conv_groups, adapters)
     targets, skipped, notes = _select(model, options)
     stats = _stats_note(model)
     if stats:
@@ -247,6 +272,7 @@ def select(
     layouts: Mapping[str, str | None] | None = None,
     frozen: bool = False,
     conv_groups: str = "stored",
+    adapters: str = "skip",
 ) -> list[tuple[str, torch.Tensor, str]]:
     """The weights :func:`apply` would project, as ``(report name, tensor, layout)``, changing nothing.
 
@@ -258,12 +284,12 @@ def select(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"select expects a torch.nn.Module, got {type(model).__name__}")
-    model, options = _options(model, include, exclude, split, layouts, frozen, conv_groups)
+    model, options = _options(model, include, exclude, split, layouts, frozen, conv_groups, adapters)
     targets, _, _ = _select(model, options)
     return [(t.name, t.given(t.tensor.detach()), t.layout) for t in targets]
 
 
-SELECTION_OPTIONS = ("include", "exclude", "split", "layouts", "frozen", "conv_groups")  # select()'s, and apply's
+SELECTION_OPTIONS = ("include", "exclude", "split", "layouts", "frozen", "conv_groups", "adapters")  # select()'s, and apply's
 
 
 def check_options(options: Mapping, *, taken: Mapping[str, str], who: str) -> dict:
@@ -274,7 +300,7 @@ def check_options(options: Mapping, *, taken: Mapping[str, str], who: str) -> di
     optimizer the trainer holds"}``); ``model`` always is. A name that is
     taken or unknown is a TypeError naming it; a bad value of ``steps``,
     ``method``, ``scale`` (tried on a 2 x 2 weight), ``distributed``,
-    ``frozen``, ``conv_groups`` or of the patterns' types is :func:`apply`'s
+    ``frozen``, ``conv_groups``, ``adapters`` or of the patterns' types is :func:`apply`'s
     own error, raised at construction instead of at the first firing.
     Returns the selection options (for :func:`select`). ``who`` starts each
     message (``"FIRE"``).
@@ -292,7 +318,7 @@ def check_options(options: Mapping, *, taken: Mapping[str, str], who: str) -> di
     _check_distributed(distributed)
     selection = {k: options[k] for k in SELECTION_OPTIONS if k in options}
     _options(nn.Module(), *(selection.get(k) for k in ("include", "exclude", "split", "layouts")),
-             selection.get("frozen", False), selection.get("conv_groups", "stored"))
+             selection.get("frozen", False), selection.get("conv_groups", "stored"), selection.get("adapters", "skip"))
     return selection
 
 
@@ -301,10 +327,12 @@ def _check_distributed(distributed) -> None:
         raise ValueError(f"distributed must be 'owner' or 'replicate', got {distributed!r}")
 
 
-def _options(model, include, exclude, split, layouts, frozen, conv_groups) -> tuple[nn.Module, "_Options"]:
+def _options(model, include, exclude, split, layouts, frozen, conv_groups, adapters="skip") -> tuple[nn.Module, "_Options"]:
     """The unwrapped model and the checked selection options of :func:`apply` and :func:`select`."""
     if conv_groups not in _CONV_GROUPS:
         raise ValueError(f"conv_groups must be one of {_CONV_GROUPS}, got {conv_groups!r}")
+    if adapters not in _ADAPTERS:
+        raise ValueError(f"adapters must be one of {_ADAPTERS}, got {adapters!r}")
     if not isinstance(frozen, bool):
         raise TypeError(f"frozen must be True or False, got {frozen!r}")
     model, wrappers = _unwrap(model)
@@ -315,6 +343,7 @@ def _options(model, include, exclude, split, layouts, frozen, conv_groups) -> tu
         layouts=_check_layouts(layouts),
         frozen=frozen,
         conv_groups=conv_groups,
+        adapters=adapters,
         wrappers=wrappers,
     )
 
@@ -563,15 +592,22 @@ class _Where:
     leaf: str
     parent: nn.Module | None
     conv_groups: str
+    adapters: str = "skip"
 
 
 @dataclass(frozen=True)
 class Kind:
-    """One row of :data:`MODULE_TABLE`: a module type and the weights it holds."""
+    """One row of :data:`MODULE_TABLE`: a module type and the weights it holds.
+
+    ``weights`` maps attribute names to slots; a dotted name
+    (``"lora_A.default.weight"``) is a weight of one of the module's
+    submodules, which the row decides for (a wrapper knows what its parts
+    are; the outermost wrapper's word wins).
+    """
 
     name: str  # as the docs say it
     match: object  # a type, a tuple of types, or a predicate on the module
-    weights: Callable[[nn.Module, _Where], dict[str, Slot]]  # attribute name -> Slot
+    weights: Callable[[nn.Module, _Where], dict[str, Slot]]  # attribute name (or dotted path) -> Slot
 
     def matches(self, mod: nn.Module) -> bool:
         if isinstance(self.match, (type, tuple)):
@@ -591,6 +627,31 @@ _EMPTY = "empty (a dimension of size 0)"
 _NOT_INCLUDED = "not selected by include"
 _LAYOUT_NONE = "layouts= maps it to None"
 _TIED_HEAD = "an LM head tied to an embedding is projected, as the reference does (exclude either name to keep it)"
+_LORA_FACTOR = (
+    "a LoRA adapter factor (PEFT): projected on its own it becomes a scaled semi-orthogonal matrix, so the "
+    "adapter's s*B*A would jump to spectral norm (alpha/r)*sqrt(out/in) (lora_B starts at zero by design); merge "
+    "first (model.merge_and_unload(), then FIRE the merged weight) or reset the adapter "
+    "(layer.reset_lora_parameters(adapter_name, True)); adapters='project' projects it"
+)
+_PEFT_ADAPTER = (
+    "a PEFT {tuner} adapter weight: not a layer's weight matrix but a part of the change the adapter adds to one; "
+    "merge first (model.merge_and_unload(), then FIRE the merged weight), or layouts= projects it"
+)
+_PEFT_NO_RULE = (
+    "a PEFT {tuner} adapter weight, which adapters='project' does not cover (it projects LoRA's lora_A, lora_B "
+    "and lora_embedding_A/B); merge first (model.merge_and_unload(), then FIRE the merged weight), or layouts= "
+    "projects it"
+)
+_LORA_PROJECTED = (
+    "LoRA factors projected on their own (adapters='project'): lora_A (r x in) and lora_B (out x r) each become "
+    "a scaled near-semi-orthogonal matrix, so the adapter's s*B*A becomes (alpha/r)*sqrt(out/in) times a product "
+    "of two partial isometries (spectral norm up to (alpha/r)*sqrt(out/in) for a Linear, 2.0 at r=4, alpha=8 on a "
+    "square layer), whatever it was before (0 for a fresh adapter)"
+)
+_PEFT_BASE = (
+    "the base weight inside a PEFT {tuner} layer, projected alone: the adapter's change is still "
+    "added to the new weight as it was (merge first, model.merge_and_unload(), to FIRE the merged weight)"
+)
 
 _GATES = {"LSTM": ("i", "f", "g", "o"), "GRU": ("r", "z", "n"), "RNN_TANH": None, "RNN_RELU": None}
 _CELL_GATES = ((nn.LSTMCell, ("i", "f", "g", "o")), (nn.GRUCell, ("r", "z", "n")), (nn.RNNCell, None))
@@ -714,9 +775,89 @@ def _left_alone(reason: str):
     return lambda mod, where: {"weight": Slot(reason=reason)}
 
 
+# --- PEFT tuner layers (LoRA and the others), recognised without importing peft -------------------
+
+
+def _peft_class(mod: nn.Module, name: str) -> bool:
+    """Whether ``mod`` is an instance of peft's class ``name`` (looked up in its type's MRO by name and module)."""
+    return any(c.__name__ == name and c.__module__.startswith("peft.") for c in type(mod).__mro__)
+
+
+def _is_peft_tuner(mod: nn.Module) -> bool:
+    """A PEFT tuner layer (``peft.tuners.tuners_utils.BaseTunerLayer``: LoRA, AdaLoRA, LoHa, IA3, ...)."""
+    return _peft_class(mod, "BaseTunerLayer")
+
+
+def _tuner_name(mod: nn.Module) -> str:
+    module = type(mod).__module__.split(".")
+    return module[2] if len(module) > 2 and module[1] == "tuners" else type(mod).__name__
+
+
+_LORA_FACTORS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+
+
+def _peft_weights(mod: nn.Module, where: _Where) -> dict[str, Slot]:
+    """A PEFT tuner layer: its base layer as the layer it wraps, its adapter weights as ``adapters=`` says.
+
+    The base layer's weights get the slots its own row gives, read as if it
+    sat where the wrapper sits (so GPT-2's ``c_attn`` base is still cut into
+    q, k, v); it is frozen, so only ``frozen=True`` projects it. Every adapter
+    weight of two or more dimensions (under the layer's
+    ``adapter_layer_names``) is left alone by default. With
+    ``adapters="project"`` LoRA's factors are projected as the Linear (or
+    conv) matrices they are, ``lora_B`` cut into the blocks of a fused base;
+    other tuners' weights stay left alone (no rule for them).
+    """
+    lora = _peft_class(mod, "LoraLayer")
+    tuner = "LoRA" if lora else _tuner_name(mod)
+    out: dict[str, Slot] = {}
+    base = mod._modules.get("base_layer")
+    fused = None  # the base's slot with blocks (or an unreadable fused size), which lora_B follows
+    base_kind = _kind_of(base) if isinstance(base, nn.Module) else None
+    if base_kind is not None:
+        for attr, slot in base_kind.weights(base, where).items():
+            if slot.layout is not None:
+                note = _PEFT_BASE.format(tuner=tuner)
+                slot = replace(slot, note=f"{slot.note}; {note}" if slot.note else note)
+                if fused is None and (slot.blocks or slot.problem):
+                    fused = slot
+            out[f"base_layer.{attr}"] = slot
+    for attr in getattr(mod, "adapter_layer_names", ()):
+        holder = mod._modules.get(attr)
+        if holder is None:
+            continue
+        for pname, p in holder.named_parameters(remove_duplicate=False):
+            if isinstance(p, nn.parameter.UninitializedParameter) or not p.is_floating_point() or p.ndim < 2:
+                continue  # biases, DoRA's magnitude vectors: not weights FIRE considers
+            key = f"{attr}.{pname}"
+            if where.adapters == "skip":
+                out[key] = Slot(reason=_LORA_FACTOR if lora and attr in _LORA_FACTORS else _PEFT_ADAPTER.format(tuner=tuner))
+                continue
+            if not (lora and attr in _LORA_FACTORS):
+                out[key] = Slot(reason=_PEFT_NO_RULE.format(tuner=tuner))
+                continue
+            owner_name, _, leaf = pname.rpartition(".")
+            owner = holder.get_submodule(owner_name) if owner_name else holder
+            slot = Slot("oi")  # a factor held as a bare Parameter (lora_embedding_A/B, AdaLoRA's lora_A/B)
+            kind = _kind_of(owner) if owner is not holder else None
+            if kind is not None:
+                inner = _Where(f"{where.name}.{attr}.{owner_name}", attr, holder, where.conv_groups, where.adapters)
+                slot = kind.weights(owner, inner).get(leaf) or Slot(reason=_PEFT_NO_RULE.format(tuner=tuner))
+            if slot.layout is None:
+                out[key] = slot
+                continue
+            note = _LORA_PROJECTED
+            if attr == "lora_B" and fused is not None and slot.layout == "oi":  # its rows are the base's outputs
+                note = f"{note}; lora_B of a fused base cut into the base's blocks"
+                slot = Slot("oi", blocks=fused.blocks, sizes=fused.sizes, problem=fused.problem)
+            out[key] = replace(slot, note=note)
+    return out
+
+
 #: What each module type holds, first match wins: its weights (attribute names), their layout, how
 #: they split into blocks, and why a weight is left alone. Selection reads only this table.
 MODULE_TABLE: tuple[Kind, ...] = (
+    Kind("PEFT tuner layer (LoRA, AdaLoRA, LoHa, ...)", _is_peft_tuner, _peft_weights),
     Kind("quantized module (torch.ao)", _is_quantized, _quantized_weights),
     Kind("nn.MultiheadAttention", nn.MultiheadAttention, _attention_weights),
     Kind("nn.RNN / nn.LSTM / nn.GRU", nn.RNNBase, _rnn_weights),
@@ -884,16 +1025,19 @@ class _Weight:
         return t is not None and not isinstance(t, nn.parameter.UninitializedParameter) and t.is_floating_point()
 
 
-def _walk(model: nn.Module, conv_groups: str) -> list[_Weight]:
+def _walk(model: nn.Module, conv_groups: str, adapters: str = "skip") -> list[_Weight]:
     """Every parameter of the model once, with all its names, ordered by the name FIRE projects it under.
 
     The same Parameter under two names (tied, or a module reused), and two
     Parameters viewing the same memory the same way, are one weight; its
     primary name is the first whose module type projects it (an LM head
-    tied to an embedding: the head).
+    tied to an embedding: the head). A row that decides for its submodules'
+    weights (a PEFT LoRA layer for its base layer and factors) overrides
+    what their own rows say.
     """
     modules: dict[str, nn.Module] = {}
     found: dict[object, _Weight] = {}
+    claims: dict[str, tuple[Slot, str]] = {}  # full name -> (slot, kind) an enclosing module's row gave it
     pos = 0
     for prefix, mod in model.named_modules(remove_duplicate=False):
         modules.setdefault(prefix, mod)
@@ -901,9 +1045,11 @@ def _walk(model: nn.Module, conv_groups: str) -> list[_Weight]:
             continue  # its tensors are reached through the parametrized module
         kind = _kind_of(mod)
         parent = modules.get(prefix.rpartition(".")[0]) if prefix else None
-        where = _Where(prefix, prefix.rpartition(".")[2], parent, conv_groups)
+        where = _Where(prefix, prefix.rpartition(".")[2], parent, conv_groups, adapters)
         slots = kind.weights(mod, where) if kind is not None else {}
         kind_name = kind.name if kind is not None else type(mod).__name__
+        for attr in [a for a in slots if "." in a]:  # a submodule's weight: the outermost row decides
+            claims.setdefault(f"{prefix}.{attr}" if prefix else attr, (slots.pop(attr), kind_name))
         hooks = _hook_weights(mod)
         behind_hooks = {a for _, names in hooks.values() for a in names}
         plists = getattr(mod, "parametrizations", None) if parametrize.is_parametrized(mod) else None
@@ -930,7 +1076,8 @@ def _walk(model: nn.Module, conv_groups: str) -> list[_Weight]:
             w = found.get(key)
             if w is None:
                 w = found[key] = _Weight([], tensor, plist, hook.format(name=name) if hook else None)
-            w.entries.append(_Entry(pos, name, mod, attr, slots.get(attr), kind_name))
+            slot, by = claims.get(name, (slots.get(attr), kind_name))
+            w.entries.append(_Entry(pos, name, mod, attr, slot, by))
             pos += 1
     weights = _merge_by_memory(list(found.values()))
     for w in weights:
@@ -1002,6 +1149,7 @@ class _Options:
     layouts: dict
     frozen: bool
     conv_groups: str
+    adapters: str
     wrappers: tuple[str, ...]
 
 
@@ -1120,7 +1268,7 @@ def _select(model: nn.Module, o: _Options):
     targets, refusals, known = [], [], []
     skipped = Report(method="", steps=0, scale=None)  # collects the weights left alone
     used_layouts, used_splits = set(), set()
-    for w in _walk(model, o.conv_groups):
+    for w in _walk(model, o.conv_groups, o.adapters):
         names = w.names
         every = names + _wrapped(names, o.wrappers)
         slot, kind = w.primary.slot, w.primary.kind
