@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import platform
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -139,22 +140,47 @@ class WhenNeeded:
 
     def check(self, where: int, weights: Iterable | None = None, features: Mapping | None = None) -> str | None:
         """The reason to apply FIRE now (at the caller's step or boundary ``where``), or None."""
-        self.checks += 1
-        first = self.checks == 1
-        moment = Moment(
+        moment = Moment(  # the first check is the schedule's step 0: it measures the initial network, never fires
             step=self.checks,
             weights=None if weights is None else (lambda: weights),
             features=None if features is None else (lambda: features),
         )
+        self.checks += 1
         firing = self.schedule.poll(moment)
         self.values.append(float(self.schedule.triggers[0].last_value))
         if firing is None:
             return None
-        if first:  # the initial network is the baseline, never a reason to reinitialize
-            self.schedule.history.clear()
-            return None
         self.fired_at.append(where)
         return "; ".join(firing.reasons)
+
+
+def machine(device: str) -> str:
+    """The machine line of the speed results files: CPU model, torch (threads, GPU), jax, numpy."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    parts = [f"CPU: {cpu}"]
+    try:
+        import torch
+
+        parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+        if device == "cuda":
+            parts.append(f"GPU: {torch.cuda.get_device_name()}")
+    except ImportError:
+        pass
+    try:
+        import jax
+
+        parts.append(f"jax {jax.__version__}")
+    except ImportError:
+        pass
+    parts.append(f"numpy {np.__version__}")
+    return ", ".join(parts)
 
 
 def fire_fraction(fire_seconds: float, train_seconds: float) -> float:

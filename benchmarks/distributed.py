@@ -334,7 +334,7 @@ def main(argv=None) -> int:
     else:
         cfg = dict(d=256, blocks=8, repeats=5, worlds=(1, 2, 4, (2, 2)), jax_d=256, jax_blocks=8)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from speed import machine
+    from common import machine
 
     runs = torch_runs(cfg)
     jax_result = jax_run(dict(d=cfg["jax_d"], blocks=cfg["jax_blocks"], repeats=cfg["repeats"]))

@@ -25,7 +25,6 @@ Times are the minimum over repeats after a warm-up call, in milliseconds.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 import fire_core
+from common import machine  # the machine line of every results file
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -273,34 +273,6 @@ def section_apply(quick: bool, device: str, lines):
     lines += ["## 4. `fire_core.torch.apply` vs the reference loop", ""]
     lines += torch_apply.markdown_table(quick=quick, device=device)
     lines.append("")
-
-
-def machine(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    parts = [f"CPU: {cpu}"]
-    try:
-        import torch
-
-        parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
-        if device == "cuda":
-            parts.append(f"GPU: {torch.cuda.get_device_name()}")
-    except ImportError:
-        pass
-    try:
-        import jax
-
-        parts.append(f"jax {jax.__version__}")
-    except ImportError:
-        pass
-    parts.append(f"numpy {np.__version__}")
-    return ", ".join(parts)
 
 
 def main(argv=None) -> int:

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 import fire_core.torch as ft
-from speed import machine  # benchmarks/speed.py: the machine line of every results file
+from common import machine  # the machine line of every results file
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
