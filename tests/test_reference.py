@@ -10,6 +10,8 @@ models are float64 so that agreement is to rounding.
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,6 +48,26 @@ def fire_torch_weight(w: np.ndarray, steps: int) -> np.ndarray:
         for j in range(w.shape[3]):
             out[:, :, i, j] = fire_matrix(w[:, :, i, j], steps)
     return out / (w.shape[2] * w.shape[3])
+
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "reference.md"
+
+
+def doc_recipe(heading: str, **replace) -> dict:
+    """Run the python blocks of docs/reference.md's ``### `` section whose title starts with ``heading``.
+
+    Returns the namespace they leave; ``replace`` maps text in the blocks to what it is replaced with first
+    (to run a recipe with another setting).
+    """
+    sections = re.split(r"^### ", DOC.read_text(), flags=re.M)
+    section = next(sec for sec in sections if sec.startswith(heading))
+    code = "".join(re.findall(r"```python\n(.*?)```", section, flags=re.S))
+    for old, new in replace.items():
+        assert old in code, old
+        code = code.replace(old, new)
+    namespace: dict = {"__name__": "__docs__"}
+    exec(compile(code, f"docs/reference.md ### {heading}", "exec"), namespace)
+    return namespace
 
 
 def weights(model) -> dict[str, np.ndarray]:
@@ -179,46 +201,65 @@ def test_language_setting_splits_c_attn_projects_the_tied_head_and_clears_the_op
     assert not optimizer.state and optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
 
 
+def nanogpt_lr(it: int, chunk_iters: int, lr: float = 6e-4, min_lr: float = 6e-5) -> float:
+    """The reference's schedule in one chunk, written out: linear warm-up, then cosine to min_lr."""
+    warm = min(int(0.1 * chunk_iters), 2000)
+    if it < warm:
+        return lr * (it + 1) / (warm + 1)
+    t = min(1.0, (it - warm) / (chunk_iters - warm))  # past the chunk's end: min_lr
+    return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * t)) / 2
+
+
+@pytest.mark.parametrize("chunk_iters", [1000, 50000])
+def test_language_recipe_has_two_adamw_groups_and_restarts_the_references_schedule(chunk_iters):
+    ns = doc_recipe("Language", **{"6e-4, 6e-5, 1000": f"6e-4, 6e-5, {chunk_iters}"})
+    model, optimizer, scheduler = ns["model"], ns["optimizer"], ns["scheduler"]
+    decay, no_decay = optimizer.param_groups
+    params = list(model.parameters())  # the tied weight once
+    assert {id(p) for p in decay["params"]} == {id(p) for p in params if p.dim() >= 2}
+    assert {id(p) for p in no_decay["params"]} == {id(p) for p in params if p.dim() < 2} != set()
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    assert decay["betas"] == no_decay["betas"] == (0.9, 0.95)
+    assert not optimizer.state
+    warm = min(chunk_iters // 10, 2000)
+    probes = {0, 1, warm - 1, warm, warm + 1, (warm + chunk_iters) // 2, chunk_iters - 1, chunk_iters,
+              chunk_iters + 3}
+    for it in range(chunk_iters + 4):
+        if it in probes:
+            for group in optimizer.param_groups:
+                assert group["lr"] == pytest.approx(nanogpt_lr(it, chunk_iters), rel=1e-12, abs=0), it
+        optimizer.step()  # no gradients: only the schedule moves
+        scheduler.step()
+    assert nanogpt_lr(warm, chunk_iters) == 6e-4 and nanogpt_lr(chunk_iters, chunk_iters) == pytest.approx(6e-5)
+
+
 # --- DQN (Atari): convolutions FIRE'd at 10 steps, Linear layers back to their initial values -------
 
 
 class QNetwork(nn.Module):
-    def __init__(self, actions=3):
+    def __init__(self, actions=3, bias=True):
         super().__init__()
         self.conv1, self.conv2 = nn.Conv2d(4, 8, 4, stride=2), nn.Conv2d(8, 8, 3)
-        self.fc1, self.fc2 = nn.Linear(8 * 2 * 2, 16), nn.Linear(16, actions)
+        self.fc1, self.fc2 = nn.Linear(8 * 2 * 2, 16, bias=bias), nn.Linear(16, actions)
 
     def forward(self, x):
         x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
-def dqn_fire(q_network, target_network, init_q_network):
-    """The documented recipe (docs/reference.md)."""
-    convs = [name for name, m in q_network.named_modules() if isinstance(m, nn.Conv2d)]
-    report = ft.apply(q_network, steps=10, include=convs)  # no optimizer=: Adam's state is kept
-    with torch.no_grad():
-        for m, target, init in zip(q_network.modules(), target_network.modules(), init_q_network.modules()):
-            if isinstance(m, nn.Linear):
-                for p, t, p0 in ((m.weight, target.weight, init.weight), (m.bias, target.bias, init.bias)):
-                    p.copy_(p0)
-                    t.copy_(p0)
-            elif isinstance(m, nn.Conv2d):
-                target.weight.copy_(m.weight)
-    return report
-
-
-def test_dqn_setting_projects_the_convolutions_resets_the_linears_and_keeps_adam():
+@pytest.mark.parametrize("bias", [True, False], ids=["with-bias", "bias-free-fc1"])
+def test_dqn_setting_projects_the_convolutions_resets_the_linears_and_keeps_adam(bias):
+    dqn_fire = doc_recipe("DQN")["dqn_fire"]  # the documented recipe (docs/reference.md)
     torch.manual_seed(3)
-    q = QNetwork().double()
-    init = QNetwork().double()
+    q = QNetwork(bias=bias).double()
+    init = QNetwork(bias=bias).double()
     init.load_state_dict(q.state_dict())
     optimizer = torch.optim.Adam(q.parameters(), lr=1e-4, eps=1.5e-4)
     for _ in range(3):  # training moves q away from its initial values, and Adam gathers state
         optimizer.zero_grad()
         q(torch.randn(2, 4, 10, 10, dtype=torch.float64)).square().mean().backward()
         optimizer.step()
-    target = QNetwork().double()
+    target = QNetwork(bias=bias).double()
     target.load_state_dict(q.state_dict())
     old, initial = weights(q), weights(init)
     old_target = weights(target)
@@ -300,7 +341,42 @@ def test_sac_setting_projects_actor_and_vmapped_critic_members_at_full_scale(x64
             for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
                 # fire_core's exact zero guard vs the reference's 1e-8 in the norm: ~1e-8 relative
                 np.testing.assert_allclose(np.asarray(a), b, rtol=1e-7, atol=1e-9)
+        # per member matrix, at most 1e-8 / ||W||_F apart relative (the bound docs/reference.md states)
+        for old, got in ((actor, new_actor), (critic, new_critic)):
+            for path, w in jax.tree_util.tree_leaves_with_path(old):
+                if getattr(path[-1], "key", "") != "kernel":
+                    continue
+                new = np.asarray(got_leaf(got, path))
+                for m_old, m_new, m_ref in zip(*(np.reshape(x, (-1, *np.shape(w)[-2:]))
+                                                 for x in (np.asarray(w), new, np.asarray(got_leaf(rule(old), path))))):
+                    bound = 1e-8 / np.linalg.norm(m_old)
+                    assert np.linalg.norm(m_new - m_ref) <= bound * np.linalg.norm(m_ref) * (1 + 1e-3) + 1e-14
         fresh = tx.init(new_critic)
         for a, b in zip(jax.tree_util.tree_leaves(critic_opt), jax.tree_util.tree_leaves(fresh)):
             assert np.array_equal(np.asarray(a), np.asarray(b))
         del actor_opt
+
+        # scaler_type="ortho_init": scale 1 (scale=1.0); "muon" (the default above) is sqrt(d_out/d_in)
+        ortho = ff.apply(actor, steps=10, model=(actor_def, obs), scale=1.0)
+        for path, w in jax.tree_util.tree_leaves_with_path(actor):
+            if getattr(path[-1], "key", "") == "kernel":
+                want = fire_matrix(np.asarray(w).T, 10, eps=1e-8).T / math.sqrt(w.shape[1] / w.shape[0])
+                np.testing.assert_allclose(np.asarray(got_leaf(ortho, path)), want, rtol=1e-7, atol=1e-9)
+
+
+def got_leaf(tree, path):
+    """The leaf of ``tree`` at a ``tree_leaves_with_path`` path."""
+    for key in path:
+        tree = tree[key.key]
+    return tree
+
+
+def test_a_zero_kernel_gives_zeros_as_the_jax_reference_does(x64):
+    import fire_core.flax as ff
+
+    params = {"Dense_0": {"kernel": np.zeros((4, 3)), "bias": np.ones(3)}}
+    got = ff.apply(params, steps=10)
+    assert np.array_equal(np.asarray(got["Dense_0"]["kernel"]), np.zeros((4, 3)))
+    assert np.array_equal(fire_matrix(np.zeros((3, 4)), 10, eps=1e-8), np.zeros((3, 4)))  # the JAX rule: zeros
+    with np.errstate(invalid="ignore"):
+        assert np.isnan(fire_matrix(np.zeros((3, 4)), 10)).all()  # the torch rule, W / ||W||: NaN
