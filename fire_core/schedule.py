@@ -14,8 +14,10 @@ argument and turns it into a :class:`Schedule` with :func:`as_schedule`:
   (Sokar et al.'s dormant ratio) or :class:`SrankBelow` (Kumar et al.'s srank);
 * a list mixing any of these: FIRE is applied when any of them fires.
 
-The integration calls :meth:`Schedule.poll` after each optimizer step (and
-at each epoch start, ``at="epoch"``) with a :class:`Moment`: the number of
+The integration calls :meth:`Schedule.poll` once before training (step 0:
+measured triggers take the initial network as their baseline; nothing
+fires), after each optimizer step, and at each epoch start (``at="epoch"``),
+with a :class:`Moment`: the number of
 optimizer steps done, the epoch, and callables that give the weights FIRE
 would project (``weights()``) and the activations of a probe batch
 (``features()``); a trigger calls them only when it checks. ``poll``
@@ -27,9 +29,14 @@ update, before the 1001st. A boundary is a threshold, not an equality: a
 run resumed from a checkpoint taken at step 990 still fires at its first
 poll at or past 1000, and a run resumed after firing does not fire again,
 because :meth:`Schedule.state_dict` saves which boundaries fired (and when
-each trigger last checked) and :meth:`Schedule.load_state_dict` restores it.
-Both are plain JSON-able dicts, for Lightning's callback state, the
-``transformers`` stateful callbacks and SB3's saved files.
+each trigger last checked), keyed by each trigger's :meth:`Trigger.spec`
+(stable across processes), and :meth:`Schedule.load_state_dict` restores it,
+carrying a changed schedule over boundary by boundary or refusing it. Both
+are plain JSON-able dicts, for Lightning's callback state, the
+``transformers`` stateful callbacks and SB3's saved files. Measured
+triggers checked "every K steps" check at the first poll at or past each
+multiple of K. ``poll(moment, fire=...)`` applies FIRE and records the
+firing as one step: if applying fails, the schedule is as it was.
 
 Under ``jax.jit`` (``fire_core.optax``) no Python branch may depend on a
 traced step: :func:`traced_init` and :func:`traced_poll` keep the same
@@ -433,8 +440,10 @@ class DfIAbove(_Periodic):
     ``reduce``: ``"mean"`` (over layers, each layer counted once) or
     ``"max"``. With ``relative=True`` the threshold is a ratio to the value
     of the first check (the trigger fires when the DfI grew by that factor),
-    which carries over between models whose initial DfI differs; the
-    baseline is kept across firings (right after FIRE the DfI is near 0 and
+    which carries over between models whose initial DfI differs: every
+    integration polls once at step 0, before the first optimizer step, so
+    that check is the initial network's (a poll at step 0 measures and never
+    fires). The baseline is kept across firings (right after FIRE the DfI is near 0 and
     climbs fast, so a baseline taken then would fire again at once). After a
     firing the next check is at least ``cooldown`` steps later (default
     ``every``).
