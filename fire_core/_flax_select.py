@@ -479,11 +479,30 @@ def _why_left(names: tuple[str, ...]) -> str:
     return "not a kernel (layouts= adds it)"
 
 
+class Trained:
+    """A ``trainable=`` that fire_core read itself: one flag per leaf of :func:`flatten`, and why the others are frozen.
+
+    ``fire_core.optax.with_fire`` passes one for the leaves its optimizer never moves with a gradient.
+    """
+
+    def __init__(self, flags, reason: str):
+        self.flags, self.reason = [bool(f) for f in flags], reason
+
+
+_FROZEN = "frozen: trainable= marks it not trained (leave trainable= out to project it)"
+
+
 def _trainable(trainable, tree, pairs, names) -> list[bool]:
     """Per flattened leaf: whether ``trainable`` says it is trained (True for non-parameters)."""
     n = len(pairs)
     if trainable is None:
         return [True] * n
+    if isinstance(trainable, Trained):
+        if len(trainable.flags) != n:
+            raise ValueError(f"trainable=: {len(trainable.flags)} flags for a tree of {n} leaves")
+        return [f or nm is None for f, nm in zip(trainable.flags, names)]
+    if isinstance(trainable, bool):  # an optax mask of one leaf: every parameter, or none
+        return [trainable or nm is None for nm in names]
     if isinstance(trainable, nnx.Optimizer):
         trainable = trainable.wrt
     if _is_nnx_filter(trainable):
@@ -584,7 +603,7 @@ def plan(tree, *, include=None, exclude=None, layouts=None, stacked=None, model=
             skipped.append((path, shape, "empty"))
             continue
         if not trained:
-            skipped.append((path, shape, "frozen: trainable= marks it not trained (leave trainable= out to project it)"))
+            skipped.append((path, shape, trainable.reason if isinstance(trainable, Trained) else _FROZEN))
             continue
         if pattern is not None:
             parse_layout(override, shape, path)

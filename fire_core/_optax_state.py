@@ -126,17 +126,26 @@ class _Params:
     """The parameter leaves: key paths, shapes, and whether each was changed (a bool, traced under jit)."""
 
     def __init__(self, before, after):
-        pairs, treedef = tree_flatten_with_path(before)
-        after_leaves, after_def = jax.tree_util.tree_flatten(after)
+        # placeholders are kept as leaves: inside optax.masked or multi_transform the parameters a
+        # transformation sees hold optax.MaskedNode where its state does; those leaves are not its own
+        pairs, treedef = tree_flatten_with_path(before, is_leaf=_is_placeholder)
+        after_leaves, after_def = jax.tree_util.tree_flatten(after, is_leaf=_is_placeholder)
         if after_def != treedef:
             raise ValueError(
                 "reset_opt_state: before and after are different trees; pass the parameters given to and "
                 f"returned by apply\n{treedef}\nvs\n{after_def}"
             )
         self.paths = [path for path, _ in pairs]
-        self.shapes = [tuple(jnp.shape(leaf)) for _, leaf in pairs]
+        self.absent = {i for i, (_, leaf) in enumerate(pairs) if _is_placeholder(leaf)}
+        self.shapes = [None if i in self.absent else tuple(jnp.shape(leaf)) for i, (_, leaf) in enumerate(pairs)]
         self.changed = []
-        for path, (_, b), a in zip(self.paths, pairs, after_leaves, strict=True):
+        for i, (path, (_, b), a) in enumerate(zip(self.paths, pairs, after_leaves, strict=True)):
+            if i in self.absent or _is_placeholder(a):
+                if not (i in self.absent and _is_placeholder(a)):
+                    raise ValueError(f"reset_opt_state: parameter {keystr(path)} is masked out before or after "
+                                     "but not both; pass the parameters given to and returned by apply")
+                self.changed.append(False)
+                continue
             if jnp.shape(a) != jnp.shape(b):
                 raise ValueError(
                     f"reset_opt_state: parameter {keystr(path)} has shape {jnp.shape(b)} before and "
@@ -178,7 +187,7 @@ class _Params:
                 owners.append(None)
                 continue
             i = next((self.index[path[:k]] for k in range(len(path), 0, -1) if path[:k] in self.index), None)
-            if i is None:
+            if i is None or i in self.absent:  # no parameter, or one masked out of this transformation
                 return None
             if len(path) != len(self.paths[i]) or tuple(jnp.shape(leaf)) != self.shapes[i]:
                 exact = False

@@ -15,6 +15,19 @@ update, the step that lands the parameters on FIRE's weights:
   leaves' state is kept as it was;
 * the gradient passed to that update is not used (``tx`` is not run on it).
 
+``with_fire`` wraps the whole optimizer, ``with_fire(optax.chain(...))``: the
+landing step reaches the weights only if nothing after it changes it, and a
+transformation cannot see what follows it in a chain (a learning rate after
+it scales the step, and the weights land elsewhere). :func:`check` refuses a
+``tx`` in which it would not land. Inside ``optax.masked`` or
+``optax.multi_transform`` it works on the leaves it is given (the others are
+``optax.MaskedNode`` to it, and logged as left alone).
+
+Leaves ``tx`` freezes (``optax.set_to_zero`` in a ``multi_transform``: their
+update takes no gradient) are left alone and logged as frozen, as
+:func:`fire_core.torch.apply` leaves ``requires_grad=False`` weights;
+``trainable=True`` projects them too.
+
 Every other update is ``tx``'s own, updates and state passed through. The
 decision is traced (``jax.lax.cond`` on the schedule's traced verdict), so
 the wrapper works under ``jax.jit`` and inside ``nnx.Optimizer``.
@@ -36,11 +49,12 @@ import logging
 from typing import Any, NamedTuple
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import _flax_select
+from . import _flax_select, _optax_state
 from .conventions import check_patterns
 from .flax import apply as flax_apply
 from .flax import reset_opt_state
@@ -48,7 +62,7 @@ from .layout import check_scale
 from .polar import check_method
 from .schedule import DfIAbove, as_schedule, target_dfi, traced_init, traced_poll
 
-__all__ = ["with_fire", "FireState", "fired"]
+__all__ = ["with_fire", "FireState", "fired", "check"]
 
 log = logging.getLogger("fire_core.optax")
 
@@ -85,6 +99,18 @@ def with_fire(
     update never sees and are refused here. The other options are
     :func:`fire_core.flax.apply`'s and are checked now; the selection is
     checked against the parameters at ``init``. ``update`` needs ``params``.
+
+    ``tx`` is the whole optimizer, learning rate included: a transformation
+    chained after ``with_fire`` changes the step that lands the weights on
+    FIRE's. Write ``with_fire(optax.chain(..., optax.scale_by_learning_rate(lr)))``,
+    never ``optax.chain(with_fire(...), optax.scale_by_learning_rate(lr))``;
+    :func:`check` refuses the second. Inside ``optax.masked`` or
+    ``optax.multi_transform``, FIRE projects the leaves ``with_fire`` is given.
+
+    ``trainable``: as :func:`fire_core.flax.apply`'s. Left out, the leaves
+    ``tx`` never moves with a gradient (``optax.set_to_zero``'s, read from the
+    traced update) are frozen: left alone and logged with the reason.
+    ``trainable=True`` projects every selected kernel.
     """
     if not callable(getattr(tx, "init", None)) or not callable(getattr(tx, "update", None)):
         raise TypeError(f"with_fire wraps an optax GradientTransformation, got {type(tx).__name__}")
@@ -97,14 +123,21 @@ def with_fire(
     _flax_select._check_options(layouts, stacked)
     selection = dict(include=include, exclude=exclude, layouts=layouts, stacked=stacked, model=model,
                      trainable=trainable)
-    options = dict(steps=steps, method=method, scale=scale, **selection)
     inner = optax.with_extra_args_support(tx)
 
     def init(params):
-        _, _, chosen, skipped = _flax_select.plan(params, **selection)  # selection errors raise here
+        inner_state = inner.init(params)
+        try:  # tx.update traced on the parameters as gradients, to read which leaves it freezes
+            traced = _trace(inner, params, inner_state, params, {})
+        except Exception as e:  # e.g. a line search, whose update needs extra arguments: read at each update
+            traced, why = None, f"{type(e).__name__}: {e}"
+        _, _, chosen, skipped = _flax_select.plan(params, **_selected(selection, params, traced))  # errors raise here
         if not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(params)):
-            _log_selection(chosen, skipped)
-        return FireState(jnp.zeros((), jnp.int32), inner.init(params), traced_init(plan))
+            _log_selection(chosen, skipped, params)
+            if traced is None and selection["trainable"] is None:
+                log.info("with_fire: which leaves tx freezes is read at each update (tracing tx.update at init "
+                         "without its extra arguments failed: %s)", why)
+        return FireState(jnp.zeros((), jnp.int32), inner_state, traced_init(plan))
 
     def update(updates, state, params=None, **extra_args):
         if params is None:
@@ -114,7 +147,9 @@ def with_fire(
             )
         if not isinstance(state, FireState):
             raise TypeError(f"with_fire: expected the FireState its init made, got {type(state).__name__}")
-        chosen = _flax_select.plan(params, **selection)[2]
+        traced = _trace(inner, updates, state.inner_state, params, extra_args)
+        chosen_by = _selected(selection, params, traced)
+        chosen = _flax_select.plan(params, **chosen_by)[2]
 
         def measure():  # per-layer DfI relative to FIRE's target, of the leaves FIRE would project
             return jnp.concatenate([jnp.ravel(target_dfi(leaf.array, leaf.layout)) for leaf in chosen])
@@ -127,14 +162,14 @@ def with_fire(
         def ordinary(updates, inner_state, params, extra_args):
             return inner.update(updates, inner_state, params, **extra_args)
 
-        like = jax.eval_shape(ordinary, *operands)[0]
+        like = traced[1][0]  # the shapes and dtypes of tx's updates
 
         def firing(updates, inner_state, params, extra_args):
-            new = flax_apply(params, **options)
+            new = flax_apply(params, steps=steps, method=method, scale=scale, **chosen_by)
             inner_state = reset_opt_state(inner_state, params, new, tx=tx)
             jax.debug.callback(_log_firing, state.count, progress["fired_by"] - state.progress["fired_by"],
                                reasons=[repr(t) for t in plan.triggers])
-            return _landing(_flax_select.plan(params, **selection), new, like), inner_state
+            return _landing(_flax_select.plan(params, **chosen_by), new, like), inner_state
 
         new_updates, inner_state = jax.lax.cond(fire, firing, ordinary, *operands)
         return new_updates, FireState(optax.safe_int32_increment(state.count), inner_state, progress)
@@ -163,11 +198,175 @@ def _landing(plan, new, like):
     return jax.tree_util.tree_unflatten(out_def, delta)
 
 
-def _log_selection(chosen, skipped) -> None:
+def _log_selection(chosen, skipped, params) -> None:
     log.info("with_fire: %d weights are projected at each firing: %s", len(chosen),
              ", ".join(f"{leaf.path} ({leaf.layout})" for leaf in chosen))
     for name, shape, reason in skipped:
         log.info("with_fire: left alone: %s %s: %s", name, tuple(shape), reason)
+    masked = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]
+    for path, leaf in masked:
+        if isinstance(leaf, optax.MaskedNode):
+            log.info("with_fire: left alone: %s: masked out (optax.masked or multi_transform gives it to another "
+                     "transformation, which FIRE does not touch)", "/".join(_flax_select._key_name(k) for k in path))
+
+
+# --- the leaves tx freezes -------------------------------------------------------------------------------
+
+_FROZEN = ("frozen: tx's update of it ignores the gradient (optax.set_to_zero, say), so it cannot re-learn; "
+           "trainable=True projects it")
+
+
+def _trace(inner, updates, inner_state, params, extra_args):
+    """``inner.update`` traced on these arguments: ``(ClosedJaxpr, output shapes, inputs per part)``.
+
+    The jaxpr's inputs are the leaves of the gradients, the state, the parameters and the extra
+    arguments that are arrays, in that order; other extra arguments (a line search's ``value_fn``)
+    are closed over.
+    """
+    extra, extra_def = jax.tree_util.tree_flatten(extra_args)
+    arrays = [k for k, x in enumerate(extra) if hasattr(x, "shape") and hasattr(x, "dtype")]
+
+    def run(updates, inner_state, params, extra_arrays):
+        given = list(extra)
+        for k, x in zip(arrays, extra_arrays):
+            given[k] = x
+        return inner.update(updates, inner_state, params, **jax.tree_util.tree_unflatten(extra_def, given))
+
+    parts = (updates, inner_state, params, [extra[k] for k in arrays])
+    closed, shapes = jax.make_jaxpr(run, return_shape=True)(*parts)
+    return closed, shapes, [len(jax.tree_util.tree_leaves(part)) for part in parts]
+
+
+def _selected(selection, params, traced) -> dict:
+    """The selection, with the leaves tx freezes marked untrained when ``trainable=`` is not given."""
+    if selection["trainable"] is not None or traced is None:
+        return selection
+    frozen = _gradient_free(*traced)
+    pairs, _ = _flax_select.flatten(params)
+    if len(frozen) != len(pairs):  # updates of another structure than params: _landing names the problem
+        return selection
+    return dict(selection, trainable=_flax_select.Trained([not f for f in frozen], _FROZEN))
+
+
+def _gradient_free(closed, shapes, sizes) -> list[bool]:
+    """Per leaf of tx's updates: True where no gradient reaches it (``optax.set_to_zero``'s leaves).
+
+    Read from the traced update, not from its values: a leaf is gradient-free when its update
+    depends on no gradient (nor array extra argument), neither directly nor through a part of the
+    state a gradient flows into (a momentum, an accumulated gradient), followed to a fixpoint since
+    such parts carry gradients into later updates. A learning-rate schedule's count carries none,
+    so ``set_to_zero`` followed by a schedule is still gradient-free. An operation whose body is not
+    looked into (``lax.cond``, ``scan``) counts every input for every output, so a leaf frozen
+    there reads as trained (and is projected), never the other way round.
+    """
+    n_g, n_s, n_p, n_e = sizes
+    bits = [1 << k for k in range(n_g + n_s + n_p + n_e)]
+    out = _sources(closed.jaxpr, bits)
+    n_u = len(jax.tree_util.tree_leaves(shapes[0]))
+    update_src, state_src = out[:n_u], out[n_u:]
+    gradient = (1 << n_g) - 1 | ((1 << n_e) - 1) << (n_g + n_s + n_p)
+    if len(state_src) != n_s:  # a state of another structure: every part may carry a gradient
+        gradient |= ((1 << n_s) - 1) << n_g
+    while True:
+        carried = gradient
+        for j, src in enumerate(state_src[:n_s]):
+            if src & gradient:
+                carried |= 1 << (n_g + j)
+        if carried == gradient:
+            break
+        gradient = carried
+    return [not src & gradient for src in update_src]
+
+
+def _sources(jaxpr, inputs: list[int]) -> list[int]:
+    """For each output of ``jaxpr``, the inputs it depends on, as a bitmask (``inputs``: one per input)."""
+    src = dict(zip(jaxpr.invars, inputs))
+
+    def read(v):
+        return 0 if isinstance(v, jax.extend.core.Literal) else src.get(v, 0)
+
+    for eqn in jaxpr.eqns:
+        given = [read(v) for v in eqn.invars]
+        body = next((eqn.params[k] for k in ("jaxpr", "call_jaxpr") if k in eqn.params), None)
+        body = getattr(body, "jaxpr", body)  # a ClosedJaxpr's Jaxpr
+        if (eqn.primitive.name in ("pjit", "jit", "closed_call", "remat", "checkpoint", "custom_jvp_call")
+                and body is not None and len(body.invars) == len(given) and len(body.outvars) == len(eqn.outvars)):
+            found = _sources(body, given)
+        else:
+            every = 0
+            for g in given:
+                every |= g
+            found = [every] * len(eqn.outvars)
+        src.update(zip(eqn.outvars, found))
+    return [read(v) for v in jaxpr.outvars]
+
+
+# --- with_fire wraps the whole optimizer ----------------------------------------------------------------
+
+# wrappers that return their inner transformation's updates unchanged whenever it runs
+_PASS_ON = tuple(
+    cls for modules, name in [
+        (("optax",), "MaskedState"), (("optax.transforms", "optax"), "PartitionState"),
+        (("optax",), "MultiStepsState"), (("optax",), "ApplyIfFiniteState"),
+        (("optax",), "InjectHyperparamsState"), (("optax",), "InjectStatefulHyperparamsState"),
+        (("optax",), "ConditionallyMaskState"), (("optax",), "ConditionallyTransformState"),
+    ] if (cls := _optax_state._resolve(modules, name)) is not None
+)
+_PARTITION = _optax_state._resolve(("optax.transforms", "optax"), "PartitionState")
+
+
+def check(tx, params) -> None:
+    """Refuse ``tx`` when a ``with_fire`` in it would not land the weights on FIRE's; returns None.
+
+    At a firing, ``with_fire`` returns the step that takes the parameters to FIRE's
+    weights, and that step lands there only if it reaches ``optax.apply_updates``
+    as it is. A transformation after ``with_fire`` in an ``optax.chain`` (a
+    learning rate, weight decay) changes it, and no transformation can see what
+    follows it in a chain, so ``with_fire`` must wrap the whole optimizer:
+    ``with_fire(optax.chain(...))``. This reads where each ``with_fire`` sits in
+    ``tx`` from ``tx.init(params)`` (traced abstractly: nothing is computed) and
+    raises a ValueError when one is followed by more of a chain, sits inside a
+    wrapper fire_core does not know to pass its updates on unchanged, or there is
+    none. Inside ``optax.masked``, ``multi_transform``, ``MultiSteps``,
+    ``apply_if_finite``, ``inject_hyperparams`` and as the last element of a
+    chain it is accepted. Call it once, before training.
+    """
+    state = jax.eval_shape(tx.init, params)
+    pairs = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, FireState))[0]
+    found = [path for path, leaf in pairs if isinstance(leaf, FireState)]
+    if not found:
+        raise ValueError("fire_core.optax.check: tx holds no with_fire (no FireState in tx.init(params))")
+    for path in found:
+        node, parent, where = state, None, "tx"
+        for key in path:
+            where_next = where + jax.tree_util.keystr((key,))
+            partitions = _PARTITION is not None and isinstance(parent, _PARTITION)  # multi_transform's groups
+            if type(node) is tuple or (isinstance(node, dict) and not partitions):
+                keys = list(range(len(node))) if type(node) is tuple else list(node)
+                pos = keys.index(key.idx if type(node) is tuple else key.key)
+                if pos != len(keys) - 1:
+                    raise ValueError(
+                        f"fire_core.optax.check: with_fire is element {pos + 1} of an optax.chain (or named_chain) "
+                        f"of {len(keys)} (at {where}); the {len(keys) - 1 - pos} transformation(s) after it change the "
+                        "step that lands the weights on FIRE's (a learning rate scales it), so they would not land "
+                        "there. with_fire wraps the whole optimizer: with_fire(optax.chain(...))"
+                    )
+            elif not (isinstance(node, dict) or isinstance(node, _PASS_ON)):
+                raise ValueError(
+                    f"fire_core.optax.check: with_fire sits inside a {type(node).__name__} (at {where}), the state of "
+                    "a transformation fire_core does not know to return its inner updates unchanged; if it changes "
+                    "them, the weights do not land on FIRE's. Wrap the whole optimizer: with_fire(...)"
+                )
+            parent, node, where = node, _child(node, key), where_next
+    return None
+
+
+def _child(node, key):
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return node[key.idx]
+    if isinstance(key, jax.tree_util.DictKey):
+        return node[key.key]
+    return getattr(node, key.name)
 
 
 def _log_firing(count, fired_now, *, reasons) -> None:

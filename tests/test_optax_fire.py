@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import pickle
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -342,3 +343,177 @@ def test_the_selection_and_each_firing_are_logged(caplog):
     assert "2 weights are projected" in text and "Dense_0/kernel (io)" in text
     assert "left alone: Conv_0/kernel" in text
     assert "FIRE at update 2 (after 1 updates): fired by AtSteps([1])" in text
+
+
+# --- inside optax.multi_transform / optax.masked, and around them ---------------------------------------
+
+IN_A = {"Conv_0": "a", "Dense_0": "a", "Dense_1": "b"}  # labels: with_fire's part, and another transformation's
+MASK_A = {"Conv_0": True, "Dense_0": True, "Dense_1": False}
+fire_a = jax.jit(functools.partial(ff.apply, steps=STEPS, include=["Conv_0", "Dense_0"]))  # FIRE of part a only
+
+
+def fire_state(state):
+    """The FireState somewhere inside an optax state."""
+    found = [x for x in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, fo.FireState))
+             if isinstance(x, fo.FireState)]
+    assert len(found) == 1
+    return found[0]
+
+
+def assert_part_a_fired(hist, at, expected=fire_a):
+    """At update ``at + 1`` part a's kernels land on FIRE's weights, its biases stay, and its Adam state restarts."""
+    before, after = hist["before"][at], hist["before"][at + 1]
+    expected = expected(before)
+    for name in ("Conv_0", "Dense_0"):
+        new, old, got = expected[name]["kernel"], before[name]["kernel"], after[name]["kernel"]
+        assert not np.allclose(new, old)
+        assert bool(jnp.all(jnp.abs(got - new) <= landing_tolerance(new, old))), name
+        np.testing.assert_array_equal(after[name]["bias"], before[name]["bias"])
+    old_adam = fire_state(hist["states"][at]).inner_state[0]
+    adam = fire_state(hist["states"][at + 1]).inner_state[0]
+    assert int(adam.count) == 0 and int(old_adam.count) == at
+    for name in ("Conv_0", "Dense_0"):
+        for moment in ("mu", "nu"):
+            assert float(jnp.abs(getattr(adam, moment)[name]["kernel"]).max()) == 0  # tx.init's zeros
+            np.testing.assert_array_equal(getattr(adam, moment)[name]["bias"], getattr(old_adam, moment)[name]["bias"])
+            assert float(jnp.abs(getattr(old_adam, moment)[name]["bias"]).max()) > 0
+    assert isinstance(adam.mu["Dense_1"], optax.MaskedNode)  # part b has no state in with_fire
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+def test_with_fire_inside_multi_transform_fires_on_its_part_only(jit):
+    wrapped = fo.with_fire(optax.adam(1e-2), schedule=[2], steps=STEPS)
+    hist = train(optax.multi_transform({"a": wrapped, "b": optax.sgd(1e-2)}, IN_A), 4, jit=jit)
+    assert firings(hist) == [2]
+    assert_part_a_fired(hist, 2)
+    before, after, grads = hist["before"][2], hist["before"][3], hist["grads"][2]
+    sgd_updates, _ = optax.sgd(1e-2).update(grads["Dense_1"], optax.sgd(1e-2).init(before["Dense_1"]))
+    for leaf in ("kernel", "bias"):  # part b took its own sgd step
+        np.testing.assert_array_equal(after["Dense_1"][leaf], optax.apply_updates(before["Dense_1"], sgd_updates)[leaf])
+
+
+def test_with_fire_inside_masked_fires_on_the_masked_in_leaves_only():
+    hist = train(optax.masked(fo.with_fire(optax.adam(1e-2), schedule=[2], steps=STEPS), MASK_A), 4)
+    assert firings(hist) == [2]
+    assert_part_a_fired(hist, 2)
+    before, after, grads = hist["before"][2], hist["before"][3], hist["grads"][2]
+    for leaf in ("kernel", "bias"):  # optax.masked passes the masked-out leaves' updates through
+        np.testing.assert_array_equal(after["Dense_1"][leaf], before["Dense_1"][leaf] + grads["Dense_1"][leaf])
+
+
+def test_with_fire_inside_multi_transform_names_the_leaves_it_does_not_see(caplog):
+    wrapped = fo.with_fire(optax.adam(1e-2), schedule=[1], steps=1)
+    with caplog.at_level(logging.INFO, logger="fire_core.optax"):
+        optax.multi_transform({"a": wrapped, "b": optax.set_to_zero()}, IN_A).init(PARAMS)
+    assert "2 weights are projected" in caplog.text
+    assert "left alone: Dense_1: masked out" in caplog.text
+
+
+# --- leaves tx freezes (optax.set_to_zero) are left alone, as fire_core.torch leaves frozen weights ------
+
+FROZEN_DENSE_0 = {"Conv_0": "train", "Dense_0": "frozen", "Dense_1": "train"}
+fire_but_dense_0 = jax.jit(functools.partial(ff.apply, steps=STEPS, exclude=["Dense_0"]))
+
+
+def frozen_dense_0(then=None):
+    tx = optax.multi_transform({"train": optax.adam(1e-2), "frozen": optax.set_to_zero()}, FROZEN_DENSE_0)
+    return tx if then is None else optax.chain(tx, then)
+
+
+@pytest.mark.parametrize("then", [None, optax.scale_by_schedule(lambda count: 1.0 / (1 + count))],
+                         ids=["multi_transform", "then-a-schedule"])
+def test_with_fire_around_multi_transform_leaves_set_to_zero_leaves_alone(then, caplog):
+    with caplog.at_level(logging.INFO, logger="fire_core.optax"):
+        hist = train(fo.with_fire(frozen_dense_0(then), schedule=[2], steps=STEPS), 4)
+        jax.effects_barrier()
+    assert firings(hist) == [2]
+    before, after = hist["before"][2], hist["before"][3]
+    expected = fire_but_dense_0(before)
+    for name in ("Conv_0", "Dense_1"):
+        new, old, got = expected[name]["kernel"], before[name]["kernel"], after[name]["kernel"]
+        assert bool(jnp.all(jnp.abs(got - new) <= landing_tolerance(new, old))), name
+    for leaf in ("kernel", "bias"):  # frozen: never moved, not even by FIRE
+        np.testing.assert_array_equal(after["Dense_0"][leaf], PARAMS["Dense_0"][leaf])
+    assert "2 weights are projected" in caplog.text
+    assert "left alone: Dense_0/kernel" in caplog.text and "frozen: tx's update of it ignores the gradient" in caplog.text
+
+
+def test_with_fire_inside_multi_transform_leaves_the_set_to_zero_part_alone():
+    wrapped = fo.with_fire(optax.adam(1e-2), schedule=[2], steps=STEPS)
+    hist = train(optax.multi_transform({"a": wrapped, "b": optax.set_to_zero()}, IN_A), 4)
+    assert firings(hist) == [2]
+    assert_part_a_fired(hist, 2)
+    for leaf in ("kernel", "bias"):
+        np.testing.assert_array_equal(hist["params"][0]["Dense_1"][leaf], PARAMS["Dense_1"][leaf])
+
+
+def test_trainable_true_projects_the_frozen_leaves_too():
+    hist = train(fo.with_fire(frozen_dense_0(), schedule=[1], steps=STEPS, trainable=True), 3)
+    before, after = hist["before"][1], hist["before"][2]
+    expected = fire(before)
+    for name in KERNELS:
+        new, old, got = expected[name]["kernel"], before[name]["kernel"], after[name]["kernel"]
+        assert bool(jnp.all(jnp.abs(got - new) <= landing_tolerance(new, old))), name
+
+
+# --- with_fire wraps the whole optimizer: fire_core.optax.check refuses what would move its landing -------
+
+
+def test_check_refuses_with_fire_followed_by_more_of_a_chain():
+    tx = optax.chain(fo.with_fire(optax.scale_by_adam(), schedule=[1]), optax.scale_by_learning_rate(1e-2))
+    with pytest.raises(ValueError, match=r"element 1 of an optax.chain .*of 2 .*with_fire\(optax.chain\(\.\.\.\)\)"):
+        fo.check(tx, PARAMS)
+    named = optax.named_chain(("adam", fo.with_fire(optax.scale_by_adam(), schedule=[1])),
+                              ("lr", optax.scale_by_learning_rate(1e-2)))
+    with pytest.raises(ValueError, match="optax.chain"):
+        fo.check(named, PARAMS)
+    inside = optax.multi_transform({"a": optax.chain(fo.with_fire(optax.scale_by_adam(), schedule=[1]),
+                                                     optax.scale(-1e-2)), "b": optax.sgd(1e-2)}, IN_A)
+    with pytest.raises(ValueError, match="optax.chain"):
+        fo.check(inside, PARAMS)
+
+
+class DoubledState(NamedTuple):
+    inner: object
+
+
+def doubled(inner):
+    """A wrapper fire_core does not know (it doubles the inner updates)."""
+
+    def init(params):
+        return DoubledState(inner.init(params))
+
+    def update(updates, state, params=None):
+        updates, inner_state = inner.update(updates, state.inner, params)
+        return jax.tree_util.tree_map(lambda u: 2 * u, updates), DoubledState(inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def test_check_refuses_with_fire_inside_a_wrapper_it_does_not_know():
+    with pytest.raises(ValueError, match="DoubledState"):
+        fo.check(doubled(fo.with_fire(optax.adam(1e-2), schedule=[1])), PARAMS)
+
+
+@pytest.mark.parametrize("make", [
+    lambda w: w,
+    lambda w: optax.chain(optax.clip_by_global_norm(1.0), w),
+    lambda w: optax.multi_transform({"a": w, "b": optax.sgd(1e-2)}, IN_A),
+    lambda w: optax.masked(w, MASK_A),
+    lambda w: optax.MultiSteps(w, every_k_schedule=2),
+    lambda w: optax.apply_if_finite(w, 3),
+], ids=["alone", "last-of-a-chain", "multi_transform", "masked", "MultiSteps", "apply_if_finite"])
+def test_check_accepts_with_fire_whose_step_reaches_the_weights(make):
+    assert fo.check(make(fo.with_fire(optax.adam(1e-2), schedule=[1])), PARAMS) is None
+
+
+def test_with_fire_around_the_whole_chain_lands_on_fire_weights():
+    inner = optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(1e-2))
+    tx = fo.with_fire(inner, schedule=[2], steps=STEPS)
+    fo.check(tx, PARAMS)
+    hist = train(tx, 4)
+    before, after = hist["before"][2], hist["before"][3]
+    expected = fire(before)
+    for name in KERNELS:
+        new, old, got = expected[name]["kernel"], before[name]["kernel"], after[name]["kernel"]
+        assert bool(jnp.all(jnp.abs(got - new) <= landing_tolerance(new, old))), name
