@@ -41,7 +41,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -78,7 +77,7 @@ def _label(world) -> str:
     return f"{world[0]}x{world[1]} HSDP" if isinstance(world, tuple) else str(world)
 
 
-def _rank(rank, world, port, cfg, out):
+def _rank(rank, world, rendezvous, cfg, out):
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -91,7 +90,8 @@ def _rank(rank, world, port, cfg, out):
     torch.set_num_threads(1)  # one core per rank, as ranks on one machine would be given
     shape = _mesh_shape(world)
     size = math.prod(shape)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    # a file rendezvous: no TCP port to pick, so none another process on the machine can take first
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=size)
     mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard") if len(shape) == 2 else None)
     model = transformer(cfg["d"], cfg["blocks"])
     for block in model:
@@ -145,12 +145,6 @@ def _exit_now() -> None:
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torch_runs(cfg) -> dict[int, list[dict]]:
     import torch.multiprocessing as mp
 
@@ -158,7 +152,8 @@ def torch_runs(cfg) -> dict[int, list[dict]]:
     for world in cfg["worlds"]:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "ranks.json")
-            mp.spawn(_rank, args=(world, _free_port(), cfg, out), nprocs=math.prod(_mesh_shape(world)))
+            rendezvous = os.path.join(tmp, "rendezvous")
+            mp.spawn(_rank, args=(world, rendezvous, cfg, out), nprocs=math.prod(_mesh_shape(world)))
             runs[world] = json.loads(Path(out).read_text())
     return runs
 

@@ -16,6 +16,17 @@ import pytest
 
 from fire_core import _pytest_plugin, testing
 
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # the property tests import it themselves and say so
+    pass
+else:
+    # Nothing in the suite may depend on how fast this machine is right now: on a loaded 2-core machine one
+    # example can take seconds, and hypothesis' default 200 ms deadline (and its too_slow health check) would fail
+    # a correct test. Explicit @settings inherit these (they are created after this profile is loaded).
+    settings.register_profile("fire-core", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile("fire-core")
+
 # The backend table lives in fire_core.testing (users get the same through its pytest plugin's
 # fire_backend fixture); these names keep the suite's own spelling.
 ALL_BACKENDS = tuple(_pytest_plugin.params())

@@ -34,7 +34,7 @@ def run(*args, code: str | None = None, cwd=None) -> subprocess.CompletedProcess
         cmd = [sys.executable, "-m", "fire_core", *args]
     else:
         cmd = [sys.executable, "-c", f"{code}\nimport sys\nfrom fire_core.cli import main\nsys.exit(main({args!r}))"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
 def digest(path) -> str:
@@ -469,7 +469,7 @@ def test_console_script_runs():
     script = Path(sys.executable).with_name("fire-core")
     if not script.exists():
         pytest.skip("the fire-core script is not installed next to this Python")
-    res = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip() == f"fire-core {fire_core.__version__}"
 
 

@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import subprocess
+import tempfile
 import sys
 import textwrap
 
@@ -96,10 +97,12 @@ RANK_HELPERS = textwrap.dedent(
 
     STRATEGIES = ("owner", "replicate")
 
-    def start(rank, port, world):
+    def start(rank, rendezvous, world):
+        # A file rendezvous, not a TCP port: no port to pick, so none another process can take first. A mismatched
+        # collective fails after the timeout instead of hanging; generous, since a loaded machine starts ranks slowly.
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60))  # a mismatched collective fails, not hangs
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=240))
 
     def local_part(t):
         return t.to_local() if isinstance(t, DTensor) else t
@@ -226,8 +229,8 @@ TWO_RANK_SCRIPT = MODEL + MLP + RANK_HELPERS + textwrap.dedent(
         info = dict(cases=cases, names=names, placements=placements, direct=direct, drifts=drifts)
         return {"tp/" + k: v for k, v in arrays.items()}, info
 
-    def run(rank, port, out):
-        start(rank, port, 2)
+    def run(rank, rendezvous, out):
+        start(rank, rendezvous, 2)
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         import fire_core.torch as ft
@@ -294,20 +297,13 @@ TWO_RANK_SCRIPT = MODEL + MLP + RANK_HELPERS + textwrap.dedent(
         ))
 
     if __name__ == "__main__":
-        mp.spawn(run, args=(int(sys.argv[1]), sys.argv[2]), nprocs=2)
+        mp.spawn(run, args=(sys.argv[1], sys.argv[2]), nprocs=2)
     """
 )
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-RANK_TIMEOUT = 300  # seconds for a whole rank script; the scripts' own gloo timeout (60 s) usually fires first
+RANK_TIMEOUT = 900  # seconds for a whole rank script, generous for a loaded machine; a hung collective hits the
+# scripts' own gloo timeout (240 s) first
 
 
 def _run_ranks(source: str, tmp, world: int):
@@ -319,8 +315,9 @@ def _run_ranks(source: str, tmp, world: int):
     """
     script = tmp / "ranks.py"
     script.write_text(source)
+    rendezvous = tempfile.mktemp(dir=tmp, prefix="rendezvous-")  # a new file for each run (FileStore's rule)
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(_free_port()), str(tmp / "r")],
+        [sys.executable, str(script), rendezvous, str(tmp / "r")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
@@ -482,8 +479,8 @@ FOUR_RANK_SCRIPT = MODEL + MLP + RANK_HELPERS + textwrap.dedent(
         info = dict(cases=cases, names=names, placements=placements, hsdp=hsdp_case, odd=odd_case)
         return {"tp/" + k: v for k, v in arrays.items()}, info
 
-    def run(rank, port, out):
-        start(rank, port, 4)
+    def run(rank, rendezvous, out):
+        start(rank, rendezvous, 4)
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -515,7 +512,7 @@ FOUR_RANK_SCRIPT = MODEL + MLP + RANK_HELPERS + textwrap.dedent(
         ))
 
     if __name__ == "__main__":
-        mp.spawn(run, args=(int(sys.argv[1]), sys.argv[2]), nprocs=4)
+        mp.spawn(run, args=(sys.argv[1], sys.argv[2]), nprocs=4)
     """
 )
 
@@ -547,7 +544,7 @@ def test_hsdp_owner_ranks_on_a_2d_mesh_equal_unsharded_apply(four_ranks):
 # Tensor parallel (ColwiseParallel / RowwiseParallel) on 2 ranks, and TP + FSDP2 on a 2 x 2 mesh of 4 ranks,
 # with a NaN or an Inf in one rank's local shard only: every rank must raise the same error and keep every
 # byte of its parameters and optimizer state. A verdict read from one rank's shard alone lets only that rank
-# raise while the others wait in the next collective: the rank scripts set a 60 s gloo timeout and the runner
+# raise while the others wait in the next collective: the rank scripts set a 240 s gloo timeout and the runner
 # kills them after RANK_TIMEOUT, so a hang fails the test instead of stalling CI. (The cases run in the
 # 2-rank and the 4-rank scripts above: their `tp` and `tp_fsdp2` functions.)
 
@@ -716,7 +713,7 @@ JAX_SCRIPT = textwrap.dedent(
 def _on_four_host_devices(source: str) -> None:
     """Run a script that prints OK in a process with 4 JAX host devices (set before jax is imported)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    res = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
 
 
@@ -775,7 +772,7 @@ def test_benchmark_script_quick_mode(tmp_path):
     script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "distributed.py")
     out = tmp_path / "distributed.md"
     res = subprocess.run(
-        [sys.executable, script, "--quick", "--out", str(out)], capture_output=True, text=True, timeout=300,
+        [sys.executable, script, "--quick", "--out", str(out)], capture_output=True, text=True, timeout=900,
         env=dict(os.environ, JAX_PLATFORMS="cpu"),
     )
     assert res.returncode == 0, res.stderr[-3000:]

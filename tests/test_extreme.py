@@ -42,7 +42,7 @@ LIMITS = {  # largest and smallest positive value
 EXAMPLES = settings(
     max_examples=int(os.environ.get("FIRE_EXTREME_EXAMPLES", "40")),
     deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],  # too_slow: timing
 )
 
 
@@ -444,3 +444,10 @@ def test_unit_scale_is_a_power_of_two_near_the_reciprocal_within_normal_numbers(
     np.testing.assert_array_equal(np.log2(s), np.round(np.log2(s)))  # exact powers of two
     ordinary = amax[2:5] * s[2:5]
     assert np.all((ordinary >= 0.5) & (ordinary <= 2))
+
+
+def test_the_suite_hypothesis_profile_has_no_deadline():
+    """tests/conftest.py's profile: no example fails for being slow on a loaded machine (default: 200 ms)."""
+    assert settings.default.deadline is None and EXAMPLES.deadline is None
+    assert HealthCheck.too_slow in settings.default.suppress_health_check
+    assert HealthCheck.too_slow in EXAMPLES.suppress_health_check
