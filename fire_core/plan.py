@@ -17,7 +17,9 @@ which
    not by the model;
 4. hands each new weight, in its own layout and dtype, to ``write`` as soon
    as its last matrix is done, and measures SFE and DfI from the Gram
-   matrices the iteration already formed.
+   matrices the iteration already formed; the numbers describe the weight
+   as written (SFE of the stored weight; DfI after of a float16/bfloat16
+   weight from its stored matrices over the factor, so its rounding counts).
 
 Extreme but finite values. The projection itself is right for every finite
 input (:mod:`fire_core.polar` scales each matrix by its largest magnitude
@@ -589,7 +591,12 @@ def _measures(xp, res, batch, scaled, column, norm_parts, chunk, dtype, work):
 
     SFE compares the weight as written (rounded to its dtype) with the old
     one; DfI before is taken of the old matrices over the reference scale, from
-    the Gram matrix the iteration formed; DfI after of the bare projection.
+    the Gram matrix the iteration formed; DfI after of the bare projection as
+    written: for a weight stored in its compute dtype (float32, float64) the
+    projection itself (its DfI the iteration measured), for a narrower one
+    (float16, bfloat16) the stored matrices divided by the factor applied,
+    so that the rounding to the stored dtype counts (an exact ``svd`` factor
+    in bfloat16 has DfI about 1e-4, not 1e-11).
     Returns the per-matrix numbers, flat, and the Gram matrices of ``old *
     scale`` (the projection's power-of-two ``scale``) for DfI before, whose
     weights :func:`metrics.dfi_split` works out on the host. SFE is summed
@@ -606,9 +613,14 @@ def _measures(xp, res, batch, scaled, column, norm_parts, chunk, dtype, work):
         diff = written * sigma - batch * sigma
     # the iteration formed the Gram matrix of old * scale; else it is formed here, before any write
     gram = res.gram0 if res.gram0 is not None else small_gram(batch * res.scale, xp)
+    dfi_after = res.dfi
+    if dtype != work:  # the projection as stored: the written matrices over the factor applied
+        nonzero = column != 0  # a zero factor ("norm" on a zero layer) wrote zeros: DfI of zeros
+        bare = written / xp.where(nonzero, column, xp.ones_like(column))
+        dfi_after = gram_dfi(small_gram(bare, xp), xp, overwrite=True)
     per_matrix = [
         xp.linalg.vector_norm(diff, axis=(-2, -1)) ** 2,  # SFE (times sigma^2) in one pass
-        res.dfi,
+        dfi_after,
         *(xp.reshape(v, (-1,)) for v in (res.amax, res.scale, res.nu, sigma)),
     ]
     if norm_parts is not None:

@@ -38,6 +38,15 @@ class Report:
     the projection came to isometry). DfI is summed over a weight's taps;
     divide by ``taps * n`` for a per-direction figure (``iso_after``).
 
+    Both numbers describe the weight as stored, after the cast to its dtype:
+    ``new`` in ``sfe`` is the written weight, and ``dfi_after`` is measured
+    on the written matrices divided by the factor applied (for float32 and
+    float64 weights that is the projection itself). So a bfloat16 weight
+    shows its rounding: an exact ``svd`` factor written in bfloat16 has DfI
+    after 1e-4 (32 x 64) to 1e-3 (256 x 256), not the float32 projection's
+    1e-11 to 1e-9. Both are computed in float32 or float64, whatever the
+    weight's dtype.
+
     ``drift`` (None unless a probe was given): the relative change of the
     model's outputs on the probe, ``||f_after(x) - f_before(x)||_F /
     ||f_before(x)||_F`` (:func:`fire_core.metrics.drift`), the function-level
