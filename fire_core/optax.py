@@ -60,7 +60,7 @@ from .flax import apply as flax_apply
 from .flax import reset_opt_state
 from .layout import check_scale
 from .polar import check_method
-from .schedule import DfIAbove, as_schedule, target_dfi, traced_init, traced_poll
+from .schedule import DfIAbove, as_schedule, saved_spec, target_dfi, traced_init, traced_poll
 
 __all__ = ["with_fire", "FireState", "fired", "check"]
 
@@ -398,6 +398,10 @@ def fired(state, schedule=None) -> dict:
     dfi = {names[k]: float(progress[f"t{k}"]["last_value"]) for k in range(n)
            if isinstance(progress[f"t{k}"], dict) and "last_value" in progress[f"t{k}"]}
     if schedule is not None:
+        saved = saved_spec(progress)
+        if saved is not None and saved != as_schedule(schedule).spec():
+            raise ValueError(f"fired: the state was made by the schedule {saved}, not by the one given "
+                             f"{as_schedule(schedule).spec()}")
         kinds = [isinstance(t, DfIAbove) for t in as_schedule(schedule).triggers]
         if [names[k] in dfi for k in range(n)] != kinds:
             raise ValueError("fired: the schedule given is not the one the state was made with")

@@ -48,10 +48,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import math
 import numbers
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
 
 from ._array import array_namespace, to_floats, work_dtype
 from .diagnostics import DORMANT_TAU, SRANK_DELTA, dormant_ratio, srank
@@ -845,7 +849,11 @@ def traced_init(schedule: Schedule) -> dict:
     """The schedule's progress as JAX arrays (for an optax state): one entry per trigger, and the last firing."""
     import jax.numpy as jnp
 
-    state = {"last_fired": jnp.asarray(-1, jnp.int32), "fired_by": jnp.zeros(len(schedule.triggers), jnp.int32)}
+    text = _spec_text(schedule)
+    state = {"last_fired": jnp.asarray(-1, jnp.int32), "fired_by": jnp.zeros(len(schedule.triggers), jnp.int32),
+             # the schedule's identity, checked at every traced_poll: a state restored into another schedule is refused
+             "spec": {"hash": jnp.asarray(_spec_hash(text), jnp.int32),
+                      "text": jnp.asarray(np.frombuffer(text.encode(), np.uint8))}}
     for k, t in enumerate(schedule.triggers):
         if isinstance(t, (DormantAbove, SrankBelow)):
             raise ValueError(
@@ -880,6 +888,10 @@ def traced_poll(schedule: Schedule, state: dict, step, measure: Callable[[], Any
     import jax.numpy as jnp
 
     step = jnp.asarray(step, jnp.int32)
+    if "spec" in state:  # (states made before the identity was kept have none to check)
+        ours = _spec_text(schedule)
+        jax.lax.cond(state["spec"]["hash"] != _spec_hash(ours),
+                     lambda: jax.debug.callback(_refuse_traced, state["spec"]["text"], ours=ours), lambda: None)
     new = dict(state)
     verdicts = []
     for k, t in enumerate(schedule.triggers):
@@ -925,3 +937,27 @@ def traced_poll(schedule: Schedule, state: dict, step, measure: Callable[[], Any
             s = new[f"t{k}"]
             new[f"t{k}"] = {**s, "last_fired": jnp.where(fire, step, s["last_fired"])}
     return fire, new
+
+
+def _spec_text(schedule: Schedule) -> str:
+    return json.dumps(schedule.spec(), sort_keys=True, separators=(",", ":"))
+
+
+def _spec_hash(text: str) -> int:
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF
+
+
+def saved_spec(state: Mapping) -> list | None:
+    """The :meth:`Schedule.spec` a :func:`traced_init` state was made by (None for states made before it was kept)."""
+    if "spec" not in state:
+        return None
+    return json.loads(np.asarray(state["spec"]["text"], np.uint8).tobytes().decode())
+
+
+def _refuse_traced(saved, *, ours: str) -> None:
+    theirs = np.asarray(saved, np.uint8).tobytes().decode()
+    raise ValueError(
+        f"fire_core.schedule: this optimizer state was made by the schedule {theirs}, not by this one {ours}: under "
+        "jit a changed schedule cannot be carried over boundary by boundary, so it is refused; restore the state "
+        "into the schedule it was saved with"
+    )

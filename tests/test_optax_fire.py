@@ -271,6 +271,17 @@ def test_a_resumed_run_neither_fires_twice_nor_misses(run, at):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("other", [[8], [5, 9], Every(4)], ids=["moved", "extended", "every"])
+def test_a_state_restored_into_another_schedule_is_refused_naming_both(run, other):
+    """Under jit the traced progress has no boundaries to match: [5] restored into [8] would mark 8 done."""
+    hist = run["hist"]
+    tx = fo.with_fire(optax.adam(1e-2), schedule=other, steps=STEPS)
+    with pytest.raises(Exception, match=r'made by the schedule .*"steps":\[5\].*not by this one'):
+        train(tx, 1, params=hist["before"][3], state=restored(hist["states"][3]))
+    with pytest.raises(ValueError, match="made by the schedule"):
+        fo.fired(hist["states"][3], schedule=other)
+
+
 # --- nnx.Optimizer ----------------------------------------------------------------------------------------
 
 
