@@ -1,9 +1,12 @@
-"""FIRE for Stable-Baselines3 agents: ``model.learn(n, callback=fire_core.sb3.FIRE(schedule=[50_000]))``.
+"""FIRE for Stable-Baselines3 agents: ``model.learn(n, callback=fire_core.sb3.FIRECallback(schedule=[50_000]))``.
 
-A ``BaseCallback`` that polls a :mod:`fire_core.schedule` after every
-``env.step()`` (``_on_step``), counting **environment steps** as SB3 does
-(``model.num_timesteps``, all environments together), and at a firing makes
-one :func:`fire_core.torch.apply` call on the agent's online networks:
+A ``BaseCallback`` (``FIRECallback``; ``FIRE`` is the same class) that polls
+a :mod:`fire_core.schedule` after every ``env.step()`` (``_on_step``), and
+once at step 0 when ``learn`` starts from the beginning, counting
+**environment steps** as SB3 does (``model.num_timesteps``, all
+environments together). At a firing it makes one
+:func:`fire_core.torch.apply` call on the agent's online networks, through
+``Schedule.poll(fire=...)`` so that a firing that fails is not recorded:
 
 * their layer weights are projected, together (a features extractor shared
   by actor and critic is one weight, projected once);
@@ -11,8 +14,10 @@ one :func:`fire_core.torch.apply` call on the agent's online networks:
   optimizer of those networks (the others keep theirs);
 * each target network is copied from its projected online network
   (``load_state_dict``), unless ``sync_targets=False``;
-* the report's totals go to SB3's logger (``fire/...``), the report itself to
-  :attr:`FIRE.last_report` and a summary to :attr:`FIRE.history`.
+* ``fire/fired`` and the report's :meth:`~fire_core.report.Report.metrics`
+  go to SB3's logger, the report itself to :attr:`FIRECallback.last_report`,
+  and the firing (with those numbers, ``n_updates`` and ``targets_synced`` in
+  its ``info``) to :attr:`FIRECallback.history`.
 
 Which networks, optimizers and targets each algorithm has is one table,
 :data:`ALGORITHMS`; an algorithm not in it (by class or base class) is a
@@ -22,7 +27,7 @@ TypeError at the start of ``learn``, before anything changes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 try:
     import stable_baselines3 as sb3
@@ -38,9 +43,9 @@ from torch import nn
 
 from . import torch as fire_torch
 from .report import Report
-from .schedule import Moment, as_schedule
+from .schedule import Firing, Moment, Schedule, as_schedule
 
-__all__ = ["FIRE", "ALGORITHMS", "Agent"]
+__all__ = ["FIRECallback", "FIRE", "ALGORITHMS", "Agent"]
 
 
 @dataclass(frozen=True)
@@ -77,53 +82,78 @@ ALGORITHMS: dict[type, Agent] = {
 
 _SET_HERE = {"model": "the callback passes the agent's networks",
              "optimizer": "the callback resets the agent's own optimizers (see ALGORITHMS)",
-             "probe": "probe= is the callback's own (observations for the activation triggers)"}
+             "probe": "probe= is the callback's own (observations for the activation triggers)",
+             "dry_run": "a callback that changes nothing has nothing to do; call fire_core.torch.apply(dry_run=True) "
+                        "yourself"}
+
+_OLD_TOTALS = {"weights": "fire/weights", "skipped": "fire/skipped", "sfe": "fire/sfe",
+               "dfi_before": "fire/dfi_before", "dfi_after": "fire/dfi_after"}
 
 
-class FIRE(BaseCallback):
-    """Apply FIRE to an SB3 agent when ``schedule`` fires.
+class FIRECallback(BaseCallback):
+    """Apply FIRE to an SB3 agent when ``schedule`` fires (``FIRE`` is the same class).
 
     ``schedule``: any :func:`fire_core.schedule.as_schedule` form, in
     environment steps (``model.num_timesteps``); epoch-unit triggers are
     refused (SB3 has no epochs). The schedule's :class:`~fire_core.schedule.Moment`
     has ``context={"model", "n_updates", "callback"}``: ``n_updates`` is the
     number of gradient updates so far (``model._n_updates``), for a
-    callable schedule that counts updates.
+    callable schedule that counts updates. When ``learn`` starts from step
+    0 the schedule is polled once at step 0 (never a firing): a measured
+    trigger takes the initial network as its baseline.
 
     ``sync_targets``: copy each target network from its projected online
     network (default, as the reference does); False keeps the old targets.
 
     ``probe``: a batch of observations (array, dict of arrays or tensor) on
     which :class:`~fire_core.schedule.DormantAbove` / ``SrankBelow`` read the
-    outputs of the activation modules of the projected networks.
+    outputs of the activation modules of the projected networks. It is run
+    once when ``learn`` starts, so a probe that does not fit fails there.
 
-    ``verbose >= 1`` prints each firing with the weights left alone and the
-    report's notes; ``verbose >= 2`` the whole report table.
+    ``log``: record each firing's numbers in SB3's logger (``fire/fired``
+    and :meth:`fire_core.report.Report.metrics`). ``verbose >= 1`` prints
+    each firing with the weights left alone and the report's notes, and what
+    :meth:`load_state_dict` carried over; ``verbose >= 2`` the whole report
+    table.
 
     ``**apply_options``: :func:`fire_core.torch.apply`'s (``steps``,
-    ``method``, ``scale``, ``include``, ``exclude``, ...). Names are checked,
-    and the values tried on a 2 x 2 weight, here (fire_core.torch.check_options); the selection
-    options are checked against the agent's networks at the start of
-    ``learn``. Patterns match the names of ``model.policy.named_parameters()``
-    (``q_net.q_net.0``, ``actor.mu``, ``critic.qf0``, ``mlp_extractor``).
+    ``method``, ``scale``, ``include``, ``exclude``, ``report``, ...). Names
+    are checked, and the values tried on a 2 x 2 weight, here
+    (fire_core.torch.check_options); the selection options are checked
+    against the agent's networks at the start of ``learn``. Patterns match
+    the names of ``model.policy.named_parameters()`` (``q_net.q_net.0``,
+    ``actor.mu``, ``critic.qf0``, ``mlp_extractor``).
+
+    ``history``: the schedule's :class:`~fire_core.schedule.Firing` list;
+    each one's ``info`` holds the logged numbers, ``n_updates`` and
+    ``targets_synced``.
     """
 
-    def __init__(self, schedule, sync_targets: bool = True, probe=None, verbose: int = 0, **apply_options):
+    def __init__(self, schedule, sync_targets: bool = True, probe=None, log: bool = True, verbose: int = 0,
+                 **apply_options):
         super().__init__(verbose)
-        self.selection = fire_torch.check_options(apply_options, taken=_SET_HERE, who="FIRE()")
-        if not isinstance(sync_targets, bool):
-            raise TypeError(f"FIRE(): sync_targets must be True or False, got {sync_targets!r}")
-        self.schedule = as_schedule(schedule)
+        self.selection = fire_torch.check_options(apply_options, taken=_SET_HERE, who="FIRECallback()")
+        for name, value in (("sync_targets", sync_targets), ("log", log)):
+            if not isinstance(value, bool):
+                raise TypeError(f"FIRECallback(): {name} must be True or False, got {value!r}")
+        self.schedule: Schedule = as_schedule(schedule)
         epochs = [t for t in self.schedule.triggers if t.unit != "step"]
         if epochs:
             raise ValueError(
-                f"FIRE(): {epochs} count epochs, which SB3 does not have; give the schedule in environment steps"
+                f"FIRECallback(): {epochs} count epochs, which SB3 does not have; give the schedule in "
+                "environment steps"
             )
         self.sync_targets = sync_targets
         self.probe = probe
+        self.log = log
         self.apply_options = apply_options
         self.last_report: Report | None = None
-        self.history: list[dict] = []
+        self._resumed: list[str] = []  # load_state_dict's lines, for SB3's logger when learn starts
+
+    @property
+    def history(self) -> list[Firing]:
+        """Every :class:`~fire_core.schedule.Firing` so far (the schedule's; restored by :meth:`load_state_dict`)."""
+        return self.schedule.history
 
     # --- the agent ---------------------------------------------------------------------------
 
@@ -133,8 +163,8 @@ class FIRE(BaseCallback):
         if self.agent is None:
             names = ", ".join(c.__name__ for c in ALGORITHMS)
             raise TypeError(
-                f"fire_core.sb3.FIRE does not know the networks of {algo.__name__}; supported: {names} (and "
-                "their subclasses, DDPG through TD3). Add an Agent to fire_core.sb3.ALGORITHMS, or call "
+                f"fire_core.sb3.FIRECallback does not know the networks of {algo.__name__}; supported: {names} "
+                "(and their subclasses, DDPG through TD3). Add an Agent to fire_core.sb3.ALGORITHMS, or call "
                 "fire_core.torch.apply on its networks yourself"
             )
         policy = self.model.policy
@@ -149,7 +179,9 @@ class FIRE(BaseCallback):
 
     def _features(self) -> dict:
         if self.probe is None:
-            raise ValueError("an activation trigger needs observations: pass FIRE(probe=batch of observations)")
+            raise ValueError(
+                "an activation trigger needs observations: pass FIRECallback(probe=batch of observations)"
+            )
         policy = self.model.policy
         if isinstance(self.probe, torch.Tensor):
             obs = self.probe.to(policy.device)
@@ -159,21 +191,48 @@ class FIRE(BaseCallback):
         found = fire_torch.activations(self.networks, obs, forward=lambda _, o: self.agent.forward(policy, o))
         return {name: a.cpu() for name, a in found.items()}
 
-    # --- each step ---------------------------------------------------------------------------
+    def _check_probe(self) -> None:
+        """Run the probe once, as a check would, so that one that does not fit fails before the first step."""
+        try:
+            self._features()
+        except Exception as exc:
+            space = self.model.observation_space
+            expects = f"{type(space).__name__} of shape {space.shape}" if space.shape else str(space)
+            raise ValueError(
+                f"FIRECallback: the probe ({_shape(self.probe)}) does not run on {type(self.model).__name__}'s "
+                f"networks ({', '.join(self.agent.networks) or 'the policy'}; observations: {expects}): "
+                f"{type(exc).__name__}: {str(exc).rstrip('.')}. Pass probe= a batch of observations as the "
+                "environment gives them"
+            ) from exc
 
-    def _on_step(self) -> bool:
-        moment = Moment(
+    def _moment(self) -> Moment:
+        return Moment(
             step=self.num_timesteps,
             weights=self._select,
             features=self._features,
-            context={"model": self.model, "n_updates": getattr(self.model, "_n_updates", 0), "callback": self},
+            context={"model": self.model, "n_updates": int(getattr(self.model, "_n_updates", 0)), "callback": self},
         )
-        firing = self.schedule.poll(moment)
+
+    # --- each step ---------------------------------------------------------------------------
+
+    def _on_training_start(self) -> None:
+        for line in self._resumed:  # what load_state_dict carried over, into SB3's log outputs too
+            self.logger.log(f"FIRECallback: {line}")
+        self._resumed = []
+        if self.probe is not None:
+            self._check_probe()
+        if self.num_timesteps == 0:  # a run from the start: the initial network is the measured baseline
+            self.schedule.poll(self._moment())
+
+    def _on_step(self) -> bool:
+        moment = self._moment()
+        firing = self.schedule.poll(moment, fire=lambda f: self._fire(f, moment.context["n_updates"]))
         if firing is not None:
-            self._fire(firing, moment.context["n_updates"])
+            self._report(firing)
         return True
 
-    def _fire(self, firing, n_updates: int) -> None:
+    def _fire(self, firing: Firing, n_updates: int) -> None:
+        """Apply FIRE and sync the targets; an error leaves the schedule as it was (Schedule.poll(fire=))."""
         report = fire_torch.apply(self.networks, optimizer=self.optimizers, **self.apply_options)
         synced = []
         if self.sync_targets and report.applied:
@@ -181,35 +240,75 @@ class FIRE(BaseCallback):
             for target, online in self.agent.targets:
                 getattr(policy, target).load_state_dict(getattr(policy, online).state_dict())
                 synced.append(target)
-        totals = {key: report.total(key) for key in ("sfe", "dfi_before", "dfi_after")}
+        firing.info.update(report.metrics(), n_updates=int(n_updates), targets_synced=synced)
         self.last_report = report
-        self.history.append({**firing.to_dict(), "n_updates": int(n_updates), **totals, "weights": len(report),
-                             "skipped": len(report.skipped), "targets_synced": synced})
-        if len(report):  # report=False measures nothing
-            for key, value in totals.items():
-                self.logger.record(f"fire/{key}", value)
-        self.logger.record("fire/fired", len(self.history))
-        self.logger.record("fire/weights", len(report))
-        self.logger.record("fire/skipped", len(report.skipped))
+
+    def _report(self, firing: Firing) -> None:
+        """Log a recorded firing: the running count and the report's numbers."""
+        metrics = {k: v for k, v in firing.info.items() if k.startswith("fire/")}
+        if self.log:
+            self.logger.record("fire/fired", len(self.history))
+            for key, value in metrics.items():
+                self.logger.record(key, value)
         if self.verbose >= 2:
-            print(f"{firing}\n{report}")
+            print(f"{firing}\n{self.last_report}")
         elif self.verbose >= 1:
-            lines = [f"{firing}: {len(report)} weights projected, total SFE {totals['sfe']:.4g}"]
-            lines += report.skipped_lines() + list(report.notes)
-            if synced:
-                lines.append(f"targets synced: {', '.join(synced)}")
+            head = f"{firing}: {int(metrics['fire/weights'])} weights projected"
+            if "fire/sfe" in metrics:
+                head += f", total SFE {metrics['fire/sfe']:.4g}"
+            lines = [head, *self.last_report.skipped_lines(), *self.last_report.notes]
+            if firing.info["targets_synced"]:
+                lines.append(f"targets synced: {', '.join(firing.info['targets_synced'])}")
             print("\n".join(lines))
 
     # --- progress ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """The schedule's progress and the firings so far, JSON-able: save it beside ``model.save()``."""
-        return {"schedule": self.schedule.state_dict(), "history": [dict(h) for h in self.history]}
+        """The schedule's progress with its firings, JSON-able: save it beside ``model.save()``."""
+        return {"schedule": self.schedule.state_dict()}
 
-    def load_state_dict(self, state) -> None:
-        """Restore :meth:`state_dict` (before ``learn(..., reset_num_timesteps=False)``)."""
-        self.schedule.load_state_dict(state["schedule"])
-        self.history = [dict(h) for h in state.get("history", [])]
+    def load_state_dict(self, state) -> list[str]:
+        """Restore :meth:`state_dict` (before ``learn(..., reset_num_timesteps=False)``).
+
+        Through :meth:`fire_core.schedule.Schedule.load_state_dict`: the same
+        schedule resumes exactly, a changed one is carried over boundary by
+        boundary or refused (ValueError naming both, nothing changed).
+        Returns the lines saying what was carried over (printed with
+        ``verbose >= 1``, and written to SB3's logger when ``learn`` starts).
+        The format of fire_core before the history moved into the schedule
+        (``{"schedule": ..., "history": [dicts]}``) loads too: its numbers go
+        to each firing's ``info``.
+        """
+        if not isinstance(state, Mapping) or not isinstance(state.get("schedule"), Mapping):
+            raise ValueError(f"FIRECallback.load_state_dict takes what state_dict() returned, got {state!r}"[:300])
+        lines = self.schedule.load_state_dict(state["schedule"])
+        if "history" in state:  # the previous format: each firing's numbers beside the schedule
+            old = {(h["step"], tuple(h["reasons"])): h for h in state["history"]}
+            for firing in self.schedule.history:
+                h = old.get((firing.step, tuple(firing.reasons)))
+                if h is not None and not firing.info:
+                    firing.info = {"n_updates": h.get("n_updates"), "targets_synced": list(h.get("targets_synced", [])),
+                                   **{new: float(h[k]) for k, new in _OLD_TOTALS.items() if k in h}}
+        if self.verbose >= 1:
+            for line in lines:
+                print(f"FIRECallback: {line}")
+        self._resumed = list(lines)
+        return lines
+
+
+FIRE = FIRECallback  # the name before the integrations agreed on FIRECallback
+
+
+def _shape(probe) -> str:
+    if isinstance(probe, Mapping):
+        return "{" + ", ".join(f"{k!r}: {_shape(v)}" for k, v in probe.items()) + "}"
+    shape = getattr(probe, "shape", None)
+    if shape is None:
+        try:
+            shape = np.asarray(probe).shape
+        except Exception:
+            return type(probe).__name__
+    return f"{type(probe).__name__} of shape {tuple(shape)}"
 
 
 def _attr(obj, path: str):

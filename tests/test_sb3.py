@@ -1,4 +1,4 @@
-"""fire_core.sb3.FIRE on real Stable-Baselines3 runs (CartPole-v1, Pendulum-v1, a few hundred steps).
+"""fire_core.sb3.FIRECallback on real Stable-Baselines3 runs (CartPole-v1, Pendulum-v1, a few hundred steps).
 
 Each run has a snapshot callback before FIRE and one after it in a
 CallbackList, so the networks and optimizer states are deep-copied right
@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -24,8 +27,8 @@ from stable_baselines3.common.policies import ActorCriticPolicy  # noqa: E402
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor  # noqa: E402
 
 import fire_core.torch as fire_torch  # noqa: E402
-from fire_core.schedule import DfIAbove, Every, When  # noqa: E402
-from fire_core.sb3 import ALGORITHMS, FIRE  # noqa: E402
+from fire_core.schedule import DfIAbove, DormantAbove, Every, Firing, When, target_dfi  # noqa: E402
+from fire_core.sb3 import ALGORITHMS, FIRE, FIRECallback  # noqa: E402
 
 AT, TOTAL = 150, 250
 OPTIONS = {"steps": 10}
@@ -82,7 +85,7 @@ class Run:
         self.model = make(name)
         self.agent = ALGORITHMS[type(self.model)]
         self.before, self.after = Snapshot(AT), Snapshot(AT)
-        self.fire = FIRE(schedule=[AT], sync_targets=sync_targets, **OPTIONS)
+        self.fire = FIRECallback(schedule=[AT], sync_targets=sync_targets, **OPTIONS)
         self.model.learn(TOTAL, callback=CallbackList([self.before, self.fire, self.after]))
 
     def networks(self, policy) -> dict[str, nn.Module]:
@@ -119,9 +122,9 @@ def _params(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_fires_at_the_scheduled_timestep_only(run):
-    assert [h["step"] for h in run.fire.history] == [AT]
+    assert [h.step for h in run.fire.history] == [AT]
     assert run.before.step == run.after.step == AT
-    assert run.fire.history[0]["reasons"] == [f"scheduled at step {AT}"]
+    assert run.fire.history[0].reasons == [f"scheduled at step {AT}"]
 
 
 def test_each_network_equals_fire_torch_apply_on_a_copy_taken_before(run):
@@ -164,11 +167,11 @@ def test_targets_equal_the_projected_networks(run):
         assert set(got) == set(want)
         for key in want:
             assert torch.equal(got[key], want[key]), f"{target}.{key}"
-    assert run.fire.history[0]["targets_synced"] == [t for t, _ in run.agent.targets]
+    assert run.fire.history[0].info["targets_synced"] == [t for t, _ in run.agent.targets]
 
 
 def test_sync_targets_false_keeps_the_old_targets(unsynced):
-    assert unsynced.agent.targets and unsynced.fire.history[0]["targets_synced"] == []
+    assert unsynced.agent.targets and unsynced.fire.history[0].info["targets_synced"] == []
     for target, _ in unsynced.agent.targets:
         old = getattr(unsynced.before.policy, target).state_dict()
         for key, value in getattr(unsynced.after.policy, target).state_dict().items():
@@ -187,6 +190,8 @@ def test_the_logger_gets_the_report_totals(run):
     for key in ("sfe", "dfi_before", "dfi_after"):
         assert logged[f"fire/{key}"] == pytest.approx(report.total(key), rel=1e-12)
     assert logged["fire/fired"] == 1 and logged["fire/weights"] == len(report) and logged["fire/skipped"] == 0
+    info = run.fire.history[0].info  # what was logged is kept with the firing
+    assert {k: info[k] for k in report.metrics()} == report.metrics()
 
 
 def test_a_features_extractor_shared_by_actor_and_critic_is_projected_once():
@@ -208,10 +213,10 @@ def test_a_features_extractor_shared_by_actor_and_critic_is_projected_once():
 
 def test_the_data_free_dfi_trigger_reads_the_agents_weights():
     model = make("dqn")
-    fire = FIRE(schedule=DfIAbove(0.01, every=100))
+    fire = FIRECallback(schedule=DfIAbove(0.01, every=100))
     model.learn(150, callback=fire)
-    assert [h["step"] for h in fire.history] == [100]
-    assert fire.history[0]["reasons"][0].startswith("DfI/n (mean over 3 layers)")
+    assert [h.step for h in fire.history] == [100]
+    assert fire.history[0].reasons[0].startswith("DfI/n (mean over 3 layers)")
 
 
 def test_a_callable_schedule_sees_the_probe_activations_and_the_update_count():
@@ -225,35 +230,35 @@ def test_a_callable_schedule_sees_the_probe_activations_and_the_update_count():
 
     model = make("ppo")
     probe = np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32)
-    fire = FIRE(schedule=When(boundary), probe=probe)
+    fire = FIRECallback(schedule=When(boundary), probe=probe)
     model.learn(130, callback=fire)
-    assert fire.history[0]["reasons"] == ["task changed"] and fire.history[0]["n_updates"] == seen["n_updates"] == 2
+    assert fire.history[0].reasons == ["task changed"] and fire.history[0].info["n_updates"] == seen["n_updates"] == 2
     assert set(seen["features"]) == {f"mlp_extractor.{net}.{k}" for net in ("policy_net", "value_net") for k in (1, 3)}
     assert all(a.shape == (32, 16) for a in seen["features"].values())
 
 
 def test_a_resumed_callback_neither_fires_twice_nor_misses_a_boundary(tmp_path):
     model = make("dqn")
-    first = FIRE(schedule=[100, 200])
+    first = FIRECallback(schedule=[100, 200])
     model.learn(150, callback=first)
     model.save(tmp_path / "agent")
     (tmp_path / "fire.json").write_text(json.dumps(first.state_dict()))
 
     def resume(state):
         again = DQN.load(tmp_path / "agent", env=make("dqn").get_env(), device="cpu")
-        fire = FIRE(schedule=[100, 200])
+        fire = FIRECallback(schedule=[100, 200])
         if state:
             fire.load_state_dict(json.loads((tmp_path / "fire.json").read_text()))
         again.learn(100, callback=fire, reset_num_timesteps=False)
         return fire
 
-    assert [h["step"] for h in resume(state=True).history] == [100, 200]
-    assert [h["step"] for h in resume(state=False).history] == [151, 200]  # without its state, 100 fires again
+    assert [h.step for h in resume(state=True).history] == [100, 200]
+    assert [h.step for h in resume(state=False).history] == [151, 200]  # without its state, 100 fires again
 
 
 def test_verbose_prints_the_weights_left_alone_and_the_logger_counts_them(capsys):
     model = make("dqn")
-    fire = FIRE(schedule=[100], verbose=1, exclude=["q_net.q_net.4"])
+    fire = FIRECallback(schedule=[100], verbose=1, exclude=["q_net.q_net.4"])
     after = Snapshot(100)
     model.learn(110, callback=CallbackList([fire, after]))
     out = capsys.readouterr().out
@@ -271,20 +276,21 @@ def test_verbose_prints_the_weights_left_alone_and_the_logger_counts_them(capsys
     [
         ({"stpes": 5}, TypeError, "unknown option stpes="),
         ({"optimizer": None}, TypeError, "optimizer= is not an option here"),
+        ({"dry_run": True}, TypeError, "dry_run= is not an option here: a callback that changes nothing"),
         ({"method": "polar"}, ValueError, "method"),
         ({"schedule": Every(2, unit="epoch")}, ValueError, "SB3 does not have"),
     ],
 )
 def test_bad_options_are_refused_at_construction(options, error, words):
     with pytest.raises(error, match=words):
-        FIRE(**{"schedule": [100], **options})
+        FIRECallback(**{"schedule": [100], **options})
 
 
 def test_a_pattern_that_matches_no_weight_is_refused_before_the_first_step():
     model = make("dqn")
     old = copy.deepcopy(model.policy.state_dict())
     with pytest.raises(ValueError, match="'q_net.fc' matches no weight"):
-        model.learn(50, callback=FIRE(schedule=[10], include=["q_net.fc"]))
+        model.learn(50, callback=FIRECallback(schedule=[10], include=["q_net.fc"]))
     assert model.num_timesteps == 0
     assert all(torch.equal(v, old[k]) for k, v in model.policy.state_dict().items())
 
@@ -294,8 +300,282 @@ def test_an_algorithm_without_a_table_entry_is_refused_by_name():
                               ent_coef=0.0, vf_coef=0.5, max_grad_norm=0.5, use_sde=False, sde_sample_freq=-1,
                               device="cpu")
     with pytest.raises(TypeError, match="does not know the networks of OnPolicyAlgorithm; supported: DQN, SAC, TD3"):
-        model.learn(16, callback=FIRE(schedule=[8]))
+        model.learn(16, callback=FIRECallback(schedule=[8]))
     assert model.num_timesteps == 0
+
+
+# --- resuming in a new process -------------------------------------------------------------------
+
+# A user's training script: a module-level task-switch object and a functools.partial as triggers.
+# Each run is a new process; the model and the callback's state are saved beside each other.
+CHILD = textwrap.dedent("""
+    import functools, json, sys
+    import torch
+    from stable_baselines3 import DQN
+    from fire_core.schedule import When
+    from fire_core.sb3 import FIRECallback
+
+    class TaskSwitch:  # the task changes every `period` environment steps
+        def __init__(self, period):
+            self.period = period
+        def __call__(self, moment):
+            return f"task {moment.step // self.period} starts" if moment.step % self.period == 0 else False
+
+    def every(moment, period):
+        return moment.step % period == 0
+
+    args = json.loads(sys.argv[1])
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    if args["schedule"] == "callables":
+        schedule = [120, When(TaskSwitch(100)), When(functools.partial(every, period=150))]
+    else:
+        schedule = args["schedule"]
+    make = lambda: DQN("MlpPolicy", "CartPole-v1", learning_starts=20, train_freq=4, seed=0, device="cpu",
+                       policy_kwargs=dict(net_arch=[8]))
+    fire = FIRECallback(schedule=schedule, verbose=args.get("verbose", 0))
+    lines = []
+    if "load" in args:
+        model = DQN.load(args["load"] + "/agent", env=make().get_env(), device="cpu")
+        with open(args["load"] + "/fire.json") as f:
+            lines = fire.load_state_dict(json.load(f))
+        model.learn(args["until"] - model.num_timesteps, callback=fire, reset_num_timesteps=False)
+    else:
+        model = make()
+        model.learn(args["until"], callback=fire)
+    if "save" in args:
+        model.save(args["save"] + "/agent")
+        with open(args["save"] + "/fire.json", "w") as f:
+            json.dump(fire.state_dict(), f)
+    history = [h if isinstance(h, dict) else h.to_dict() for h in fire.history]
+    print("RESULT " + json.dumps({"history": [[h["step"], h["reasons"]] for h in history],
+                                  "num_timesteps": model.num_timesteps, "lines": lines}))
+""")
+
+
+def _children(tmp_path, *runs: dict) -> list[tuple[dict, str]]:
+    """Run the training script once per ``runs`` entry, each in a new process, all at once; (result, stdout)."""
+    script = tmp_path / "train.py"
+    script.write_text(CHILD)
+    procs = [subprocess.Popen([sys.executable, str(script), json.dumps(args)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=tmp_path) for args in runs]
+    out = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        result = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+        out.append((json.loads(result[-1][len("RESULT "):]), stdout))
+    return out
+
+
+def _child(tmp_path, **args) -> tuple[dict, str]:
+    return _children(tmp_path, args)[0]
+
+
+def test_callable_triggers_resume_in_a_new_process_neither_repeating_nor_missing_a_firing(tmp_path):
+    (whole, _), (first, _) = _children(tmp_path, dict(schedule="callables", until=400),
+                                       dict(schedule="callables", until=250, save=str(tmp_path)))
+    second, _ = _child(tmp_path, schedule="callables", until=400, load=str(tmp_path))
+    steps = [h[0] for h in whole["history"]]
+    assert steps == [100, 120, 150, 200, 300, 400]
+    assert [h[0] for h in first["history"]] == [100, 120, 150, 200]
+    assert second["history"] == whole["history"]  # the loaded firings, then 300 and 400: none twice, none missed
+    assert second["num_timesteps"] == 400 and second["lines"] == []  # the same schedule: nothing carried over
+    assert whole["history"][4][1] == ["task 3 starts", "When(partial(__main__.every)) returned True at step 300"]
+
+
+def test_a_changed_schedule_resumed_in_a_new_process_fires_only_its_new_boundary(tmp_path):
+    first, _ = _child(tmp_path, schedule=[600], until=800, save=str(tmp_path))
+    assert [h[0] for h in first["history"]] == [600]
+    second, out = _child(tmp_path, schedule=[600, 1400], until=1500, load=str(tmp_path), verbose=1)
+    assert [h[0] for h in second["history"]] == [600, 1400]  # 600 not again
+    assert second["lines"] and second["lines"][0].startswith("resumed the saved schedule ['AtSteps([600])'] and "
+                                                             "this one ['AtSteps([600, 1400])']")
+    for line in second["lines"]:  # verbose=1 prints what was carried over
+        assert line in out
+
+
+def test_a_changed_schedule_that_would_skip_a_boundary_is_refused_before_anything_changes():
+    model = make("dqn")
+    first = FIRECallback(schedule=[100])
+    model.learn(150, callback=first)
+    state = json.loads(json.dumps(first.state_dict()))
+    again = FIRECallback(schedule=[100, 120])
+    with pytest.raises(ValueError, match=r"AtSteps\(\[100\]\).*AtSteps\(\[100, 120\]\)"):
+        again.load_state_dict(state)
+    assert again.history == [] and again.state_dict() == FIRECallback(schedule=[100, 120]).state_dict()
+
+
+def test_the_previous_state_format_still_loads_its_history_into_firing_info():
+    model = make("dqn")
+    fire = FIRECallback(schedule=[100, 200])
+    model.learn(150, callback=fire)
+    firing = fire.history[0]
+    old = {"schedule": fire.schedule.state_dict(),
+           "history": [{**firing.to_dict(), "n_updates": 80, "sfe": 1.5, "dfi_before": 2.0, "dfi_after": 0.5,
+                        "weights": 3, "skipped": 0, "targets_synced": ["q_net_target"]}]}
+    for f in old["schedule"]["history"]:
+        f.pop("info", None)  # the schedule of that version kept no info
+    again = FIRECallback(schedule=[100, 200])
+    again.load_state_dict(json.loads(json.dumps(old)))
+    assert [h.step for h in again.history] == [100]
+    assert again.history[0].info == {"n_updates": 80, "targets_synced": ["q_net_target"], "fire/weights": 3.0,
+                                     "fire/skipped": 0.0, "fire/sfe": 1.5, "fire/dfi_before": 2.0,
+                                     "fire/dfi_after": 0.5}
+
+
+# --- when the schedule is checked ----------------------------------------------------------------
+
+
+class Counted(DfIAbove):
+    """DfIAbove that records the steps it measured at."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.measured: list[int] = []
+
+    def _values(self, moment):
+        self.measured.append(moment.step)
+        return super()._values(moment)
+
+
+def test_with_three_envs_a_periodic_trigger_checks_at_the_first_step_past_each_multiple():
+    from stable_baselines3.common.env_util import make_vec_env
+
+    model = DQN("MlpPolicy", make_vec_env("CartPole-v1", n_envs=3, seed=0), learning_starts=20, seed=0, device="cpu",
+                policy_kwargs=dict(net_arch=[8]))
+    trigger = Counted(1e9, every=10)
+    model.learn(72, callback=FIRECallback(schedule=trigger))
+    assert trigger.measured == [0, 12, 21, 30, 42, 51, 60, 72]  # 0: the initial network
+
+
+def test_the_relative_baseline_is_the_initial_network():
+    model = make("dqn")
+    initial = copy.deepcopy(model.policy.q_net)
+    trigger = DfIAbove(1e9, every=50, relative=True)
+    model.learn(60, callback=FIRECallback(schedule=trigger))
+    values = [float(v) for _, w, layout in fire_torch.select(nn.ModuleDict({"q_net": initial}))
+              for v in target_dfi(w, layout)]
+    assert trigger.baseline == pytest.approx(sum(values) / len(values), rel=1e-6)
+    assert trigger.last_check == 50
+
+
+def test_a_resumed_run_does_not_poll_step_0_again():
+    model = make("dqn")
+    trigger = Counted(1e9, every=50, relative=True)
+    fire = FIRECallback(schedule=trigger)
+    model.learn(60, callback=fire)
+    model.learn(50, callback=fire, reset_num_timesteps=False)
+    assert trigger.measured == [0, 50, 100]
+
+
+# --- the probe, at the start ---------------------------------------------------------------------
+
+
+def test_a_probe_that_does_not_fit_fails_when_learn_starts_and_changes_nothing():
+    model = make("dqn")
+    old = copy.deepcopy(model.policy.state_dict())
+    fire = FIRECallback(schedule=[DormantAbove(0.5, every=100)], probe=np.zeros((8, 3), np.float32))
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"FIRECallback: the probe .*\(8, 3\).* DQN") as caught:
+        model.learn(50, callback=fire)
+    assert caught.value.__cause__ is not None  # the original error, chained
+    assert model.num_timesteps == 0
+    assert all(torch.equal(v, old[k]) for k, v in model.policy.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert fire.history == [] and fire.schedule.last_poll is None
+
+
+def test_a_probe_that_fits_runs_once_at_the_start_without_advancing_the_random_numbers(monkeypatch):
+    model = make("ppo")
+    probe = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
+    fire = FIRECallback(schedule=[1000], probe=probe)
+    calls = []
+    real = fire_torch.activations
+    monkeypatch.setattr(fire_torch, "activations", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fire.init_callback(model)
+    rng = torch.get_rng_state()
+    fire.on_training_start({}, {})
+    assert torch.equal(torch.get_rng_state(), rng) and calls == [1]
+
+
+# --- a failed firing is not recorded -------------------------------------------------------------
+
+
+class Poison(BaseCallback):
+    """Puts a NaN in the first layer's weight at step ``at`` (once), before FIRE polls."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at, self.done = at, False
+
+    def _on_step(self) -> bool:
+        if not self.done and self.num_timesteps == self.at:
+            with torch.no_grad():
+                self.model.policy.q_net.q_net[0].weight[0, 0] = float("nan")
+            self.done = True
+        return True
+
+
+def test_a_failed_firing_is_not_recorded_and_a_continued_or_resumed_run_fires_there():
+    model = make("dqn")
+    poison, fire = Poison(100), FIRECallback(schedule=[100])
+    with pytest.raises(ValueError, match="finite|NaN|nan"):
+        model.learn(150, callback=CallbackList([poison, fire]))
+    assert model.num_timesteps == 100 and fire.history == []
+    saved = json.loads(json.dumps(fire.state_dict()))
+    assert saved["schedule"]["trigger_state"] == [{"done": []}] and saved["schedule"]["history"] == []
+    target = model.policy.q_net_target.q_net[0].weight
+    assert torch.isfinite(target).all()  # the NaN weight was not synced into the target
+
+    with torch.no_grad():  # repaired
+        model.policy.q_net.q_net[0].weight[0, 0] = 0.0
+    resumed = FIRECallback(schedule=[100])
+    resumed.load_state_dict(saved)
+    twin = copy.deepcopy(model)
+    model.learn(20, callback=CallbackList([poison, fire]), reset_num_timesteps=False)
+    assert [(h.step, h.reasons) for h in fire.history] == [(101, ["scheduled at step 100 (reached at step 101)"])]
+    twin.learn(20, callback=resumed, reset_num_timesteps=False)
+    assert [h.step for h in resumed.history] == [101]
+
+
+# --- logs ----------------------------------------------------------------------------------------
+
+
+def test_the_class_is_firecallback_and_fire_is_its_alias():
+    import fire_core.sb3 as sb3_module
+
+    assert FIRECallback.__name__ == "FIRECallback" and FIRE is FIRECallback
+    assert {"FIRE", "FIRECallback"} <= set(sb3_module.__all__)
+
+
+def test_report_false_logs_the_weights_projected_and_no_sfe():
+    model = make("dqn")
+    fire, after = FIRECallback(schedule=[100], report=False), Snapshot(100)
+    old = copy.deepcopy(model.policy.q_net)
+    model.learn(110, callback=CallbackList([fire, after]))
+    logged = {k: v for k, v in after.logged.items() if k.startswith("fire/")}
+    assert logged == {"fire/fired": 1, "fire/weights": 3.0, "fire/skipped": 0.0}
+    info = fire.history[0].info
+    assert {k for k in info if k.startswith("fire/")} == {"fire/weights", "fire/skipped"}
+    assert info["targets_synced"] == ["q_net_target"] and isinstance(info["n_updates"], int)
+    assert not torch.equal(after.policy.q_net.q_net[0].weight, old.q_net[0].weight)  # the weights did move
+
+
+def test_fired_is_the_running_count_and_history_is_json_able():
+    model = make("dqn")
+    fire, at_second = FIRECallback(schedule=Every(60)), Snapshot(120)
+    model.learn(130, callback=CallbackList([fire, at_second]))
+    assert [h.step for h in fire.history] == [60, 120] and all(isinstance(h, Firing) for h in fire.history)
+    assert at_second.logged["fire/fired"] == 2
+    assert json.loads(json.dumps(fire.state_dict()))["schedule"]["history"][1]["info"]["fire/weights"] == 3.0
+
+
+def test_log_false_records_nothing_in_the_sb3_logger():
+    model = make("dqn")
+    fire, after = FIRECallback(schedule=[100], log=False), Snapshot(100)
+    model.learn(110, callback=CallbackList([fire, after]))
+    assert not [k for k in after.logged if k.startswith("fire/")] and len(fire.history) == 1
 
 
 def _attr(obj, path: str):
