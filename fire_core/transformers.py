@@ -36,6 +36,7 @@ can gather; FIRE needs whole matrices, so such a model is refused at
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -53,9 +54,9 @@ import torch
 from torch import nn
 
 from . import torch as fire_torch
-from .schedule import DormantAbove, Moment, Schedule, SrankBelow, as_schedule
+from .schedule import DormantAbove, Moment, Schedule, SrankBelow, as_schedule, callable_name
 
-__all__ = ["FIRECallback", "attach"]
+__all__ = ["FIRECallback", "FIRE", "attach"]
 
 logger = transformers.utils.logging.get_logger(__name__)
 
@@ -95,7 +96,9 @@ class FIRECallback(TrainerCallback, ExportableState):
     ``probe``: keyword inputs of the model (``{"input_ids": ...}``), a tensor,
     or a callable returning one. Given, each report has the function drift
     on it (``fire/drift``), and the activation triggers read the outputs of
-    the model's activation modules on it.
+    the model's activation modules on it. It is run once at
+    ``on_train_begin``, as a firing would run it: a probe the model does not
+    take stops ``train()`` there, with nothing changed.
 
     ``restart_warmup``: after each firing, the Trainer's LR scheduler starts
     again from its first step, as the reference's language code restarts
@@ -106,14 +109,33 @@ class FIRECallback(TrainerCallback, ExportableState):
     reports are still in :attr:`last_report`, the firings in
     :attr:`history`, skipped weights in the ``transformers`` logger).
 
+    ``name``: this callback's identity in the checkpoints' saved progress,
+    for one callback among several on a Trainer (unique among them). By
+    default a callback is known by its schedule's
+    :meth:`~fire_core.schedule.Schedule.spec` and its position among the
+    Trainer's FIRECallbacks; a name lets its schedule change between runs
+    (carried over by :meth:`~fire_core.schedule.Schedule.load_state_dict`)
+    whatever the others do.
+
     ``apply_options``: :func:`fire_core.torch.apply`'s (``steps``,
     ``method``, ``scale``, ``include``, ``exclude``, ``split``, ``layouts``,
-    ``frozen``, ``conv_groups``, ``distributed``...), checked here; the
-    selection options are checked against the model at ``on_train_begin``.
+    ``frozen``, ``conv_groups``, ``report``, ``distributed``...), checked
+    here; the selection options are checked against the model at
+    ``on_train_begin``.
+
+    A fresh run polls the schedule once at step 0 (``on_train_begin``): the
+    measured triggers take the initial network as their baseline. Each
+    firing goes through ``Schedule.poll(..., fire=...)``: if
+    ``fire_core.torch.apply`` fails (a NaN weight), the error propagates,
+    the schedule is as it was (nothing marked done) and the LR scheduler is
+    not restarted. A recorded firing logs ``fire/fired`` (the number of
+    firings so far) and :meth:`~fire_core.report.Report.metrics` (no SFE or
+    DfI with ``report=False``), kept in its ``Firing.info``.
+    ``FIRE`` is another name of this class.
     """
 
-    def __init__(self, schedule=None, *, probe=None, restart_warmup: bool = False, trainer=None, log: bool = True,
-                 **apply_options):
+    def __init__(self, schedule=None, *, name: str | None = None, probe=None, restart_warmup: bool = False,
+                 trainer=None, log: bool = True, **apply_options):
         if schedule is None:
             raise TypeError(
                 "FIRECallback needs schedule= (a list of steps, Every(N), a callable or a trigger). If the Trainer "
@@ -122,9 +144,12 @@ class FIRECallback(TrainerCallback, ExportableState):
                 "False; FIRECallback restores its own progress from the checkpoint when training resumes"
             )
         self.select_options = fire_torch.check_options(apply_options, taken=_TAKEN, who="FIRECallback")
-        for name, value in (("restart_warmup", restart_warmup), ("log", log)):
+        if name is not None and (not isinstance(name, str) or not name):
+            raise TypeError(f"FIRECallback: name must be a non-empty string, got {type(name).__name__} {name!r}")
+        self.name = name
+        for option, value in (("restart_warmup", restart_warmup), ("log", log)):
             if not isinstance(value, bool):
-                raise TypeError(f"FIRECallback: {name} must be True or False, got {value!r}")
+                raise TypeError(f"FIRECallback: {option} must be True or False, got {value!r}")
         if apply_options.get("dry_run"):
             raise ValueError("FIRECallback: dry_run=True would change nothing at a firing; use "
                              "fire_core.torch.apply(model, dry_run=True) to look at a report")
@@ -156,33 +181,130 @@ class FIRECallback(TrainerCallback, ExportableState):
 
     # --- checkpointing: transformers' stateful callbacks ------------------------------------------
 
+    def identity(self) -> dict:
+        """This callback's identity in saved progress: ``{"name": name}``, or its schedule's spec and position.
+
+        The position is its index among the Trainer's callbacks of this class
+        (None while unbound). JSON-able and the same in every process.
+        """
+        if self.name is not None:
+            return {"name": self.name}
+        return {"name": None, "spec": self.schedule.spec(), "index": self._index()}
+
     def state(self) -> dict:
-        """What the Trainer saves in its checkpoint's ``trainer_state.json``: the schedule's progress."""
-        return {"args": {}, "attributes": {"schedule": self.schedule.state_dict()}}
+        """What the Trainer saves in its checkpoint's ``trainer_state.json``: the identity and the schedule's progress."""
+        return {"args": {}, "attributes": {"identity": self.identity(), "schedule": self.schedule.state_dict()}}
+
+    def _siblings(self) -> list:
+        """The Trainer's callbacks saved under this class's name (transformers keys stateful callbacks by it)."""
+        if self.trainer is None or getattr(self.trainer, "callback_handler", None) is None:
+            return [self]
+        same = [c for c in self.trainer.callback_handler.callbacks if type(c).__name__ == type(self).__name__]
+        return same if any(c is self for c in same) else [self]
+
+    def _index(self) -> int | None:
+        if self.trainer is None or getattr(self.trainer, "callback_handler", None) is None:
+            return None
+        return next((k for k, c in enumerate(self._siblings()) if c is self), None)
+
+    def _who(self) -> str:
+        return type(self).__name__ + (f" {self.name!r}" if self.name is not None else f" {self.schedule.spec()}")
 
     def _restore(self, state) -> None:
-        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
-        if saved is None:
+        """Load this callback's latest saved progress (on resume); log what a changed schedule carried over."""
+        if not state.global_step:  # a fresh run: nothing to resume
             return
-        if isinstance(saved, list):  # several FIRECallbacks: saved in the order the Trainer holds them
-            saved = self._mine(saved)
-        self.schedule.load_state_dict(saved.get("attributes", {}).get("schedule", {}))
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        entries = [] if saved is None else saved if isinstance(saved, list) else [saved]
+        entry = self._mine([e for e in entries if isinstance(e, dict)])
+        if entry is not None:
+            progress = entry.get("attributes", {}).get("schedule", {})
+        else:  # resumed from a checkpoint that holds no progress of this callback: nothing of it has fired
+            progress = {"format": 2, "triggers": [], "specs": [], "trigger_state": [], "history": [],
+                        "last_poll": int(state.global_step), "last_epoch": None}
+        try:
+            lines = self.schedule.load_state_dict(progress)
+        except ValueError as exc:
+            raise ValueError(f"{self._who()} cannot resume from the checkpoint at step {state.global_step}: {exc}") from exc
+        for line in lines:
+            logger.info("%s: %s", self._who(), line)
 
-    def _mine(self, saved: list) -> dict:
-        """This callback's entry among several saved FIRECallback states."""
-        if self.trainer is not None:
-            same = [c for c in self.trainer.callback_handler.callbacks if type(c) is type(self)]
-            if len(same) == len(saved) and any(c is self for c in same):
-                return saved[next(k for k, c in enumerate(same) if c is self)]
-        ours = [repr(t) for t in self.schedule.triggers]
-        found = [s for s in saved if s.get("attributes", {}).get("schedule", {}).get("triggers") == ours]
-        if len(found) != 1:
+    def _mine(self, entries: list) -> dict | None:
+        """This callback's latest entry among the saved states of its class, or None when none is its.
+
+        The Trainer appends every callback's state to the list at each save
+        (and the list of a resumed run grows on the checkpoint's), so an
+        identity appears many times: the last entry wins. Each callback of
+        the Trainer is matched to a saved identity, by the same rules on
+        every callback: its name; else the same spec at the same position;
+        else the same spec, if one saved unnamed identity has it; else (a
+        changed schedule) the one saved unnamed identity no callback
+        claimed, when it is the only unclaimed callback. Anything else is
+        refused, asking for ``name=``.
+        """
+        known = [e for e in entries if isinstance(e.get("attributes", {}).get("identity"), dict)]
+        if entries and not known:  # saved by an older fire_core: no identity
+            return self._legacy(entries)
+        latest: dict[str, dict] = {}
+        for e in known:
+            key = json.dumps(e["attributes"]["identity"], sort_keys=True)
+            latest.pop(key, None)
+            latest[key] = e  # insertion order: the latest save last
+        saved = {key: json.loads(key) for key in latest}
+        siblings = self._siblings()
+        claimed: dict[int, str] = {}  # sibling index -> saved key
+        free = dict(saved)
+        idents = [c.identity() for c in siblings]
+        for k, ident in enumerate(idents):  # the same identity
+            key = json.dumps(ident, sort_keys=True)
+            if key in free:
+                claimed[k] = key
+                del free[key]
+        for k, ident in enumerate(idents):  # the same schedule, moved among the callbacks
+            if k in claimed or ident["name"] is not None:
+                continue
+            same = [key for key, v in free.items() if v.get("name") is None and v.get("spec") == ident["spec"]]
+            if len(same) == 1:
+                claimed[k] = same[0]
+                del free[same[0]]
+        unnamed = [key for key, v in free.items() if v.get("name") is None]
+        left = [k for k in range(len(siblings)) if k not in claimed]
+        ours = next(k for k, c in enumerate(siblings) if c is self)
+        if ours in claimed:
+            return latest[claimed[ours]]
+        if not unnamed:
+            return None  # new since the checkpoint
+        if len(unnamed) == 1 and len(left) == 1:  # one schedule changed: carried over (or refused) by the schedule
+            return latest[unnamed[0]]
+        shown = "; ".join(_shown(saved[key]) for key in unnamed)
+        raise ValueError(
+            f"{self._who()}: the checkpoint holds the progress of FIRECallbacks no callback of this Trainer matches "
+            f"by its name or schedule ({shown}), and {len(left)} callbacks to give it to: which is whose would be a "
+            "guess. Give each FIRECallback name= (its identity in the checkpoints), or resume with the saved schedules"
+        )
+
+    def _check_name(self) -> None:
+        """A name is an identity: two callbacks of one Trainer may not share it."""
+        if self.name is None:
+            return
+        twins = [c for c in self._siblings() if getattr(c, "name", None) == self.name]
+        if len(twins) > 1:
+            raise ValueError(f"{len(twins)} FIRECallbacks of this Trainer have name={self.name!r}: a name is a "
+                             "callback's identity in the checkpoints' saved progress, give each its own")
+
+    def _legacy(self, entries: list) -> dict:
+        """The entry of a checkpoint saved before states carried an identity: by position in the latest save."""
+        siblings = self._siblings()
+        if len(entries) == 1 and len(siblings) == 1:
+            return entries[0]
+        index = self._index()
+        if index is None or len(entries) % len(siblings):
             raise ValueError(
-                f"the checkpoint holds {len(saved)} {type(self).__name__} states and {len(found)} of them have this "
-                f"callback's schedule {ours}: bind each callback to the Trainer (attach or trainer=) so its "
-                "saved state is found by position"
+                f"the checkpoint holds {len(entries)} {type(self).__name__} states saved without an identity (an "
+                "older fire_core): bind each callback to the Trainer (attach or trainer=), with the callbacks the "
+                "checkpoint was saved with, so that its state is found by its position in the latest save"
             )
-        return found[0]
+        return entries[len(entries) - len(siblings) + index]
 
     # --- the events -------------------------------------------------------------------------------
 
@@ -193,13 +315,19 @@ class FIRECallback(TrainerCallback, ExportableState):
                 "Trainer: use fire_core.transformers.attach(trainer, schedule=...), FIRECallback(..., "
                 "trainer=trainer), or callback.bind(trainer) before train(); log=False logs nothing"
             )
+        self._check_name()
         model = self._model(model)
         _refuse_placeholders(model)
         _refuse_deepspeed(self.trainer, args)
         fire_torch.select(model, **self.select_options)  # a selection typo fails here, not at the firing
         if self.restart_warmup:
             _check_restartable(_inner_scheduler(lr_scheduler))
+        if self.probe is not None:
+            self._try_probe(model)
         self._restore(state)
+        if state.global_step == 0:  # a fresh run: the initial network is the measured triggers' baseline
+            self._poll(args, state, control, "step", 0,
+                       {"model": model, "optimizer": optimizer, "lr_scheduler": lr_scheduler, **kwargs})
 
     def on_step_end(self, args, state, control, **kwargs):
         self._poll(args, state, control, "step", int(state.global_step), kwargs)
@@ -220,11 +348,12 @@ class FIRECallback(TrainerCallback, ExportableState):
             features=None if self.probe is None else (lambda: _activations(model, self._probe(model))),
             context={"trainer": self.trainer, "model": model, "state": state, "args": args},
         )
-        firing = self.schedule.poll(moment)
+        firing = self.schedule.poll(moment, fire=lambda f: self._fire(f, model, kwargs))
         if firing is not None:
-            self._fire(firing, model, state, control, kwargs)
+            self._logged(firing, state, control)
 
-    def _fire(self, firing, model: nn.Module, state, control, kwargs) -> None:
+    def _fire(self, firing, model: nn.Module, kwargs) -> None:
+        """Apply FIRE for ``firing``; called inside the poll, so a failure leaves the schedule as it was."""
         _refuse_placeholders(model)
         scheduler = _inner_scheduler(kwargs.get("lr_scheduler")) if self.restart_warmup else None
         if scheduler is not None:
@@ -232,9 +361,14 @@ class FIRECallback(TrainerCallback, ExportableState):
         probe = None if self.probe is None else self._probe(model)
         report = fire_torch.apply(model, optimizer=_inner_optimizer(kwargs.get("optimizer")), probe=probe,
                                   **self.apply_options)
-        if scheduler is not None:
+        if scheduler is not None:  # only once the weights are written: a failed firing leaves the scheduler
             _restart(scheduler)
         self.last_report = report
+        firing.info.update(report.metrics())
+
+    def _logged(self, firing, state, control) -> None:
+        """Log a recorded firing: the report to the ``transformers`` logger, the numbers through ``Trainer.log``."""
+        report = self.last_report
         if state.is_world_process_zero:
             logger.info("%s\n%s", firing, report)
             shown = "\n".join(report.skipped_lines() + list(report.notes))
@@ -243,8 +377,23 @@ class FIRECallback(TrainerCallback, ExportableState):
                 logger.warning("FIRE at step %d left weights alone or noted:\n%s", firing.step, shown)
         if self.log:
             due = control.should_log  # Trainer.log clears it; the Trainer's own loss log of this step must still run
-            self.trainer.log(_totals(report))
+            self.trainer.log({"fire/fired": float(len(self.history)), **firing.info})
             control.should_log = due
+
+    def _try_probe(self, model: nn.Module) -> None:
+        """Run the probe once as a firing (or an activation trigger) would, changing nothing; a clear error if it fails."""
+        try:
+            probe = self._probe(model)
+            if any(isinstance(t, (DormantAbove, SrankBelow)) for t in self.schedule.triggers):
+                _activations(model, probe)
+            else:  # the plain forward of the drift, as fire_core.torch.apply runs it
+                fire_torch._run_probe(model, probe, {})
+        except Exception as exc:
+            raise ValueError(
+                f"FIRECallback: the probe ({_describe(self.probe)}) fails on the model ({type(model).__name__}) "
+                f"when training starts: {type(exc).__name__}: {exc}. probe= must be inputs this model takes (a dict "
+                "of keyword inputs, a tensor, a tuple), or a callable returning them; nothing was changed"
+            ) from exc
 
     def _model(self, model) -> nn.Module:
         if self.trainer is not None:
@@ -268,19 +417,27 @@ def attach(trainer, schedule, **options) -> FIRECallback:
     return callback
 
 
-def _totals(report) -> dict[str, float]:
-    """The report as the numbers logged at a firing."""
-    logs = {
-        "fire/fired": 1.0,
-        "fire/weights": float(len(report.rows)),
-        "fire/sfe": report.total("sfe"),
-        "fire/dfi_before": report.total("dfi_before"),
-        "fire/dfi_after": report.total("dfi_after"),
-        "fire/skipped": float(len(report.skipped)),
-    }
-    if report.drift is not None:
-        logs["fire/drift"] = float(report.drift)
-    return logs
+FIRE = FIRECallback  # the name the Lightning and SB3 callbacks had first; one class
+
+
+def _shown(identity: dict) -> str:
+    """A saved identity, for a message."""
+    if identity.get("name") is not None:
+        return f"name={identity['name']!r}"
+    return f"schedule {identity.get('spec')} at position {identity.get('index')}"
+
+
+def _describe(probe) -> str:
+    """What the probe is, for a message: its keys, shape or callable's name."""
+    if isinstance(probe, dict):
+        return f"a dict of keyword inputs {sorted(map(str, probe))}"
+    if isinstance(probe, torch.Tensor):
+        return f"a tensor of shape {tuple(probe.shape)}"
+    if isinstance(probe, tuple):
+        return f"a tuple of {len(probe)} inputs"
+    if callable(probe):
+        return f"the callable {callable_name(probe)}"
+    return type(probe).__name__
 
 
 def _refuse_placeholders(model: nn.Module) -> None:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import logging
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +29,8 @@ from transformers import (  # noqa: E402
 )
 
 import fire_core.torch as fire_torch  # noqa: E402
-from fire_core.schedule import DfIAbove, DormantAbove  # noqa: E402
+import fire_core.transformers as fire_hf  # noqa: E402
+from fire_core.schedule import DfIAbove, DormantAbove, When, target_dfi  # noqa: E402
 from fire_core.transformers import FIRECallback, attach  # noqa: E402
 
 torch.set_num_threads(1)
@@ -359,3 +365,238 @@ def test_missing_transformers_is_an_import_error_naming_the_extra():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "pip install 'fire-core[transformers]'" in out.stdout
+
+
+# --- resuming in a new process (issue 21, items 1 and 3) --------------------------------------------
+
+
+class Switch:
+    """A module-level callable object: a task switch at the given steps (its identity is its class, no address)."""
+
+    def __init__(self, steps):
+        self.steps = tuple(steps)
+
+    def __call__(self, moment):
+        return moment.step in self.steps
+
+
+def switched(moment, at=()):
+    """A module-level function, used through functools.partial."""
+    return moment.step in at
+
+
+SCHEDULES = {
+    "switch": lambda: When(Switch((5, 11))),
+    "partial": lambda: When(functools.partial(switched, at=(7, 13))),
+}
+
+# One Trainer run in a child process: the callbacks built from SCHEDULES or step lists, every one bound,
+# a checkpoint every save_steps; prints what fired and what was logged, as JSON on its last line.
+CHILD = r"""
+import json, logging, sys
+sys.path.insert(0, sys.argv[2])
+import torch
+torch.set_num_threads(1)
+import test_transformers as T
+from transformers import Trainer
+import fire_core.transformers as fire_hf
+
+cfg = json.loads(sys.argv[1])
+lines = []
+handler = logging.Handler()
+handler.emit = lambda record: lines.append(record.getMessage())
+fire_hf.logger.addHandler(handler)
+fire_hf.logger.setLevel(logging.INFO)
+trainer = Trainer(model=T.gpt2(), train_dataset=T.Tokens(), args=T.arguments(
+    cfg["out"], max_steps=cfg["max_steps"], save_strategy="steps", save_steps=cfg["save_steps"]))
+callbacks = []
+for spec in cfg["callbacks"]:
+    schedule = T.SCHEDULES[spec["schedule"]]() if isinstance(spec["schedule"], str) else spec["schedule"]
+    callbacks.append(fire_hf.attach(trainer, schedule, name=spec.get("name")) if spec.get("name")
+                     else fire_hf.attach(trainer, schedule))
+error = None
+try:
+    trainer.train(resume_from_checkpoint=cfg.get("resume"))
+except Exception as exc:
+    error = f"{type(exc).__name__}: {exc}"
+print("RESULT " + json.dumps({
+    "error": error,
+    "histories": [[f.step for f in c.history] for c in callbacks],
+    "logged": [[h["step"], h["fire/fired"]] for h in trainer.state.log_history if "fire/fired" in h],
+    "lines": lines,
+    "global_step": trainer.state.global_step,
+}))
+"""
+
+
+def child(**cfg):
+    """Run CHILD in a new Python process; its result (a dict)."""
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg), str(Path(__file__).parent)],
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent,
+                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"})
+    results = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert out.returncode == 0 and results, out.stdout[-3000:] + out.stderr[-5000:]
+    return json.loads(results[-1][len("RESULT "):])
+
+
+def test_several_callbacks_resume_in_a_new_process_each_from_its_latest_state(tmp_path):
+    """Three bound FIRECallbacks (a callable object, a partial, a step list named "main"), checkpoints every
+    4 steps: the Trainer appends every callback's state at each save, so trainer_state.json holds several of
+    each. Resumed in a new process from step 8, with "main" changed from [6] to [6, 14]; then again from
+    step 12 (whose file holds the states of both runs)."""
+    first = [{"schedule": "switch"}, {"schedule": "partial"}, {"schedule": [6], "name": "main"}]
+    one = child(out=str(tmp_path / "a"), max_steps=8, save_steps=4, callbacks=first)
+    assert one["error"] is None and one["histories"] == [[5], [7], [6]]
+    saved = json.loads((tmp_path / "a" / "checkpoint-8" / "trainer_state.json").read_text())
+    assert len(saved["stateful_callbacks"]["FIRECallback"]) == 9  # 3 at the start, 3 per save
+
+    changed = [first[0], first[1], {"schedule": [6, 14], "name": "main"}]
+    two = child(out=str(tmp_path / "b"), max_steps=16, save_steps=4, callbacks=changed,
+                resume=str(tmp_path / "a" / "checkpoint-8"))
+    assert two["error"] is None, two["error"]
+    assert two["histories"] == [[5, 11], [7, 13], [6, 14]]  # each fires ahead only: 6 is not repeated
+    assert [s for s, _ in two["logged"] if s > 8] == [11, 13, 14]  # log_history holds the first run's too
+    assert [n for s, n in two["logged"] if s > 8] == [2, 2, 2]  # fire/fired: each callback's running count
+    carried = [line for line in two["lines"] if "resumed the saved schedule" in line]
+    assert len(carried) == 1 and "main" in carried[0] and "[6, 14]" in carried[0], two["lines"]
+
+    three = child(out=str(tmp_path / "c"), max_steps=16, save_steps=4, callbacks=changed,
+                  resume=str(tmp_path / "b" / "checkpoint-12"))
+    assert three["error"] is None, three["error"]
+    assert three["histories"] == [[5, 11], [7, 13], [6, 14]]
+    assert [s for s, _ in three["logged"] if s > 12] == [13, 14]
+    assert not [line for line in three["lines"] if "resumed the saved schedule" in line]  # the same schedules
+
+
+def test_a_schedule_changed_before_the_checkpoint_is_refused_naming_both(checkpointed, tmp_path):
+    path, _, _ = checkpointed  # FIRE at 10; checkpoint 8 comes before it
+    trainer = Trainer(model=gpt2(), args=arguments(tmp_path, max_steps=16), train_dataset=Tokens())
+    callback = attach(trainer, [6, 10])  # 6 is before the checkpoint and never fired: firing late or not are guesses
+    with pytest.raises(ValueError, match=r"AtSteps\(\[10\]\).*AtSteps\(\[6, 10\]\).*never fired"):
+        trainer.train(resume_from_checkpoint=str(path / "checkpoint-8"))
+    assert trainer.state.global_step == 8 and callback.history == []
+
+
+def test_a_changed_schedule_carries_over_and_logs_what_it_did(checkpointed, tmp_path):
+    path, _, _ = checkpointed  # FIRE at 10; checkpoint 12 comes after it
+    trainer = Trainer(model=gpt2(), args=arguments(tmp_path, max_steps=16), train_dataset=Tokens())
+    callback = attach(trainer, [10, 14])
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    level = fire_hf.logger.level
+    fire_hf.logger.addHandler(handler)
+    fire_hf.logger.setLevel(logging.INFO)
+    try:
+        trainer.train(resume_from_checkpoint=str(path / "checkpoint-12"))
+    finally:
+        fire_hf.logger.removeHandler(handler)
+        fire_hf.logger.setLevel(level)
+    assert [f.step for f in callback.history] == [10, 14]
+    assert [(h["step"], h["fire/fired"]) for h in trainer.state.log_history if "fire/fired" in h and h["step"] > 12] \
+        == [(14, 2)]
+    assert any("resumed the saved schedule" in line and "AtSteps([10, 14])" in line for line in lines), lines
+
+
+def test_name_is_saved_and_checked():
+    callback = FIRECallback([3], name="main", log=False)
+    assert callback.state()["attributes"]["identity"]["name"] == "main"
+    assert FIRECallback([3], log=False).state()["attributes"]["identity"]["spec"] == [
+        {"type": "AtSteps", "steps": [3], "unit": "step"}]
+    with pytest.raises(TypeError, match="name"):
+        FIRECallback([3], name=3)
+
+
+def test_two_callbacks_with_one_name_are_refused(tmp_path):
+    trainer = Trainer(model=gpt2(), args=arguments(tmp_path, max_steps=3), train_dataset=Tokens())
+    attach(trainer, [2], name="main")
+    attach(trainer, [3], name="main")
+    with pytest.raises(ValueError, match="main"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+# --- the step-0 poll: the initial network is the baseline (item 2) ----------------------------------
+
+
+def test_relative_trigger_baseline_is_the_initial_network(tmp_path):
+    model = gpt2()
+    initial = [v for _, w, layout in fire_torch.select(model) for v in target_dfi(w, layout).tolist()]
+    seen = []
+    trigger = DfIAbove(1e9, every=5, relative=True)
+    trainer = Trainer(model=model, train_dataset=Tokens(),
+                      args=arguments(tmp_path, max_steps=6, gradient_accumulation_steps=2))
+    attach(trainer, [trigger, When(lambda m: seen.append(m.step))])
+    trainer.train()
+    assert trigger.baseline == pytest.approx(sum(initial) / len(initial), rel=1e-6)
+    assert trigger.last_check == 5
+    assert seen == [1, 2, 3, 4, 5, 6]  # one poll per optimizer step under gradient accumulation, none repeated
+
+
+# --- the probe runs when training starts (item 5) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", [[2], DormantAbove(0.5, every=2)], ids=["drift", "activations"])
+def test_a_probe_that_does_not_fit_fails_at_the_start_with_nothing_changed(tmp_path, schedule):
+    model = gpt2()
+    old = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=3), train_dataset=Tokens())
+    callback = attach(trainer, schedule, probe={"input_idz": Tokens(n=2).x})
+    with pytest.raises(ValueError, match=r"FIRECallback.*probe.*input_idz.*GPT2LMHeadModel") as info:
+        trainer.train()
+    assert "input_ids" in str(info.value.__cause__)  # the model's own error, chained
+    assert trainer.state.global_step == 0 and callback.history == []
+    for name, p in model.named_parameters():
+        assert torch.equal(p, old[name]), name
+
+
+# --- a failed firing is not recorded (item 6) -------------------------------------------------------
+
+
+class Poison(TrainerCallback):
+    """Puts a NaN in a weight at on_step_end of step ``at`` (added before FIRE, so FIRE meets it there)."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.at:
+            with torch.no_grad():
+                model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+
+
+def test_a_failed_firing_is_not_recorded_and_leaves_the_scheduler(tmp_path):
+    trainer = Trainer(model=gpt2(), args=arguments(tmp_path, max_steps=6), train_dataset=Tokens())
+    trainer.add_callback(Poison(3))
+    callback = attach(trainer, [3], restart_warmup=True)
+    with pytest.raises(ValueError, match=r"c_fc"):
+        trainer.train()
+    assert trainer.state.global_step == 3
+    progress = callback.state()["attributes"]["schedule"]
+    assert progress["trigger_state"] == [{"done": []}] and progress["history"] == []
+    assert callback.history == [] and callback.last_report is None
+    assert not [h for h in trainer.state.log_history if "fire/fired" in h]
+    assert trainer.lr_scheduler.last_epoch == 3  # not restarted
+
+
+# --- logs, one convention (item 7) ------------------------------------------------------------------
+
+
+def test_fire_is_an_alias_of_firecallback():
+    from fire_core.transformers import FIRE
+
+    assert FIRE is FIRECallback and FIRECallback.__name__ == "FIRECallback"
+    assert {"FIRE", "FIRECallback", "attach"} <= set(fire_hf.__all__)
+
+
+def test_report_false_logs_no_numbers_it_did_not_measure_and_fired_counts(tmp_path):
+    trainer = Trainer(model=gpt2(), args=arguments(tmp_path, max_steps=4), train_dataset=Tokens())
+    callback = attach(trainer, [2, 4], report=False)
+    trainer.train()
+    entries = [h for h in trainer.state.log_history if "fire/fired" in h]
+    assert [(h["step"], h["fire/fired"]) for h in entries] == [(2, 1), (4, 2)]
+    for entry, firing in zip(entries, callback.history):
+        assert not {"fire/sfe", "fire/dfi_before", "fire/dfi_after"} & set(entry)
+        assert entry["fire/weights"] == callback.last_report.projected > 0
+        assert firing.info == {k: v for k, v in entry.items() if k.startswith("fire/") and k != "fire/fired"}
+    assert callback.state()["attributes"]["schedule"]["history"][0]["info"]["fire/weights"] > 0
