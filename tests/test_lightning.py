@@ -335,6 +335,337 @@ def test_a_run_resumed_after_the_firing_does_not_fire_again(tmp_path):
     assert [f.step for f in resumed.history] == [8]  # the history came back with the checkpoint
 
 
+# --- resuming, failures and logs (issue 21) -------------------------------------------------------
+
+
+def test_the_callback_class_is_FIRECallback_and_FIRE_its_alias():
+    import fire_core.lightning as fl
+
+    assert fl.FIRECallback.__name__ == "FIRECallback"
+    assert fl.FIRE is fl.FIRECallback
+    assert {"FIRE", "FIRECallback"} <= set(fl.__all__)
+
+
+def test_the_state_key_is_stable_and_independent_of_the_schedule():
+    import fire_core.lightning as fl
+
+    keys = {FIRE([6]).state_key, FIRE([6, 14]).state_key, FIRE(DfIAbove(2.0)).state_key,
+            FIRE(lambda m: False).state_key}
+    assert len(keys) == 1 and "0x" not in keys.pop()  # no schedule detail, no memory address
+    named = fl.FIRECallback([6], name="fire").state_key
+    assert named != FIRE([6]).state_key and named == fl.FIRECallback([6, 14], name="fire").state_key
+    with pytest.raises(TypeError, match="name"):
+        fl.FIRECallback([6], name=3)
+
+
+RESUME_SCRIPT = '''
+import functools, json, sys, warnings
+import torch
+torch.set_num_threads(1)
+from torch import nn
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from fire_core.lightning import FIRE
+from fire_core.schedule import Trigger, When
+
+
+class MLP(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class TaskSwitch:  # a callable object: "the task changed at this step"
+    def __init__(self, boundaries):
+        self.boundaries = boundaries
+
+    def __call__(self, moment):
+        return "task switch" if moment.step in self.boundaries else None
+
+
+def at_boundary(moment, boundaries):
+    return "boundary" if moment.step in boundaries else None
+
+
+class Boundaries(Trigger):  # a user's own trigger: a spec, but the default repr (a memory address)
+    def __init__(self, steps):
+        self.steps, self.done = list(steps), []
+
+    def spec(self):
+        return {"type": "Boundaries", "steps": self.steps}
+
+    def check(self, moment):
+        due = [s for s in self.steps if s <= moment.step and s not in self.done]
+        self.done.extend(due)
+        return f"boundary {due} at {moment.step}" if due else None
+
+    def state_dict(self):
+        return {"done": list(self.done)}
+
+    def load_state_dict(self, state):
+        self.done = list(state["done"])
+
+
+SCHEDULES = {
+    "object": lambda: When(TaskSwitch([6, 14])),
+    "partial": lambda: When(functools.partial(at_boundary, boundaries=(6, 14))),
+    "trigger": lambda: Boundaries([6, 14]),
+}
+
+if __name__ == "__main__":
+    phase, out = sys.argv[1], sys.argv[2]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 8, generator=g)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :2] * x[:, 2:4]), batch_size=4)
+    result = {}
+    for kind, make in SCHEDULES.items():
+        fire = FIRE(schedule=make())
+        kw = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if phase == "train":
+                ckpt = ModelCheckpoint(dirpath=out, filename=kind, every_n_train_steps=8, save_top_k=-1)
+                pl.Trainer(max_steps=8, callbacks=[fire, ckpt], **kw).fit(MLP(), data)
+            else:
+                pl.Trainer(max_steps=16, callbacks=[fire], enable_checkpointing=False, **kw).fit(
+                    MLP(), data, ckpt_path=f"{out}/{kind}.ckpt")
+        result[kind] = {"history": [[f.step, f.reasons] for f in fire.history],
+                        "warnings": [str(w.message) for w in caught if "FIRE" in str(w.message)]}
+    with open(f"{out}/{phase}.json", "w") as f:
+        json.dump(result, f)
+'''
+
+
+@pytest.fixture(scope="module")
+def resumed_in_new_processes(tmp_path_factory):
+    import json
+
+    out = tmp_path_factory.mktemp("resume")
+    script = out / "train.py"
+    script.write_text(RESUME_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    for phase in ("train", "resume"):  # two processes: the second sees none of the first's objects
+        proc = subprocess.run([sys.executable, str(script), phase, str(out)], capture_output=True, text=True,
+                              env=env, cwd=out, timeout=240)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {phase: json.loads((out / f"{phase}.json").read_text()) for phase in ("train", "resume")}
+
+
+@pytest.mark.parametrize("kind", ["object", "partial", "trigger"])
+def test_a_run_resumed_in_a_new_process_neither_repeats_nor_loses_a_firing(resumed_in_new_processes, kind):
+    train, resume = resumed_in_new_processes["train"][kind], resumed_in_new_processes["resume"][kind]
+    assert [s for s, _ in train["history"]] == [6]
+    assert [s for s, _ in resume["history"]] == [6, 14]  # 6 came back with the checkpoint, 14 fired; nothing at 9
+    assert resume["warnings"] == []  # Lightning found the callback's state under its key
+
+
+def _at8(tmp_path, schedule, **fire_options):
+    fire = FIRE(schedule=schedule, **fire_options)
+    t = trainer([fire], max_steps=8)
+    t.fit(MLP(), loader())
+    path = tmp_path / "at8.ckpt"
+    t.save_checkpoint(path)
+    return fire, path
+
+
+def test_a_boundary_added_on_resume_fires_and_the_passed_one_does_not(tmp_path, caplog):
+    import logging
+
+    fire, path = _at8(tmp_path, [6])
+    assert [f.step for f in fire.history] == [6]
+    resumed = FIRE(schedule=[6, 14])
+    fired = Fired(resumed)
+    with caplog.at_level(logging.INFO):
+        trainer([resumed, fired], max_steps=16).fit(MLP(), loader(), ckpt_path=path)
+    assert fired.steps == [14]
+    assert [f.step for f in resumed.history] == [6, 14]
+    assert "scheduled at step 14" in resumed.history[1].reasons[0]
+    logged = caplog.text
+    assert "AtSteps([6])" in logged and "AtSteps([6, 14])" in logged  # what was carried over is logged
+
+
+def test_a_changed_schedule_with_a_passed_unfired_boundary_is_refused_naming_both(tmp_path):
+    _, path = _at8(tmp_path, [6])
+    model = MLP()
+    with pytest.raises(ValueError, match=r"AtSteps\(\[6\]\).*AtSteps\(\[4, 6\]\)"):
+        trainer([FIRE(schedule=[4, 6])], max_steps=16).fit(model, loader(), ckpt_path=path)
+
+
+def test_fire_state_saved_under_another_key_is_adopted_when_it_is_the_only_one(tmp_path):
+    import fire_core.lightning as fl
+
+    fire, path = _at8(tmp_path, [6])
+    ckpt = torch.load(path, weights_only=False)
+    state = ckpt["callbacks"].pop(fire.state_key)
+    ckpt["callbacks"]["FIRE{'schedule': 'Schedule(AtSteps([6]))'}"] = state  # as the previous version keyed it
+    torch.save(ckpt, path)
+    resumed = fl.FIRECallback([6, 14], name="fire")
+    fired = Fired(resumed)
+    with pytest.warns(UserWarning, match="Please add the following callbacks"):  # Lightning's, before our hook
+        trainer([resumed, fired], max_steps=16).fit(MLP(), loader(), ckpt_path=path)
+    assert fired.steps == [14] and [f.step for f in resumed.history] == [6, 14]
+
+
+def test_several_fire_states_under_other_keys_are_refused_naming_them(tmp_path):
+    import fire_core.lightning as fl
+
+    fire, path = _at8(tmp_path, [6])
+    ckpt = torch.load(path, weights_only=False)
+    state = ckpt["callbacks"].pop(fire.state_key)
+    ckpt["callbacks"]["FIRECallback{'name': 'a'}"] = state
+    ckpt["callbacks"]["FIRECallback{'name': 'b'}"] = state
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match=r"(?s)'a'.*'b'.*'c'"), pytest.warns(UserWarning, match="add the following"):
+        trainer([fl.FIRECallback([6], name="c")], max_steps=16).fit(MLP(), loader(), ckpt_path=path)
+
+
+def test_two_callbacks_need_distinct_names(tmp_path):
+    import fire_core.lightning as fl
+
+    with pytest.raises(RuntimeError, match="state_key"):  # Lightning's own refusal, when the Trainer is built
+        trainer([fl.FIRECallback([4]), fl.FIRECallback([6])])
+    t = trainer([fl.FIRECallback([4])])
+    t.callbacks.append(fl.FIRECallback([6]))  # past Lightning's check: ours, when fit starts, names the fix
+    with pytest.raises(ValueError, match="name="):
+        t.fit(MLP(), loader())
+    a, b = fl.FIRECallback([4], name="a"), fl.FIRECallback([6], name="b")
+    t = trainer([a, b], max_steps=8)
+    t.fit(MLP(), loader())
+    t.save_checkpoint(tmp_path / "two.ckpt")
+    saved = torch.load(tmp_path / "two.ckpt", weights_only=False)["callbacks"]
+    assert saved[a.state_key]["schedule"]["history"][0]["step"] == 4
+    assert saved[b.state_key]["schedule"]["history"][0]["step"] == 6
+
+
+class Checks(pl.Callback):
+    """Ordered after FIRE: the steps at which a measured trigger checked."""
+
+    def __init__(self, trigger):
+        self.trigger, self.steps = trigger, []
+
+    def _look(self):
+        if self.trigger.last_check is not None and self.trigger.last_check not in self.steps:
+            self.steps.append(self.trigger.last_check)
+
+    def on_train_start(self, trainer, pl_module):
+        self._look()
+
+    def on_train_batch_end(self, *args):
+        self._look()
+
+
+def test_two_optimizers_check_at_the_first_poll_past_each_multiple_and_at_step_0():
+    from fire_core.schedule import target_dfi
+
+    model = TwoOptimizers()
+    initial = [model.net[k].weight.detach().clone() for k in (0, 2, 4)]
+    trigger = DfIAbove(100.0, every=5, relative=True)
+    fire = FIRE(schedule=trigger)
+    checks = Checks(trigger)
+    trainer([fire, checks], max_steps=22).fit(model, loader())  # global_step 2, 4, 6, ... (two optimizers)
+    assert checks.steps == [0, 6, 10, 16, 20]
+    expected = sum(float(target_dfi(w, "oi")[0]) for w in initial) / 3
+    assert trigger.baseline == pytest.approx(expected, rel=1e-6)  # the initial network, measured at step 0
+
+
+def test_no_step_0_poll_when_resuming_past_it(tmp_path):
+    trigger = DfIAbove(100.0, every=5, relative=True)
+    _, path = _at8(tmp_path, trigger)
+    resumed_trigger = DfIAbove(100.0, every=5, relative=True)
+    checks = Checks(resumed_trigger)
+    trainer([FIRE(schedule=resumed_trigger), checks], max_steps=12).fit(MLP(), loader(), ckpt_path=path)
+    assert checks.steps == [5, 10]  # restored (5), then 10: no measurement at the resumed start
+    assert resumed_trigger.baseline == trigger.baseline
+
+
+def test_gradient_accumulation_polls_each_optimizer_step_once():
+    seen = []
+    fire = FIRE(schedule=lambda m: seen.append(m.step) or m.step == 3)
+    fired = Fired(fire)
+    trainer([fire, fired], max_steps=5, accumulate_grad_batches=2).fit(MLP(), loader())
+    assert seen == [1, 2, 3, 4, 5] and fired.steps == [3]
+
+
+def test_a_probe_that_does_not_fit_fails_when_training_starts():
+    model = MLP()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(16, 8)
+    fire = FIRE(schedule=[6], probe=(x, x[:, :2]))  # a (x, y) batch, not the model's inputs
+    t = trainer([fire])
+    with pytest.raises(ValueError, match=r"(?s)FIRE.*probe.*MLP") as info:
+        t.fit(model, loader())
+    assert isinstance(info.value.__cause__, TypeError)
+    assert t.global_step == 0 and fire.history == []
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+
+
+class Poison(pl.Callback):
+    """Ordered before FIRE: a NaN in the first weight at ``step``."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.net[0].weight[0, 0] = float("nan")
+
+
+def test_a_failed_firing_is_not_recorded_and_fires_when_resumed(tmp_path):
+    fire = FIRE(schedule=[6])
+    t = trainer([Poison(6), fire], max_steps=12)
+    with pytest.raises(ValueError, match="net.0.weight"):
+        t.fit(MLP(), loader())
+    state = fire.state_dict()["schedule"]
+    assert state["history"] == [] and state["trigger_state"] == [{"done": []}]  # the boundary is still ahead
+    assert state["last_poll"] == 5
+    t.save_checkpoint(tmp_path / "failed.ckpt")  # what an on-exception checkpoint would hold
+    ckpt = torch.load(tmp_path / "failed.ckpt", weights_only=False)
+    ckpt["state_dict"]["net.0.weight"] = torch.nan_to_num(ckpt["state_dict"]["net.0.weight"])  # the fix
+    torch.save(ckpt, tmp_path / "fixed.ckpt")
+    resumed = FIRE(schedule=[6])
+    fired = Fired(resumed)
+    trainer([resumed, fired], max_steps=12).fit(MLP(), loader(), ckpt_path=tmp_path / "fixed.ckpt")
+    assert len(fired.steps) == 1 and fired.steps[0] >= 6
+    assert [f.step for f in resumed.history] == fired.steps
+
+
+def test_logs_a_running_count_and_the_report_metrics(tmp_path):
+    fire = FIRE(schedule=[3, 7])
+    logger = pl.loggers.CSVLogger(tmp_path, name="run")
+    trainer([fire], logger=logger).fit(MLP(), loader())
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("fire/fired")]
+    assert [(int(r["step"]), float(r["fire/fired"])) for r in rows] == [(3, 1.0), (7, 2.0)]
+    assert [f.info["fire/fired"] for f in fire.history] == [1.0, 2.0]
+    for row, firing in zip(rows, fire.history):
+        assert set(firing.info) == {"fire/fired", "fire/weights", "fire/skipped", "fire/sfe", "fire/dfi_before",
+                                    "fire/dfi_after"}
+        for key, value in firing.info.items():
+            assert float(row[key]) == pytest.approx(value, rel=1e-6), key
+    assert fire.state_dict()["schedule"]["history"][1]["info"]["fire/fired"] == 2.0  # saved with the checkpoint
+
+
+def test_report_false_is_accepted_and_logs_no_sfe_or_dfi(tmp_path):
+    fire = FIRE(schedule=[3], report=False)
+    logger = pl.loggers.CSVLogger(tmp_path, name="run")
+    t = trainer([fire], logger=logger)
+    t.fit(MLP(), loader())
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        row = next(r for r in csv.DictReader(f) if r.get("fire/fired"))
+    assert float(row["fire/weights"]) == 3.0 and float(row["fire/fired"]) == 1.0
+    assert not any(row.get(k) for k in ("fire/sfe", "fire/dfi_before", "fire/dfi_after"))
+    assert "fire/sfe" not in fire.history[0].info and "fire/sfe" not in t.callback_metrics
+
+
 # --- learning-rate schedules ----------------------------------------------------------------------
 
 SCHEDULERS = {
