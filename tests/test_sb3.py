@@ -208,6 +208,25 @@ def test_a_features_extractor_shared_by_actor_and_critic_is_projected_once():
                                rtol=1e-6, atol=1e-7)
 
 
+def test_td3_with_three_critics_behind_vecnormalize_fires_and_goes_on_learning():
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    env = VecNormalize(make_vec_env("Pendulum-v1", n_envs=2, seed=0))
+    model = TD3("MlpPolicy", env, learning_starts=40, seed=0, device="cpu",
+                policy_kwargs=dict(n_critics=3, net_arch=[16, 16]))
+    probe = env.normalize_obs(np.stack([env.observation_space.sample() for _ in range(16)]))
+    fire, after = FIRECallback(schedule=[100, DfIAbove(1e9, every=50, relative=True)], probe=probe), Snapshot(100)
+    model.learn(200, callback=CallbackList([fire, after]))
+    assert [h.step for h in fire.history] == [100] and model.num_timesteps == 200
+    names = {row["name"] for row in fire.last_report.rows}
+    assert {f"critic.qf{k}.{i}.weight" for k in range(3) for i in (0, 2, 4)} <= names and len(names) == 12
+    assert fire.history[0].info["targets_synced"] == ["actor_target", "critic_target"]
+    now = _params(model.policy)
+    assert all(torch.isfinite(v).all() for v in now.values())
+    assert not torch.equal(now["critic.qf2.0.weight"], _params(after.policy)["critic.qf2.0.weight"])  # it learns on
+
+
 # --- triggers and progress -----------------------------------------------------------------------
 
 
@@ -394,6 +413,22 @@ def test_a_changed_schedule_resumed_in_a_new_process_fires_only_its_new_boundary
     for line in second["lines"]:  # verbose=1 prints what was carried over
         assert line in out
 
+
+def test_what_a_changed_schedule_carried_over_goes_to_the_sb3_logger(tmp_path):
+    from stable_baselines3.common.logger import configure
+
+    model = make("dqn")
+    first = FIRECallback(schedule=[100])
+    model.learn(150, callback=first)
+    again = FIRECallback(schedule=[100, 300])
+    lines = again.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    logger = configure(str(tmp_path), ["log"])
+    model.set_logger(logger)
+    model.learn(200, callback=again, reset_num_timesteps=False)
+    logger.close()
+    text = (tmp_path / "log.txt").read_text()
+    assert lines and all(f"FIRECallback: {line}" in text for line in lines)
+    assert [h.step for h in again.history] == [100, 300]
 
 def test_a_changed_schedule_that_would_skip_a_boundary_is_refused_before_anything_changes():
     model = make("dqn")
