@@ -600,3 +600,18 @@ def test_report_false_logs_no_numbers_it_did_not_measure_and_fired_counts(tmp_pa
         assert entry["fire/weights"] == callback.last_report.projected > 0
         assert firing.info == {k: v for k, v in entry.items() if k.startswith("fire/") and k != "fire/fired"}
     assert callback.state()["attributes"]["schedule"]["history"][0]["info"]["fire/weights"] > 0
+
+
+def test_a_callback_new_since_the_checkpoint_starts_there_and_passed_boundaries_are_refused(checkpointed, tmp_path):
+    path, _, _ = checkpointed  # one FIRECallback [10]; checkpoint 8 comes before it
+    trainer = Trainer(model=gpt2(), args=arguments(tmp_path, max_steps=16), train_dataset=Tokens())
+    new, old = attach(trainer, [14]), attach(trainer, [10])  # the saved one found at another position
+    trainer.train(resume_from_checkpoint=str(path / "checkpoint-8"))
+    assert [f.step for f in old.history] == [10] and [f.step for f in new.history] == [14]
+
+    trainer = Trainer(model=gpt2(), args=arguments(tmp_path / "late", max_steps=16), train_dataset=Tokens())
+    attach(trainer, [10])
+    late = attach(trainer, [4], name="late")  # step 4 passed before the checkpoint, and nothing of it fired
+    with pytest.raises(ValueError, match=r"FIRECallback 'late' cannot resume .* step 8: .*AtSteps\(\[4\]\)"):
+        trainer.train(resume_from_checkpoint=str(path / "checkpoint-8"))
+    assert late.history == [] and trainer.state.global_step == 8
