@@ -61,11 +61,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils import prune
 
-from ._array import sum_over_mesh, to_floats
-from .conventions import Patterns, glob_match, matches
-from .metrics import drift
-from .plan import reinit, reinit_many
-from .report import Report
+from .._array import sum_over_mesh, to_floats
+from ..conventions import Patterns, glob_match, matches
+from ..metrics import drift
+from ..plan import reinit, reinit_many
+from ..report import Report
 
 __all__ = [
     "apply", "select", "check_options", "SELECTION_OPTIONS", "activations", "activation_modules", "reset_optimizer_state",
@@ -394,7 +394,7 @@ def _project(targets, steps, method, scale, dry_run, report, distributed="owner"
 
     owner_runs = []
     if distributed == "owner" and "torch.distributed.tensor" in sys.modules:
-        from . import _distributed_torch as owners
+        from .. import _distributed_torch as owners
 
         plain, axes = owners.split_owned(plain)
         for axis, on_axis in axes.items():
