@@ -27,7 +27,7 @@ pytest.importorskip("torch.distributed.fsdp")
 from torch import nn  # noqa: E402
 
 import fire_core.torch as ft  # noqa: E402
-from fire_core._distributed_torch import assign_owners, matrix_cost  # noqa: E402
+from fire_core.torch._distributed import assign_owners, matrix_cost  # noqa: E402
 
 # --- owner assignment --------------------------------------------------------------------------------
 
@@ -234,7 +234,7 @@ TWO_RANK_SCRIPT = MODEL + MLP + RANK_HELPERS + textwrap.dedent(
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         import fire_core.torch as ft
-        from fire_core import _distributed_torch as fd
+        from fire_core.torch import _distributed as fd
 
         mesh = init_device_mesh("cpu", (2,))
         model, twin = transformer(), transformer()
@@ -485,7 +485,7 @@ FOUR_RANK_SCRIPT = MODEL + MLP + RANK_HELPERS + textwrap.dedent(
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import Replicate, Shard, distribute_tensor
         import fire_core.torch as ft
-        from fire_core import _distributed_torch as fd
+        from fire_core.torch import _distributed as fd
 
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
         model = transformer()

@@ -179,7 +179,7 @@ def apply(
     projects about ``1/world`` of the model; ``"replicate"``: every rank runs
     the core on the DTensors themselves, through DTensor's sharded ops. Both
     give the unsharded result and the complete report on every rank; see
-    ``docs/distributed.md`` (and :mod:`fire_core._distributed_torch` for the
+    ``docs/distributed.md`` (and :mod:`fire_core.torch._distributed` for the
     placements the owner path takes; others go the ``"replicate"`` way).
 
     ``probe``: inputs to run the model on before and after (a tensor, a tuple
@@ -394,7 +394,7 @@ def _project(targets, steps, method, scale, dry_run, report, distributed="owner"
 
     owner_runs = []
     if distributed == "owner" and "torch.distributed.tensor" in sys.modules:
-        from .. import _distributed_torch as owners
+        from . import _distributed as owners
 
         plain, axes = owners.split_owned(plain)
         for axis, on_axis in axes.items():
