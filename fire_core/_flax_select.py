@@ -59,8 +59,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from flax.core import meta
 
-from .conventions import Patterns, _candidates, _flax_kernel_rule, _FlaxTree, glob_match
-from .layout import parse_layout
+from .core.conventions import Patterns, _candidates, _flax_kernel_rule, _FlaxTree, glob_match
+from .core.layout import parse_layout
 
 __all__ = ["STACK_NAMES", "Leaf", "plan"]
 

@@ -75,13 +75,14 @@ from typing import Callable
 
 import numpy as np
 
-from . import __version__, conventions
-from ._array import array_namespace, is_torch_array
-from .layout import parse_layout, scale_factor, to_matrices
-from .metrics import dfi
-from .plan import reinit_many
-from .polar import METHODS
-from .report import Report
+from . import __version__
+from .core import conventions
+from .core._array import array_namespace, is_torch_array
+from .core.layout import parse_layout, scale_factor, to_matrices
+from .core.metrics import dfi
+from .core.plan import reinit_many
+from .core.polar import METHODS
+from .core.report import Report
 
 __all__ = ["main"]
 

@@ -21,8 +21,8 @@ except ImportError as e:  # pragma: no cover - depends on the machine
         "cupy-cuda13x wheel that matches your CUDA driver"
     ) from e
 
-from .conventions import apply_inplace
-from .report import Report
+from .core.conventions import apply_inplace
+from .core.report import Report
 
 __all__ = ["apply"]
 

@@ -67,14 +67,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ._array import check_finite, is_tracing
+from .core._array import check_finite, is_tracing
 from . import _flax_select
 from ._flax_select import STACK_NAMES, _key_name
 from ._flax_select import is_variables_dict as _is_variables_dict
 from ._optax_state import reset
-from .metrics import drift
-from . import plan as _plan
-from .plan import host_checked, measure, reinit_many
+from .core.metrics import drift
+from .core import plan as _plan
+from .core.plan import host_checked, measure, reinit_many
 
 __all__ = ["apply", "report", "reset_opt_state", "update", "select", "refresh_batch_stats", "STACK_NAMES"]
 

@@ -44,7 +44,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 import torch
 
 from . import torch as fire_torch
-from .schedule import DormantAbove, Moment, SrankBelow, as_schedule
+from .core.schedule import DormantAbove, Moment, SrankBelow, as_schedule
 
 __all__ = ["FIRECallback", "FIRE"]
 

@@ -55,12 +55,12 @@ import numpy as np
 import optax
 
 from . import _flax_select, _optax_state
-from .conventions import check_patterns
+from .core.conventions import check_patterns
 from .flax import apply as flax_apply
 from .flax import reset_opt_state
-from .layout import check_scale
-from .polar import check_method
-from .schedule import DfIAbove, as_schedule, saved_spec, target_dfi, traced_init, traced_poll
+from .core.layout import check_scale
+from .core.polar import check_method
+from .core.schedule import DfIAbove, as_schedule, saved_spec, target_dfi, traced_init, traced_poll
 
 __all__ = ["with_fire", "FireState", "fired", "check"]
 

@@ -42,8 +42,8 @@ import torch
 from torch import nn
 
 from . import torch as fire_torch
-from .report import Report
-from .schedule import Firing, Moment, Schedule, as_schedule
+from .core.report import Report
+from .core.schedule import Firing, Moment, Schedule, as_schedule
 
 __all__ = ["FIRECallback", "FIRE", "ALGORITHMS", "Agent"]
 

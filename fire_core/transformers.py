@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from . import torch as fire_torch
-from .schedule import DormantAbove, Moment, Schedule, SrankBelow, as_schedule, callable_name
+from .core.schedule import DormantAbove, Moment, Schedule, SrankBelow, as_schedule, callable_name
 
 __all__ = ["FIRECallback", "FIRE", "attach"]
 
