@@ -10,6 +10,7 @@ from torch import nn  # noqa: E402
 from torch_models import TinyResNet, Transformer, assert_same, fire_loop, seeded, snapshot  # noqa: E402
 
 import fire_core.torch as ft  # noqa: E402
+from fire_core.torch._table import _FROZEN  # noqa: E402
 
 LAYER2 = ["layer2.0.conv1.weight", "layer2.0.conv2.weight", "layer2.0.down.0.weight"]
 
@@ -161,7 +162,7 @@ def test_frozen_weights_are_left_alone_and_listed_by_default():
         if n in adapters:
             np.testing.assert_allclose(p.detach().numpy(), fire_loop(adapters[n], 5), rtol=0, atol=1e-12, err_msg=n)
     assert {s["name"]: s["reason"] for s in report.skipped} == {
-        "0.base.weight": ft._FROZEN, "2.base.weight": ft._FROZEN,
+        "0.base.weight": _FROZEN, "2.base.weight": _FROZEN,
     }
     assert "frozen=True" in str(report)
 
