@@ -25,7 +25,7 @@ So a layout is taken only from what says what the kernel is, in this order:
    as ``nn.with_partitioning`` and ``metadata_params`` /
    ``transform_metadata={nnx.PARTITION_NAME: ...}`` leave them): an axis
    named one of :data:`STACK_NAMES` is a stack axis;
-4. Flax's own names (:func:`fire_core.conventions._flax_kernel_rule`): two
+4. Flax's own names (:func:`fire_core.core.name_rules._flax_kernel_rule`): two
    axes, the attention structure, linen's auto-names ``Conv_N``,
    ``ConvTranspose_N``, ``DenseGeneral_N`` (with their bias as evidence).
 
@@ -59,7 +59,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from flax.core import meta
 
-from .core.conventions import Patterns, _candidates, _flax_kernel_rule, _FlaxTree, glob_match
+from .core.name_rules import _flax_kernel_rule, _FlaxTree
+from .core.patterns import Patterns, _candidates, glob_match
 from .core.layout import parse_layout
 
 __all__ = ["STACK_NAMES", "Leaf", "plan"]

@@ -55,7 +55,7 @@ import numpy as np
 import optax
 
 from . import _flax_select, _optax_state
-from .core.conventions import check_patterns
+from .core.patterns import check_patterns
 from .flax import apply as flax_apply
 from .flax import reset_opt_state
 from .core.layout import check_scale

@@ -54,7 +54,8 @@ import torch
 from torch import nn
 
 from . import torch as fire_torch
-from .core.schedule import DormantAbove, Moment, Schedule, SrankBelow, as_schedule, callable_name
+from .core.schedule import DormantAbove, Moment, Schedule, SrankBelow, as_schedule
+from .core.triggers import callable_name
 
 __all__ = ["FIRECallback", "FIRE", "attach"]
 
