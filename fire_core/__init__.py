@@ -91,7 +91,8 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         module.__spec__ = module.__spec__.loader_state
 
     def get_code(self, fullname):
-        # ``python -m fire_core.demo`` (runpy) runs the new module's code
+        # ``python -m fire_core.demo`` (runpy) runs the new module's code; runpy gives it the old name's
+        # package, so a module run this way imports its neighbours by absolute paths (as demo does)
         real = importlib.util.find_spec(f"{__name__}.{_PUBLIC[fullname.rpartition('.')[2]]}")
         return real.loader.get_code(real.name)
 
@@ -104,5 +105,10 @@ sys.meta_path.append(_Alias())
 def __getattr__(name):
     """``fire_core.plan`` and the other old paths as attributes, imported on first use."""
     if name in _PUBLIC:
-        return importlib.import_module(f"{__name__}.{name}")
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name not in (f"{__name__}.{name}", f"{__name__}.{_PUBLIC[name]}"):
+                raise  # the module is there but needs a framework that is not: say which
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r} ({e})") from None
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,8 @@
-"""``python -m fire_core``: the ``fire-core`` command (see :mod:`fire_core.cli`)."""
+"""``python -m fire_core``: the ``fire-core`` command (see :mod:`fire_core.tools.cli`)."""
 
 import sys
 
-from .cli import main
+from .tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,6 +23,7 @@ from conftest import flax_params
 
 import fire_core
 from fire_core import cli
+from fire_core.tools import _files  # the file formats, split from cli (monkeypatched below)
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
@@ -1219,14 +1220,14 @@ def test_check_force_needs_output(no_work, capsys):
 def read_only_directory(path, monkeypatch):
     """``path`` made a directory no file can be created in (for root too: creating one there is refused)."""
     path.mkdir()
-    real = cli.tempfile.TemporaryFile
+    real = _files.tempfile.TemporaryFile
 
     def refuse(*a, dir=None, **k):
         if dir is not None and os.path.abspath(dir) == str(path):
             raise PermissionError(13, "Permission denied")
         return real(*a, dir=dir, **k)
 
-    monkeypatch.setattr(cli.tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr(_files.tempfile, "TemporaryFile", refuse)
     return path
 
 

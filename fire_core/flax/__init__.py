@@ -67,14 +67,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .core._array import check_finite, is_tracing
-from . import _flax_select
-from ._flax_select import STACK_NAMES, _key_name
-from ._flax_select import is_variables_dict as _is_variables_dict
+from ..core._array import check_finite, is_tracing
+from . import _select
+from ._select import STACK_NAMES, _key_name
+from ._select import is_variables_dict as _is_variables_dict
 from ._optax_state import reset
-from .core.metrics import drift
-from .core import plan as _plan
-from .core.plan import host_checked, measure, reinit_many
+from ..core.metrics import drift
+from ..core import plan as _plan
+from ..core.plan import host_checked, measure, reinit_many
 
 __all__ = ["apply", "report", "reset_opt_state", "update", "select", "refresh_batch_stats", "STACK_NAMES"]
 
@@ -84,7 +84,7 @@ def select(params, *, include=None, exclude=None, layouts=None, stacked=None, mo
 
     Takes :func:`apply`'s selection arguments and raises its selection errors.
     """
-    _, _, chosen, _ = _flax_select.plan(params, **_selection(include, exclude, layouts, stacked, model, trainable))
+    _, _, chosen, _ = _select.plan(params, **_selection(include, exclude, layouts, stacked, model, trainable))
     return {leaf.path: leaf.layout for leaf in chosen}
 
 
@@ -117,7 +117,7 @@ def apply(
     also be mapped member by member: ``jax.vmap(fire_core.flax.apply)(tree)``
     sees each member's own kernels.
     """
-    pairs, treedef, chosen, _ = _flax_select.plan(params, **_selection(include, exclude, layouts, stacked, model, trainable))
+    pairs, treedef, chosen, _ = _select.plan(params, **_selection(include, exclude, layouts, stacked, model, trainable))
     leaves = [leaf for _, leaf in pairs]
     # Sharded leaves come back in their own shardings. With Explicit mesh axes (shardings in the
     # types, the default of jax.make_mesh) the core's sharded matmuls would need an output sharding
@@ -153,7 +153,7 @@ def apply(
         new.update(zip(names, results))
     out = list(leaves)
     for leaf in chosen:
-        out[leaf.index] = _flax_select.rewrap(leaves[leaf.index], new[leaf.path])
+        out[leaf.index] = _select.rewrap(leaves[leaf.index], new[leaf.path])
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -193,17 +193,17 @@ def report(
     (``batch_stats``, ``nnx.BatchStat``) gets a note naming them: they were
     measured with the old weights (see ``docs/stability.md`` to refresh them).
     """
-    _, treedef_b, chosen, skipped = _flax_select.plan(
+    _, treedef_b, chosen, skipped = _select.plan(
         before, **_selection(include, exclude, layouts, stacked, model, trainable)
     )
-    pairs_a, treedef_a = _flax_select.flatten(after)
+    pairs_a, treedef_a = _select.flatten(after)
     leaves_a = [leaf for _, leaf in pairs_a]
     if treedef_a != treedef_b:
         raise ValueError(f"before and after are different trees:\n{treedef_b}\nvs\n{treedef_a}")
     if probe is not None and (not isinstance(probe, tuple) or not probe or not callable(probe[0])):
         raise TypeError(f"probe must be a tuple (fn, *args) with fn(tree, *args) -> outputs, got {type(probe).__name__}")
     pairs = (  # a generator: at most one gathered weight at a time
-        (leaf.path, _gathered(leaf.array), _gathered(_flax_select.value(leaves_a[leaf.index])), leaf.layout)
+        (leaf.path, _gathered(leaf.array), _gathered(_select.value(leaves_a[leaf.index])), leaf.layout)
         for leaf in chosen
     )
     rep = measure(pairs, scale=scale, method=method, steps=steps, stages=(_measure_arrays, _measure_dfi))

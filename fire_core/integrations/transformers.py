@@ -53,9 +53,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 import torch
 from torch import nn
 
-from . import torch as fire_torch
-from .core.schedule import DormantAbove, Moment, Schedule, SrankBelow, as_schedule
-from .core.triggers import callable_name
+from .. import torch as fire_torch
+from ..core.schedule import DormantAbove, Moment, Schedule, SrankBelow, as_schedule
+from ..core.triggers import callable_name
 
 __all__ = ["FIRECallback", "FIRE", "attach"]
 

@@ -43,8 +43,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 import torch
 
-from . import torch as fire_torch
-from .core.schedule import DormantAbove, Moment, SrankBelow, as_schedule
+from .. import torch as fire_torch
+from ..core.schedule import DormantAbove, Moment, SrankBelow, as_schedule
 
 __all__ = ["FIRECallback", "FIRE"]
 

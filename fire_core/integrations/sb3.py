@@ -41,9 +41,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import torch as fire_torch
-from .core.report import Report
-from .core.schedule import Firing, Moment, Schedule, as_schedule
+from .. import torch as fire_torch
+from ..core.report import Report
+from ..core.schedule import Firing, Moment, Schedule, as_schedule
 
 __all__ = ["FIRECallback", "FIRE", "ALGORITHMS", "Agent"]
 

@@ -54,13 +54,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import _flax_select, _optax_state
-from .core.patterns import check_patterns
-from .flax import apply as flax_apply
-from .flax import reset_opt_state
-from .core.layout import check_scale
-from .core.polar import check_method
-from .core.schedule import DfIAbove, as_schedule, saved_spec, target_dfi, traced_init, traced_poll
+from ..flax import _optax_state
+from ..flax import _select as _flax_select
+from ..core.patterns import check_patterns
+from ..flax import apply as flax_apply
+from ..flax import reset_opt_state
+from ..core.layout import check_scale
+from ..core.polar import check_method
+from ..core.schedule import DfIAbove, as_schedule, saved_spec, target_dfi, traced_init, traced_poll
 
 __all__ = ["with_fire", "FireState", "fired", "check"]
 

@@ -59,9 +59,9 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from flax.core import meta
 
-from .core.name_rules import _flax_kernel_rule, _FlaxTree
-from .core.patterns import Patterns, _candidates, glob_match
-from .core.layout import parse_layout
+from ..core.name_rules import _flax_kernel_rule, _FlaxTree
+from ..core.patterns import Patterns, _candidates, glob_match
+from ..core.layout import parse_layout
 
 __all__ = ["STACK_NAMES", "Leaf", "plan"]
 

@@ -439,7 +439,7 @@ def _torch_adapter(method):
         return model[0].weight.detach(), model[1].weight.detach()
 
     def reference(w_lin, w_conv):
-        from . import reinit
+        from .. import reinit
 
         return reinit(w_lin, "oi", steps=CHECK_STEPS, method=method), reinit(w_conv, "oihw", steps=CHECK_STEPS,
                                                                             method=method)
@@ -456,7 +456,7 @@ def _flax_adapter(method):
         return new["Dense_0"]["kernel"], new["Conv_0"]["kernel"]
 
     def reference(k_dense, k_conv):
-        from . import reinit
+        from .. import reinit
 
         return reinit(k_dense, "io", steps=CHECK_STEPS, method=method), reinit(k_conv, "hwio", steps=CHECK_STEPS,
                                                                              method=method)
@@ -473,7 +473,7 @@ def _cupy_adapter(method):
         return arrays["fc.weight"], arrays["conv.weight"]
 
     def reference(w_lin, w_conv):
-        from . import reinit
+        from .. import reinit
 
         return reinit(w_lin, "oi", steps=CHECK_STEPS, method=method), reinit(w_conv, "oihw", steps=CHECK_STEPS,
                                                                             method=method)
@@ -492,7 +492,7 @@ def check_cases():
     adapter runs on its framework's backends, when its framework is installed
     (absent ones come back as ``(name, reason)`` in the second list).
     """
-    from . import project, reinit
+    from .. import project, reinit
 
     cases, absent = [], []
     for method in ("fire", "fast", "svd"):
@@ -613,7 +613,7 @@ def bench(sizes: dict | None = None, repeat: int = 3) -> list[dict]:
     backend name to n (n x n); default 1024 on a CPU, 4096 on a GPU. JAX is
     timed jitted. array_api_strict is left out (it wraps NumPy).
     """
-    from . import project
+    from .. import project
 
     rows = []
     for found in backends():
@@ -676,7 +676,7 @@ def environment() -> list[str]:
     for a in backends():
         if a.available and a.name in ("torch:cuda", "jax:gpu", "cupy"):
             lines.append(f"GPU ({a.name}): {a.backend.device}")
-    from . import __version__
+    from .. import __version__
 
     versions = [f"fire_core {__version__}", f"numpy {np.__version__}"]
     for mod in ("array_api_compat", "array_api_strict", "torch", "jax", "jaxlib", "flax", "optax", "cupy"):
