@@ -55,9 +55,9 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from ..conventions import Patterns
-from ..plan import reinit
-from ..report import Report
+from ..core.patterns import Patterns
+from ..core.plan import reinit
+from ..core.report import Report
 
 # What apply and select use, and the names kept importable as fire_core.torch.X though they live in the
 # private files: the public ones (MODULE_TABLE, Kind, Slot, activations, activation_modules,

@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..conventions import Patterns
+from ..core.patterns import Patterns
 from ._table import Slot
 from ._walk import _Weight
 

@@ -37,9 +37,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from .._array import sum_over_mesh
-from ..layout import parse_layout
-from ..plan import reinit_many
+from ..core._array import sum_over_mesh
+from ..core.layout import parse_layout
+from ..core.plan import reinit_many
 
 __all__ = ["split_owned", "project_owned", "assign_owners", "matrix_cost", "placement_axis", "Axis", "OwnerRun", "last_stats"]
 

@@ -12,8 +12,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .._array import sum_over_mesh
-from ..metrics import drift
+from ..core._array import sum_over_mesh
+from ..core.metrics import drift
 
 
 # --- probe (function drift) and normalization statistics -------------------------------

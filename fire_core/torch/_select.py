@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..conventions import Patterns, glob_match, matches
-from ..report import Report
+from ..core.patterns import Patterns, glob_match, matches
+from ..core.report import Report
 from ._checks import _Options, _parametrization_problem, _problem, _refuse_wrappers
 from ._table import _EMBEDDING, _EMPTY, _FROZEN, _LAYOUT_NONE, _NO_RULE, _NOT_INCLUDED, _TIED_HEAD, Slot
 from ._walk import _walk, _Weight

@@ -13,8 +13,8 @@ import sys
 
 import torch
 
-from .._array import sum_over_mesh, to_floats
-from ..plan import reinit_many
+from ..core._array import sum_over_mesh, to_floats
+from ..core.plan import reinit_many
 from ._select import _Target
 
 
