@@ -61,7 +61,10 @@ import dataclasses
 import glob
 from collections.abc import Mapping
 
-import equinox as eqx
+try:
+    import equinox as eqx
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("fire_core.equinox needs Equinox: pip install 'fire-core[equinox]'") from e
 import jax
 import jax.numpy as jnp
 
@@ -340,6 +343,10 @@ def _plan(model, include, exclude, layouts, stacked):
                 skipped.append((name, shape, slot.reason if slot else _why_left(name, _owner_type(model, path))))
                 continue
         known.append(name)
+        stack_pattern, n = (None, None) if pattern is not None else _first_match(stacked, name, ".")
+        n = n or 0  # leading stack axes
+        if stack_pattern is not None:  # used when it names a weight, also one include/exclude leave out
+            used.add(stack_pattern)
         keep = include.func(name, leaf) if include.func else (include.hit(name) if include.patterns else True)
         drop = exclude.func(name, leaf) if exclude.func else exclude.hit(name)
         if not keep or drop:
@@ -355,20 +362,16 @@ def _plan(model, include, exclude, layouts, stacked):
             parse_layout(override, shape, name)
             chosen.append(_Weight(index, name, leaf, override, None, 0))
             continue
-        stack_pattern, n = _first_match(stacked, name, ".")
         if stack_pattern is not None:
-            used.add(stack_pattern)
             if shape[n:] != slot.shape:
                 problems.append(
                     f"{name} {shape}: stacked pattern {stack_pattern!r} gives {n} leading stack axis(es), leaving "
                     f"{shape[n:]}, but its module declares {slot.shape}"
                 )
                 continue
-        else:
-            n = 0
-            if shape != slot.shape:
-                problems.append(f"{name} {shape}: {_how_stacked(name, shape, slot)}")
-                continue
+        elif shape != slot.shape:
+            problems.append(f"{name} {shape}: {_how_stacked(name, shape, slot)}")
+            continue
         chosen.append(_Weight(index, name, leaf, _STACK_LETTERS[:n] + slot.layout, slot.blocks, n))
     for what, mapping in (("layouts", layouts), ("stacked", stacked)):
         for pattern in mapping:
