@@ -69,9 +69,9 @@ import jax
 import jax.numpy as jnp
 
 from . import flax as _flax  # the JAX projection, measuring and optax machinery (fire_core.flax's public calls)
-from fire_core.conventions import Patterns, _first_match
-from fire_core.layout import parse_layout
-from fire_core.report import Report
+from .core.layout import parse_layout
+from .core.patterns import Patterns, _first_match
+from .core.report import Report
 
 __all__ = ["apply", "report", "reset_opt_state", "select", "MODULE_TABLE"]
 

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FILES = ["README.md", "docs/torch.md", "docs/flax.md", "docs/benchmarks.md", "docs/stability.md", "docs/cli.md",
          "docs/reference.md", "docs/schedule.md", "docs/sb3.md", "docs/transformers.md",
-         "docs/lightning.md", "docs/optax.md", "docs/testing.md"]
+         "docs/lightning.md", "docs/optax.md", "docs/testing.md", "docs/equinox.md"]
 NEEDS = {"cupy": "needs CuPy and a GPU", "init_process_group": "needs a process group (torchrun)", "fully_shard": "needs a process group (torchrun)"}
 
 

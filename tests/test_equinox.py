@@ -292,6 +292,9 @@ def test_a_vmapped_ensemble_is_projected_member_by_member(stacked):
         assert new_layer.bias is old_layer.bias
     member = jax.tree_util.tree_map(lambda a: a[1] if eqx.is_array(a) else a, model)
     close(fe.apply(member, steps=5).layers[1].weight, new.layers[1].weight[1])
+    mapped = eqx.filter_vmap(fe.apply)(model)  # apply per member: each sees its own unstacked weights
+    for a, b in zip(arrays(mapped), arrays(new)):
+        close(a, b)
 
 
 def test_stacked_must_leave_the_shape_the_module_declares():
