@@ -15,7 +15,7 @@ two ranks) and times
 ``fire_core.torch.apply`` (``report=True``, the default) on every rank. For
 the default ``distributed="owner"`` strategy the bytes each rank sent and
 received are counted by the implementation itself
-(``fire_core._distributed_torch.last_stats``: the payloads of its gathers and
+(``fire_core.torch._distributed.last_stats``: the payloads of its gathers and
 scatters, padding included, not the small ``all_gather_object`` of the report
 rows), with the share of the projection work (``taps * d_out * d_in * n``)
 each rank owned. ``distributed="replicate"`` (every rank runs the core on the
@@ -85,7 +85,7 @@ def _rank(rank, world, rendezvous, cfg, out):
     from torch.distributed.tensor.debug import CommDebugMode
 
     import fire_core.torch as ft
-    from fire_core import _distributed_torch as fd
+    from fire_core.torch import _distributed as fd
 
     torch.set_num_threads(1)  # one core per rank, as ranks on one machine would be given
     shape = _mesh_shape(world)
