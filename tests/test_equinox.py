@@ -297,6 +297,18 @@ def test_a_vmapped_ensemble_is_projected_member_by_member(stacked):
         close(a, b)
 
 
+@x64
+def test_a_vmapped_gru_cell_is_projected_per_member_and_gate():
+    cells = eqx.filter_vmap(lambda k: eqx.nn.GRUCell(6, 4, key=k))(keys(2))
+    assert fe.select(cells, stacked=1)["weight_hh[n]"] == "Loi"
+    new = fe.apply(cells, stacked=1)
+    for e in range(2):
+        for k in range(3):
+            rows = slice(4 * k, 4 * (k + 1))
+            close(new.weight_ih[e, rows], reinit(cells.weight_ih[e, rows], "oi"))
+            close(new.weight_hh[e, rows], reinit(cells.weight_hh[e, rows], "oi"))
+
+
 def test_stacked_must_leave_the_shape_the_module_declares():
     with pytest.raises(ValueError, match=r"layers.0.weight \(3, 8, 4\): stacked pattern '\*' gives 2 .*declares \(8, 4\)"):
         fe.apply(ensemble(), stacked=2)
