@@ -58,6 +58,7 @@ stack rather than a mistake, so they are never assumed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import glob
 from collections.abc import Mapping
 
@@ -206,7 +207,7 @@ def _child(node, k):
 
 def _slot(model, path) -> Slot | None:
     """What the modules on ``path`` say about the array there; None when no module has a rule for it."""
-    node, owner = model, None
+    node = model
     for k in path[:-1]:
         if isinstance(node, eqx.Module):
             entry = _entry(node)
@@ -215,13 +216,12 @@ def _slot(model, path) -> Slot | None:
         node = _child(node, k)
         if node is None:
             return None
-    if isinstance(node, eqx.Module):
-        owner = node
+    if isinstance(node, eqx.Module):  # the module holding the array
         entry = _entry(node)
         if isinstance(entry, Slot):
             return entry
         if entry is not None and isinstance(path[-1], jax.tree_util.GetAttrKey):
-            return entry(owner).get(path[-1].name)
+            return entry(node).get(path[-1].name)
     return None
 
 
@@ -376,9 +376,10 @@ def _plan(model, include, exclude, layouts, stacked):
     for what, mapping in (("layouts", layouts), ("stacked", stacked)):
         for pattern in mapping:
             if pattern not in used:
+                close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5) or names[:3]
                 raise ValueError(
                     f"fire_core.equinox: {what} pattern {pattern!r} matches no weight FIRE would consider "
-                    f"(names look like {', '.join(names[:3]) or 'nothing: the model holds no arrays'})"
+                    f"(closest: {', '.join(close) or 'none, the model holds no arrays'})"
                 )
     include.check_used(known, "weight FIRE would consider")
     exclude.check_used(known, "weight FIRE would consider")
