@@ -325,11 +325,17 @@ def test_reinit_writes_the_scaled_projection_and_reports_it_or_raises_before_wri
     assert abs(Decimal(row["sfe"]) - got_sfe) <= eps * (got_sfe + terms) + Decimal(5e-324)  # float64 holds no less
     assert abs(Decimal(row["dfi_before"]) - before) <= eps * (before + 1)
     rtol = Decimal(1e-9 if name == "float64" else F32_DFI_RTOL[method])
+    slack = Decimal(0)
     if name in ("float16", "bfloat16"):  # DfI after of the projection as written: the stored matrices over the factor
         mats = fire_core.to_matrices(got.astype(np.float64), layout)
         taps = mats.shape[0] // len(factors)
         after = sum(Decimal(float(fire_core.dfi(m / (float(factors[t // taps]) or 1.0)))) for t, m in enumerate(mats))
-    assert abs(Decimal(row["dfi_after"]) - after) <= rtol * after + Decimal(1e-12 if name == "float64" else 1e-6)
+        # the core divides by its float32 factor: a tiny one is a float32 subnormal, good to a relative delta of
+        # spacing / factor (1.4e-5 at 1e-40), and DfI = ||G - I||^2 moves by at most 4 delta ||G - I|| ||G||
+        delta = max((float(2 * np.spacing(np.float32(abs(float(f))))) / abs(float(f)) for f in factors if f), default=0.0)
+        n = Decimal(sum(min(m.shape) for m in mats))
+        slack = Decimal(4 * delta) * (after + (after * n).sqrt())
+    assert abs(Decimal(row["dfi_after"]) - after) <= rtol * after + slack + Decimal(1e-12 if name == "float64" else 1e-6)
     rtol = Decimal(1e-9 if name == "float64" else (1e-3 if method == "fast" else 1e-5))
     spacing = Decimal(LIMITS["float64" if name == "float64" else "float32"][1])  # a "norm" factor may be subnormal
     assert abs(Decimal(row["scale"]) - factors[0]) <= rtol * abs(factors[0]) + spacing
