@@ -34,6 +34,7 @@ embed)`` ``"iio"``; ``LSTMCell`` ``kernel`` ``(in, 4 units)`` and
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -232,7 +233,17 @@ def _native(variable):
         return variable.value
     if backend == "torch":
         return variable.value.detach()
-    return keras.ops.convert_to_numpy(variable)
+    return _to_numpy(variable)
+
+
+def _to_numpy(x) -> np.ndarray:
+    """A copy of a backend array (or a variable's value) on the host, without NumPy's ``copy=`` deprecation path."""
+    x = getattr(x, "value", x)
+    if hasattr(x, "detach"):  # torch: a copy, never a view of the parameter's memory
+        return np.array(x.detach().cpu().numpy())
+    if hasattr(x, "numpy"):  # tensorflow
+        return np.asarray(x.numpy())
+    return np.asarray(x)
 
 
 def _is_float(variable) -> bool:
@@ -448,8 +459,10 @@ def _optimizer_plan(optimizer, variables, new_values) -> list[tuple[object, obje
     lists = _slot_lists(opt, len(opt._trainable_variables))
     mine = [v for v in variables if id(v) in index]
     try:
-        fresh = type(opt).from_config(opt.get_config())
-        fresh.build(mine)
+        with warnings.catch_warnings():  # Keras' own np.array(variable) in get_config meets NumPy 2's copy= deprecation
+            warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
+            fresh = type(opt).from_config(opt.get_config())
+            fresh.build(mine)
     except Exception as exc:
         raise ValueError(
             f"the optimizer {type(opt).__name__} could not be rebuilt from its config to tell its initial slot values "
@@ -465,7 +478,7 @@ def _optimizer_plan(optimizer, variables, new_values) -> list[tuple[object, obje
             if attr == _EMA:
                 plan.append((slot, new_values[id(v)]))
             elif attr in fresh_lists and fresh_lists[attr][j] is not None:
-                plan.append((slot, keras.ops.convert_to_numpy(fresh_lists[attr][j])))
+                plan.append((slot, _to_numpy(fresh_lists[attr][j])))
             else:
                 raise ValueError(
                     f"the optimizer {type(opt).__name__} keeps per-variable state {attr!r} that a fresh copy does not "
@@ -492,7 +505,7 @@ def reset_optimizer_state(optimizer, variables) -> int:
 
 def _run(model, probe):
     out = model(probe, training=False)
-    return [keras.ops.convert_to_numpy(o) for o in keras.tree.flatten(out)]
+    return [_to_numpy(o) for o in keras.tree.flatten(out)]
 
 
 def apply(
@@ -575,10 +588,18 @@ def apply(
     for key, ts in pieces.items():
         if ts[0].block is None:
             new_values[key] = results[ts[0].name]
-        else:
-            parts = [results[t.name] for t in ts]
+        else:  # the new gate blocks, and the old values of the blocks include/exclude left out
+            axis, length = ts[0].block[0], int(variables[key].shape[ts[0].block[0]])
+            parts, at = [], 0
+            for t in sorted(ts, key=lambda t: t.block[1]):
+                if t.block[1] > at:
+                    parts.append(_piece(values[key], (axis, at, t.block[1])))
+                parts.append(results[t.name])
+                at = t.block[2]
+            if at < length:
+                parts.append(_piece(values[key], (axis, at, length)))
             xp = array_namespace(*parts)
-            new_values[key] = xp.concat(parts, axis=ts[0].block[0])
+            new_values[key] = xp.concat(parts, axis=axis)
     plan = [] if dry_run else _optimizer_plan(optimizer, list(variables.values()), new_values)
     if not dry_run:
         for key, v in variables.items():
@@ -753,7 +774,7 @@ class FIRECallback(keras.callbacks.Callback):
                 value = int(np.asarray(state["optimizer_variables"][self._iterations_at]))
         if value is None:
             _sync(model)
-            value = int(keras.ops.convert_to_numpy(var))
+            value = int(_to_numpy(var))
         every = base.gradient_accumulation_steps
         return value // every if every else value
 
