@@ -221,15 +221,14 @@ def test_project_npz_keeps_compression(npz_run):
         assert {i.compress_type for i in zf.infolist()} == {zipfile.ZIP_DEFLATED}
 
 
-def test_project_npz_equals_flax_apply(npz_run):
+def test_project_npz_equals_flax_apply(npz_run, x64):
     pytest.importorskip("flax")
     try:
         import fire_core.flax as fc_flax
     except ImportError as e:
         pytest.skip(f"fire_core.flax not importable: {e}")
-    import jax
+    import jax  # float64 through the x64 fixture, restored after the test
 
-    jax.config.update("jax_enable_x64", True)
     expected = flatten(jax.tree_util.tree_map(np.asarray, fc_flax.apply(flax_params(), 5)))
     with np.load(npz_run["out"]) as z:
         for name, value in expected.items():

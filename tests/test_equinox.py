@@ -27,6 +27,15 @@ import fire_core.equinox as fe  # noqa: E402
 x64 = pytest.mark.usefixtures("x64")  # conftest's: float64 JAX (Equinox then makes float64 layers)
 
 
+@pytest.fixture(autouse=True)
+def _float32_by_default():
+    """JAX's default float32 unless a test asks for x64: another file in this worker may have left x64 on."""
+    old = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", False)
+    yield
+    jax.config.update("jax_enable_x64", old)
+
+
 def keys(n, seed=0):
     return jax.random.split(jax.random.key(seed), n)
 
