@@ -71,7 +71,7 @@ import jax.numpy as jnp
 
 from . import flax as _flax  # the JAX projection, measuring and optax machinery (fire_core.flax's public calls)
 from .core.layout import parse_layout
-from .core.patterns import Patterns, _first_match
+from .core.patterns import Patterns, _first_match, check_layouts
 from .core.report import Report
 
 __all__ = ["apply", "report", "reset_opt_state", "select", "MODULE_TABLE"]
@@ -265,17 +265,6 @@ class _Weight:
         return [(f"{self.name}[{label}]", part, self.layout) for label, part in zip(self.blocks, parts)]
 
 
-def _check_layouts(layouts) -> dict:
-    if layouts is None:
-        return {}
-    if not isinstance(layouts, Mapping):
-        raise TypeError(f"layouts must map glob patterns to layout strings (or None), got {type(layouts).__name__}")
-    for pattern, lay in layouts.items():
-        if not isinstance(pattern, str) or not (lay is None or isinstance(lay, str)):
-            raise TypeError(f"layouts must map glob patterns to layout strings (or None), got {pattern!r}: {lay!r}")
-    return dict(layouts)
-
-
 def _check_stacked(stacked):
     """``stacked`` as ``{pattern: n}``; an int ``n`` is every covered weight (``{"*": n}``)."""
     if stacked is None:
@@ -321,7 +310,7 @@ def _how_stacked(name: str, shape, slot: Slot) -> str:
 def _plan(model, include, exclude, layouts, stacked):
     """Flatten ``model`` and decide every array: ``(pairs, treedef, chosen, skipped)``; raises before any work."""
     include, exclude = Patterns(include, "include"), Patterns(exclude, "exclude")
-    layouts, stacked = _check_layouts(layouts), _check_stacked(stacked)
+    layouts, stacked = check_layouts(layouts), _check_stacked(stacked)
     pairs, treedef = jax.tree_util.tree_flatten_with_path(model)
     used: set[str] = set()
     names, known, chosen, skipped, problems = [], [], [], [], []

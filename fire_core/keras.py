@@ -50,12 +50,12 @@ if int(keras.__version__.split(".")[0]) < 3:  # pragma: no cover - depends on th
 
 import numpy as np
 
-import fire_core
-from fire_core._array import array_namespace
-from fire_core.conventions import Patterns, glob_match, matches
-from fire_core.metrics import drift as _drift
-from fire_core.report import Report
-from fire_core.schedule import DormantAbove, Moment, SrankBelow, as_schedule
+from .core._array import array_namespace
+from .core.metrics import drift as _drift
+from .core.patterns import Patterns, check_layouts, glob_match, matches
+from .core.plan import reinit_many
+from .core.report import Report
+from .core.schedule import DormantAbove, Moment, SrankBelow, as_schedule
 
 __all__ = ["apply", "select", "reset_optimizer_state", "FIRECallback", "FIRE", "LAYER_TABLE"]
 
@@ -259,17 +259,6 @@ def _owners(model) -> dict[int, object]:
     return owners
 
 
-def _check_layouts(layouts) -> dict:
-    if layouts is None:
-        return {}
-    if not isinstance(layouts, Mapping):
-        raise TypeError(f"layouts must map glob patterns to layout strings (or None), got {type(layouts).__name__}")
-    for pattern, lay in layouts.items():
-        if not isinstance(pattern, str) or not (lay is None or isinstance(lay, str)):
-            raise TypeError(f"layouts must map glob patterns to layout strings (or None), got {pattern!r}: {lay!r}")
-    return dict(layouts)
-
-
 def _names(path: str, model) -> list[str]:
     """The names a pattern is tested against: the path, and it without the model's own name in front."""
     prefix = f"{model.name}/"
@@ -291,7 +280,7 @@ def _select(model, include=None, exclude=None, layouts=None, frozen=False):
     if not isinstance(frozen, bool):
         raise TypeError(f"frozen must be True or False, got {frozen!r}")
     include, exclude = Patterns(include, "include"), Patterns(exclude, "exclude")
-    layouts = _check_layouts(layouts)
+    layouts = check_layouts(layouts)
     weights = list(model.weights)
     if not weights:
         raise ValueError(
@@ -575,7 +564,7 @@ def apply(
     for t in targets:
         values.setdefault(id(t.variable), _native(t.variable))
     results = {}
-    rep = fire_core.reinit_many(
+    rep = reinit_many(
         [(t.name, _piece(values[id(t.variable)], t.block), t.layout) for t in targets],
         steps=steps, method=method, scale=scale, write=results.__setitem__, report=report,
     )

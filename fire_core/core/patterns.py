@@ -56,6 +56,18 @@ def check_patterns(patterns, what: str):
     return patterns
 
 
+def check_layouts(layouts) -> dict:
+    """``layouts=`` of any adapter: a mapping of glob patterns to layout strings (or None: leave it alone)."""
+    if layouts is None:
+        return {}
+    if not isinstance(layouts, Mapping):
+        raise TypeError(f"layouts must be a mapping of glob patterns to layout strings, got {type(layouts).__name__}")
+    for pat, lay in layouts.items():
+        if not isinstance(pat, str) or not (lay is None or isinstance(lay, str)):
+            raise TypeError(f"layouts must map glob strings to layout strings (or None), got {pat!r}: {lay!r}")
+    return dict(layouts)
+
+
 def matches(patterns, name, sep: str = ".", *, target_name: str | None = None) -> bool:
     """True when a glob in ``patterns`` matches ``name`` or one of its module prefixes.
 

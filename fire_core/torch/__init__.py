@@ -55,14 +55,14 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from ..core.patterns import Patterns
+from ..core.patterns import Patterns, check_layouts
 from ..core.plan import reinit
 from ..core.report import Report
 
 # What apply and select use, and the names kept importable as fire_core.torch.X though they live in the
 # private files: the public ones (MODULE_TABLE, Kind, Slot, activations, activation_modules,
 # reset_optimizer_state) and _run_probe, which the Lightning and transformers callbacks call.
-from ._checks import _check_layouts, _check_splits, _Options
+from ._checks import _check_splits, _Options
 from ._optim import _optimizers, reset_optimizer_state
 from ._probe import _drifts, _owners, _run_probe, _stats_note, activation_modules, activations
 from ._select import _select, _unwrap
@@ -338,7 +338,7 @@ def _options(model, include, exclude, split, layouts, frozen, conv_groups, adapt
         include=Patterns(include, "include"),
         exclude=Patterns(exclude, "exclude"),
         split=_check_splits(split),
-        layouts=_check_layouts(layouts),
+        layouts=check_layouts(layouts),
         frozen=frozen,
         conv_groups=conv_groups,
         adapters=adapters,

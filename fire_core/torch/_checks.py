@@ -35,17 +35,6 @@ class _Options:
     wrappers: tuple[str, ...]
 
 
-def _check_layouts(layouts) -> dict:
-    if layouts is None:
-        return {}
-    if not isinstance(layouts, Mapping):
-        raise TypeError(f"layouts must be a mapping of glob patterns to layout strings, got {type(layouts).__name__}")
-    for pat, lay in layouts.items():
-        if not isinstance(pat, str) or not (lay is None or isinstance(lay, str)):
-            raise TypeError(f"layouts must map glob strings to layout strings (or None), got {pat!r}: {lay!r}")
-    return dict(layouts)
-
-
 def _check_splits(split) -> dict:
     if split is None:
         return {}
