@@ -464,6 +464,28 @@ def _flax_adapter(method):
     return run, reference, ((40, 24), (3, 3, 3, 8)), ("jax", "jax:gpu")
 
 
+def _equinox_adapter(method):
+    def run(w_lin, w_conv):
+        import equinox as eqx
+        import jax
+
+        import fire_core.equinox
+
+        key = jax.random.key(0)
+        model = [eqx.nn.Linear(40, 24, use_bias=False, key=key), eqx.nn.Conv2d(3, 8, 3, use_bias=False, key=key)]
+        model = eqx.tree_at(lambda m: (m[0].weight, m[1].weight), model, (w_lin, w_conv))
+        new = fire_core.equinox.apply(model, CHECK_STEPS, method=method)
+        return new[0].weight, new[1].weight
+
+    def reference(w_lin, w_conv):
+        from .. import reinit
+
+        return reinit(w_lin, "oi", steps=CHECK_STEPS, method=method), reinit(w_conv, "oihw", steps=CHECK_STEPS,
+                                                                            method=method)
+
+    return run, reference, (_LINEAR, _CONV), ("jax", "jax:gpu")
+
+
 def _cupy_adapter(method):
     def run(w_lin, w_conv):
         import fire_core.cupy
@@ -481,8 +503,10 @@ def _cupy_adapter(method):
     return run, reference, (_LINEAR, _CONV), ("cupy",)
 
 
+# Keras has no row: it fixes its backend once per process, at import (KERAS_BACKEND), and places its
+# variables on that backend's default device; tests/test_keras.py checks one model on every backend instead.
 _ADAPTERS = {"torch": (("torch",), _torch_adapter), "flax": (("jax", "flax"), _flax_adapter),
-             "cupy": (("cupy",), _cupy_adapter)}
+             "equinox": (("jax", "equinox"), _equinox_adapter), "cupy": (("cupy",), _cupy_adapter)}
 
 
 def check_cases():
