@@ -73,6 +73,7 @@ from . import flax as _flax  # the JAX projection, measuring and optax machinery
 from .core.layout import parse_layout
 from .core.patterns import Patterns, _first_match, check_layouts
 from .core.report import Report
+from .flax._select import _key_name  # a key path entry's name, as the Flax adapter reads it
 
 __all__ = ["apply", "report", "reset_opt_state", "select", "MODULE_TABLE"]
 
@@ -182,13 +183,6 @@ def _entry(module):
 
 
 # --- the tree ---------------------------------------------------------------------------------------------
-
-
-def _key(k) -> str:
-    for attr in ("name", "idx", "key"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
 
 
 def _child(node, k):
@@ -317,7 +311,7 @@ def _plan(model, include, exclude, layouts, stacked):
     for index, (path, leaf) in enumerate(pairs):
         if not eqx.is_array(leaf):
             continue
-        name = ".".join(_key(k) for k in path)
+        name = ".".join(_key_name(k) for k in path)
         names.append(name)
         shape = tuple(int(s) for s in leaf.shape)
         if not jnp.issubdtype(leaf.dtype, jnp.floating) or len(shape) < 2:
