@@ -238,7 +238,7 @@ def test_every_floating_array_left_alone_is_reported_with_its_reason():
 
 
 def _names(model):
-    return [".".join(fe._key(k) for k in path) for path, leaf in jax.tree_util.tree_flatten_with_path(model)[0]
+    return [".".join(fe._key_name(k) for k in path) for path, leaf in jax.tree_util.tree_flatten_with_path(model)[0]
             if eqx.is_array(leaf)]
 
 
@@ -410,7 +410,7 @@ def _train(model, opt_state, tx, xs, ys, n):
 
 def _by_name(tree):
     pairs = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {".".join(fe._key(k) for k in path): leaf for path, leaf in pairs}
+    return {".".join(fe._key_name(k) for k in path): leaf for path, leaf in pairs}
 
 
 def test_a_model_goes_through_fire_with_adam_and_trains_on():
