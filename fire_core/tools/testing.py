@@ -424,6 +424,18 @@ CHECK_STEPS = 10  # enough for "fast" to reach the polar factor; "fire" as the r
 _LINEAR, _CONV, _ATTENTION = (24, 40), (8, 3, 3, 3), (16, 4, 4)  # torch Linear "oi", Conv2d "oihw", Flax query "ioo"
 
 
+def _torch_layouts(method):
+    """The reference of an adapter row whose weights are a Linear ("oi") and a Conv2d ("oihw"): reinit of each."""
+
+    def reference(w_lin, w_conv):
+        from .. import reinit
+
+        return reinit(w_lin, "oi", steps=CHECK_STEPS, method=method), reinit(w_conv, "oihw", steps=CHECK_STEPS,
+                                                                            method=method)
+
+    return reference
+
+
 def _torch_adapter(method):
     def run(w_lin, w_conv):
         import torch
@@ -438,13 +450,7 @@ def _torch_adapter(method):
         fire_core.torch.apply(model, CHECK_STEPS, method=method)
         return model[0].weight.detach(), model[1].weight.detach()
 
-    def reference(w_lin, w_conv):
-        from .. import reinit
-
-        return reinit(w_lin, "oi", steps=CHECK_STEPS, method=method), reinit(w_conv, "oihw", steps=CHECK_STEPS,
-                                                                            method=method)
-
-    return run, reference, (_LINEAR, _CONV), ("torch", "torch:cuda")
+    return run, _torch_layouts(method), (_LINEAR, _CONV), ("torch", "torch:cuda")
 
 
 def _flax_adapter(method):
@@ -477,13 +483,7 @@ def _equinox_adapter(method):
         new = fire_core.equinox.apply(model, CHECK_STEPS, method=method)
         return new[0].weight, new[1].weight
 
-    def reference(w_lin, w_conv):
-        from .. import reinit
-
-        return reinit(w_lin, "oi", steps=CHECK_STEPS, method=method), reinit(w_conv, "oihw", steps=CHECK_STEPS,
-                                                                            method=method)
-
-    return run, reference, (_LINEAR, _CONV), ("jax", "jax:gpu")
+    return run, _torch_layouts(method), (_LINEAR, _CONV), ("jax", "jax:gpu")
 
 
 def _cupy_adapter(method):
@@ -494,13 +494,7 @@ def _cupy_adapter(method):
         fire_core.cupy.apply(arrays, CHECK_STEPS, method=method)
         return arrays["fc.weight"], arrays["conv.weight"]
 
-    def reference(w_lin, w_conv):
-        from .. import reinit
-
-        return reinit(w_lin, "oi", steps=CHECK_STEPS, method=method), reinit(w_conv, "oihw", steps=CHECK_STEPS,
-                                                                            method=method)
-
-    return run, reference, (_LINEAR, _CONV), ("cupy",)
+    return run, _torch_layouts(method), (_LINEAR, _CONV), ("cupy",)
 
 
 # Keras has no row: it fixes its backend once per process, at import (KERAS_BACKEND), and places its
