@@ -86,6 +86,16 @@ MLP = textwrap.dedent(
     def mlp():  # under TP the first two Linears are split over the ranks, the last stays a plain tensor
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 5)).double()
+
+    def deep_mlp():  # TP + FSDP2: four Linears split colwise / rowwise, the last one left to FSDP2 alone
+        torch.manual_seed(0)
+        sizes = [6, 10, 8, 12, 9, 5]  # 10 and 9 rows: uneven pieces on the 2 x 2 mesh
+        layers = []
+        for a, b in zip(sizes, sizes[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        return nn.Sequential(*layers[:-1]).double()
+
+    TP_PLAN = {"0": "colwise", "2": "rowwise", "4": "colwise", "6": "rowwise"}
     """
 )
 
@@ -447,14 +457,25 @@ FOUR_RANK_SCRIPT = MODEL + MLP + RANK_HELPERS + textwrap.dedent(
         from torch.distributed.tensor import Shard
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
         import fire_core.torch as ft
+        from fire_core.torch import _distributed as fd
 
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-        model = mlp()
-        parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        model = deep_mlp()
+        styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+        parallelize_module(model, mesh["tp"], {name: styles[style]() for name, style in TP_PLAN.items()})
         fully_shard(model, mesh=mesh["dp"])
         placements = {n: str(p.placements) for n, p in model.named_parameters()}
         opt = trained(model)
         cases, names, arrays = results(rank, model, opt, [("0.weight", 0, float("nan")), ("2.weight", 3, float("inf"))])
+        # the owner path with the optimizer: who projected what, the state kept, the storage kept
+        storage = [(p.placements, p.to_local().data_ptr(), tuple(p.to_local().shape)) for p in model.parameters()]
+        states = sum(1 for p in model.parameters() if p in opt.state)
+        report = ft.apply(model, optimizer=opt)
+        stats = dict(fd.last_stats)
+        after = [(p.placements, p.to_local().data_ptr(), tuple(p.to_local().shape)) for p in model.parameters()]
+        arrays.update({"opt/" + n: v for n, v in full(model).items()})
+        owner = dict(report=report.to_dict(), stats=stats, storage_kept=storage == after, states=states,
+                     kept_state=sorted(n for n, p in model.named_parameters() if p in opt.state))
 
         # HSDP (Replicate, Shard): owner ranks in each shard group; the NaN in rank 0's shard is in one
         # replica only, and the other replica group must stop too
@@ -476,7 +497,7 @@ FOUR_RANK_SCRIPT = MODEL + MLP + RANK_HELPERS + textwrap.dedent(
         except ValueError as err:
             odd_error = str(err)
         odd_case = dict(error=odd_error, unchanged=torch.equal(odd.weight.to_local(), piece))
-        info = dict(cases=cases, names=names, placements=placements, hsdp=hsdp_case, odd=odd_case)
+        info = dict(cases=cases, names=names, placements=placements, hsdp=hsdp_case, odd=odd_case, owner=owner)
         return {"tp/" + k: v for k, v in arrays.items()}, info
 
     def run(rank, rendezvous, out):
@@ -549,10 +570,10 @@ def test_hsdp_owner_ranks_on_a_2d_mesh_equal_unsharded_apply(four_ranks):
 # 2-rank and the 4-rank scripts above: their `tp` and `tp_fsdp2` functions.)
 
 
-def _tp_part(ranks):
+def _tp_part(ranks, build="mlp"):
     """The tensor-parallel part of a rank run: per rank (its ``tp/`` arrays unprefixed, its ``tp`` dict),
     and the unsharded MLP with the weights it started from, after ``apply``, with its report."""
-    plain = _loaded(ranks, MLP, "mlp", prefix="tp/")
+    plain = _loaded(ranks, MLP, build, prefix="tp/")
     report = ft.apply(plain)
     part = [({k[len("tp/") :]: v for k, v in t.items() if k.startswith("tp/")}, info["tp"]) for t, info in ranks]
     return part, (plain, report)
@@ -565,7 +586,7 @@ def tp_run(two_ranks):
 
 @pytest.fixture(scope="module")
 def tp_fsdp2_run(four_ranks):
-    return _tp_part(four_ranks)
+    return _tp_part(four_ranks, "deep_mlp")
 
 
 def _cases(ranks, strategy):
@@ -641,7 +662,7 @@ def test_check_finite_on_a_dtensor_whose_local_sums_overflow_passes_on_every_ran
 @pytest.mark.parametrize("strategy", ["owner", "replicate"])
 def test_tp_fsdp2_2x2_nan_in_one_ranks_shard_fails_every_rank_with_the_same_error(tp_fsdp2_run, strategy):
     ranks, _ = tp_fsdp2_run
-    # two sharded mesh dimensions: the owner path hands these weights to the DTensor ("replicate") path
+    # sharded along both mesh dimensions: FSDP2's _StridedShard over the colwise shard, and rowwise
     assert ranks[0][1]["placements"]["0.weight"] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
     assert ranks[0][1]["placements"]["2.weight"] == "(Shard(dim=0), Shard(dim=1))"
     for results in _cases(ranks, strategy):
@@ -665,6 +686,60 @@ def test_tp_fsdp2_2x2_result_equals_unsharded_apply(tp_fsdp2_run, strategy):
         for name, p in plain.named_parameters():
             got = tensors[f"{strategy}/{name}"]
             np.testing.assert_allclose(got, p.detach().numpy(), rtol=0, atol=1e-10, err_msg=name)
+
+
+def test_tp_fsdp2_2x2_owner_path_projects_each_matrix_once_on_one_of_the_four_ranks(tp_fsdp2_run):
+    """TP + FSDP2: each weight sharded along both mesh dimensions is gathered whole to one owner among all four
+    ranks (not every rank computing everything, as the DTensor path does); the weight FSDP2 alone shards (the
+    last Linear, left out of the TP plan) to one owner in each of its two dp groups."""
+    ranks, (plain, report) = tp_fsdp2_run
+    assert ranks[0][1]["placements"]["4.weight"] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
+    assert ranks[0][1]["placements"]["6.weight"] == "(Shard(dim=0), Shard(dim=1))"
+    assert ranks[0][1]["placements"]["8.weight"] == "(Shard(dim=0),)"
+    stats = [info["owner"]["stats"] for _, info in ranks]
+    assert [s["world"] for s in stats] == [4, 4, 4, 4]  # owners among all four ranks
+    assert sum(s["weights"] for s in stats) == len(report) + 1  # 8.weight once per dp group, the others once
+    whole = [s["groups"][0] for s in stats]  # the weights sharded along both mesh dimensions come first
+    assert all(g["ranks"] == [0, 1, 2, 3] for g in whole)
+    assert whole[0]["owners"] == whole[1]["owners"] == whole[2]["owners"] == whole[3]["owners"]
+    assert sorted(whole[0]["owners"]) == [0, 1, 2, 3]  # four matrices: one for each rank, by cost
+    assert [g["weights"] for g in whole] == [1, 1, 1, 1]  # each projected once, over all four ranks
+    dp = [s["groups"][1] for s in stats]  # 8.weight on the dp sub-mesh: ranks {0, 2} and {1, 3}
+    assert [g["ranks"] for g in dp] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert dp[0]["weights"] + dp[2]["weights"] == dp[1]["weights"] + dp[3]["weights"] == 1
+    assert all(len(s["groups"]) == 2 for s in stats)
+    # no rank receives the whole model: the others' pieces of the one matrix it owns, and of 8.weight if it owns it
+    model_bytes = 8 * sum(p.numel() for name, p in plain.named_parameters() if name.endswith("weight"))
+    for s in stats:
+        assert 0 < s["received"] < model_bytes / 2 and 0 < s["sent"] < model_bytes / 2
+
+
+def test_tp_fsdp2_2x2_owner_path_with_optimizer_equals_unsharded_apply_and_keeps_storage(tp_fsdp2_run):
+    ranks, (plain, report) = tp_fsdp2_run
+    for tensors, info in ranks:
+        for name, p in plain.named_parameters():
+            np.testing.assert_allclose(tensors["opt/" + name], p.detach().numpy(), rtol=0, atol=1e-10, err_msg=name)
+        assert info["owner"]["storage_kept"]  # the same DTensors: placements, local data_ptr and shapes
+
+
+def test_tp_fsdp2_2x2_optimizer_state_dropped_for_projected_weights_only(tp_fsdp2_run):
+    ranks, (plain, report) = tp_fsdp2_run
+    projected = set(report.names)
+    others = sorted(n for n, _ in plain.named_parameters() if n not in projected)
+    assert others == [f"{k}.bias" for k in (0, 2, 4, 6, 8)]
+    for _, info in ranks:
+        assert info["owner"]["states"] == len(list(plain.parameters()))  # the poisoned calls dropped nothing
+        assert info["owner"]["kept_state"] == others
+
+
+def test_tp_fsdp2_2x2_report_is_complete_and_equal_on_every_rank(tp_fsdp2_run):
+    ranks, (plain, report) = tp_fsdp2_run
+    first = ranks[0][1]["owner"]["report"]
+    assert all(info["owner"]["report"] == first for _, info in ranks)
+    assert [row["name"] for row in first["rows"]] == report.names
+    for got, want in zip(first["rows"], report.rows):
+        for key in ("scale", "sfe", "dfi_before", "dfi_after"):
+            assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), (got["name"], key)
 
 
 def test_hsdp_nan_in_one_replica_fails_both_replica_groups_and_changes_nothing(tp_fsdp2_run):
