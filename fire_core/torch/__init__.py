@@ -62,6 +62,7 @@ from ..core.report import Report
 # What apply and select use, and the names kept importable as fire_core.torch.X though they live in the
 # private files: the public ones (MODULE_TABLE, Kind, Slot, activations, activation_modules,
 # reset_optimizer_state) and _run_probe, which the Lightning and transformers callbacks call.
+from . import _deepspeed
 from ._checks import _check_splits, _Options
 from ._optim import _optimizers, reset_optimizer_state
 from ._probe import _drifts, _owners, _run_probe, _stats_note, activation_modules, activations
@@ -70,7 +71,7 @@ from ._table import MODULE_TABLE, Kind, Slot
 from ._write import _agree_on_plain_weights, _project, _sharded, _written
 
 __all__ = [
-    "apply", "select", "check_options", "SELECTION_OPTIONS", "activations", "activation_modules", "reset_optimizer_state",
+    "apply", "select", "param_groups", "check_options", "SELECTION_OPTIONS", "activations", "activation_modules", "reset_optimizer_state",
     "MODULE_TABLE",
 ]
 
@@ -159,6 +160,15 @@ def apply(
     weight inside a LoRA layer is frozen, so ``frozen=True`` projects it,
     read as the layer it wraps, the adapter's change still added on top.
 
+    ``model`` may be a DeepSpeed engine (ZeRO stages 0-3): ``apply(engine)``
+    takes its module and its optimizer (``apply(engine.module)`` its module
+    only). Each weight is read whole from DeepSpeed's fp32 master, projected
+    once on an owner rank, and written to the model's weight, the master and
+    (with the optimizer) the optimizer state; what cannot be written exactly
+    (offloading, a parameter group shared with weights FIRE leaves alone:
+    see :func:`param_groups`) is refused first. Every rank must call it;
+    see ``docs/distributed.md``.
+
     ``optimizer``: a ``torch.optim.Optimizer`` or a list of them. The state
     (moments, step count) of every written parameter is dropped, so the
     optimizer restarts it; other parameters keep theirs. ``LBFGS`` keeps one
@@ -204,12 +214,18 @@ def apply(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply expects a torch.nn.Module, got {type(model).__name__}")
+    if _deepspeed.is_engine(model):  # a DeepSpeed engine: its model, and its optimizer unless one is given
+        model, optimizer = model.module, model.optimizer if optimizer is None else optimizer
     optimizers = _optimizers(optimizer)
     if dry_run and not report:
         raise ValueError("dry_run=True computes the report only; it cannot be combined with report=False")
     _check_distributed(distributed)
     model, options = _options(model, include, exclude, split, layouts, frozen, conv_groups, adapters)
     targets, skipped, notes = _select(model, options)
+    masters = _deepspeed.masters_of(optimizers, targets) if _deepspeed.loaded() else None
+    if masters is not None:  # before anything changes: what DeepSpeed keeps must be writable exactly
+        names = {id(p): n for n, p in model.named_parameters()}
+        _deepspeed.check(targets, masters, _written(targets), bool(optimizers) and not dry_run, names)
     stats = _stats_note(model)
     if stats:
         notes.append(stats)
@@ -221,7 +237,7 @@ def apply(
     _agree_on_plain_weights(targets)
 
     with _sharded(targets):
-        rows, pending = _project(targets, steps, method, scale, not write, report, distributed)
+        rows, pending = _project(targets, steps, method, scale, not write, report, distributed, masters)
     if write:
         with torch.no_grad():
             for t, values in pending:
@@ -285,6 +301,41 @@ def select(
     model, options = _options(model, include, exclude, split, layouts, frozen, conv_groups, adapters)
     targets, _, _ = _select(model, options)
     return [(t.name, t.given(t.tensor.detach()), t.layout) for t in targets]
+
+
+def param_groups(
+    model: nn.Module,
+    *,
+    include=None,
+    exclude=None,
+    split: Mapping[str, int | Iterable[int]] | None = None,
+    layouts: Mapping[str, str | None] | None = None,
+    frozen: bool = False,
+    conv_groups: str = "stored",
+    adapters: str = "skip",
+) -> list[dict]:
+    """The model's trainable parameters as optimizer groups: ``[{"params": written}, {"params": the rest}]``.
+
+    ``written``: the Parameters :func:`apply` with the same selection
+    options (:func:`select`'s) would write; the second group holds every other parameter with
+    ``requires_grad`` (left out when empty). Give each group its own options
+    as usual (``groups[1]["weight_decay"] = 0.0``). An optimizer that keeps
+    one state for a whole group needs this: DeepSpeed's ZeRO steps each
+    parameter group as one flat fp32 tensor with one Adam step count, so FIRE
+    can restart the state of projected weights only when they have a group
+    of their own (see docs/distributed.md)::
+
+        opt = torch.optim.AdamW(fire_core.torch.param_groups(model), lr=3e-4)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"param_groups expects a torch.nn.Module, got {type(model).__name__}")
+    model, options = _options(model, include, exclude, split, layouts, frozen, conv_groups, adapters)
+    targets, _, _ = _select(model, options)
+    written = [p for p in _written(targets) if p.requires_grad]
+    ids = {id(p) for p in written}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    return [{"params": written}] + ([{"params": rest}] if rest else [])
 
 
 SELECTION_OPTIONS = ("include", "exclude", "split", "layouts", "frozen", "conv_groups", "adapters")  # select()'s, and apply's

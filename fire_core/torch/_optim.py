@@ -6,6 +6,8 @@ from typing import Iterable
 
 import torch
 
+from . import _deepspeed
+
 
 def reset_optimizer_state(optimizer, params: Iterable[torch.Tensor]) -> int:
     """Drop the optimizer state (moments, step count...) of exactly ``params``; returns how many states were dropped.
@@ -18,6 +20,9 @@ def reset_optimizer_state(optimizer, params: Iterable[torch.Tensor]) -> int:
     parameters, held in the state of its first: when any of ``params`` is
     one of its parameters that whole history is dropped (counted once),
     since a history built on the old weights does not describe the new ones.
+    A DeepSpeed optimizer (ZeRO 1-3, BF16, FP16) steps one flat fp32 tensor
+    per parameter group: the state of each group all of whose weights are
+    in ``params`` is dropped (see :mod:`._deepspeed`).
     """
     optimizers = _optimizers(optimizer)
     params = list(params)
@@ -27,6 +32,9 @@ def reset_optimizer_state(optimizer, params: Iterable[torch.Tensor]) -> int:
     ids = {id(p) for p in params}
     dropped = 0
     for opt in optimizers:
+        if _deepspeed.is_wrapper(opt):  # its state is keyed by flat fp32 masters, one per parameter group
+            dropped += _deepspeed.reset_state(_deepspeed.masters_of([opt]), params)
+            continue
         if isinstance(opt, torch.optim.LBFGS):
             mine = [p for group in opt.param_groups for p in group["params"]]
             if any(id(p) in ids for p in mine) and opt.state.pop(mine[0], None) is not None:

@@ -181,7 +181,7 @@ def _select(model: nn.Module, o: _Options):
             if block in chosen:
                 targets.append(
                     _Target(
-                        block, primary, tensor, slot.layout, index, tensor if w.plist is None else None, w.plist,
+                        block, primary, tensor, slot.layout, index, w.tensor if w.plist is None else None, w.plist,
                         w.stored if w.plist is not None else (), view=slot.view, note=note,
                         aliases=aliases, tied=tuple(w.tied),
                     )
@@ -215,6 +215,10 @@ def _as_seen(w: _Weight) -> torch.Tensor:
     weight updates its buffers): its stored tensor stands in for it.
     """
     if w.plist is None:
+        if hasattr(w.tensor, "ds_shape") and tuple(w.tensor.shape) != tuple(w.tensor.ds_shape):
+            # DeepSpeed ZeRO-3: the Parameter is an empty placeholder; its values are fetched when projected
+            # (fire_core.torch._deepspeed), so selection sees a stand-in of the weight's shape, without values
+            return torch.empty(w.tensor.ds_shape, dtype=w.tensor.dtype, device="meta")
         return w.tensor
     if _parametrization_problem(w.plist, w.names[0]) is not None:
         return w.stored[-1]

@@ -96,7 +96,8 @@ class _Weight:
         t = self.stored[-1]
         if isinstance(t, nn.parameter.UninitializedParameter):
             return ()
-        return tuple(int(d) for d in t.shape)
+        # a DeepSpeed ZeRO-3 parameter holds an empty placeholder between uses; ds_shape is the weight's shape
+        return tuple(int(d) for d in getattr(t, "ds_shape", t.shape))
 
     @property
     def floating(self) -> bool:

@@ -28,14 +28,15 @@ def _written(targets) -> list[torch.Tensor]:
     return list(written.values())
 
 
-def _project(targets, steps, method, scale, dry_run, report, distributed="owner"):
+def _project(targets, steps, method, scale, dry_run, report, distributed="owner", masters=None):
     """Project everything; write the plain weights, return the values parametrizations must store.
 
     Parametrized weights are projected first, into buffers: what their
     parametrizations must store is worked out (and checked) before anything
     is written, so a parametrization that cannot hold the result fails cleanly.
-    DTensor weights for owner ranks are projected (and checked on every rank)
-    before the plain weights and written after them.
+    DTensor weights for owner ranks, and weights a DeepSpeed engine keeps
+    (``masters``: :class:`._deepspeed.Masters`), are projected (and checked on
+    every rank) before the plain weights and written after them.
     """
     staged = [t for t in targets if t.plist is not None]
     plain = [t for t in targets if t.plist is None]
@@ -74,6 +75,18 @@ def _project(targets, steps, method, scale, dry_run, report, distributed="owner"
             owner_runs.append(run)
             rows += run.rows
 
+    deepspeed_run = None
+    if masters is not None:
+        from . import _deepspeed
+
+        managed = [t for t in plain if masters.owns(t.param)]
+        if managed:
+            plain = [t for t in plain if not masters.owns(t.param)]
+            deepspeed_run = _deepspeed.project(
+                managed, masters, steps=steps, method=method, scale=scale, dry_run=dry_run, report=report
+            )
+            rows += deepspeed_run.rows
+
     plain_by_name = {t.name: t for t in plain}
     written = []
 
@@ -100,6 +113,8 @@ def _project(targets, steps, method, scale, dry_run, report, distributed="owner"
     rows += rep.rows if report else []
     for run in owner_runs:
         run.commit()
+    if deepspeed_run is not None:
+        deepspeed_run.commit()
     return rows, pending
 
 

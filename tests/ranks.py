@@ -1,0 +1,48 @@
+"""Running a multi-process rank script from a test: each rank's arrays and JSON come back to the test.
+
+The script gets two arguments, a rendezvous file path (new for each run) and
+an output prefix; each rank writes ``<prefix>-<rank>.npz`` and
+``<prefix>-<rank>.json``. The script and the ranks it spawns run in a
+session of their own, killed whole if they outlive ``RANK_TIMEOUT``, so ranks
+waiting in a collective that never completes fail the test and leave nothing
+behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+
+RANK_TIMEOUT = 900  # seconds for a whole rank script, generous for a loaded machine
+
+
+def run_ranks(source: str, tmp, world: int, env: dict | None = None):
+    """Run the rank script ``source``; each rank's (arrays, dict)."""
+    script = tmp / "ranks.py"
+    script.write_text(source)
+    rendezvous = tempfile.mktemp(dir=tmp, prefix="rendezvous-")  # a new file for each run (FileStore's rule)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), rendezvous, str(tmp / "r")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})),
+    )
+    try:
+        _, err = proc.communicate(timeout=RANK_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"the {world} ranks did not finish within {RANK_TIMEOUT} s (a collective hung):\n{err[-4000:]}")
+    assert proc.returncode == 0, err[-6000:]
+    ranks = []
+    for rank in range(world):
+        with np.load(tmp / f"r-{rank}.npz") as arrays:
+            tensors = {k: arrays[k] for k in arrays.files}
+        ranks.append((tensors, json.loads((tmp / f"r-{rank}.json").read_text())))
+    return ranks
