@@ -71,7 +71,7 @@ from ._table import MODULE_TABLE, Kind, Slot
 from ._write import _agree_on_plain_weights, _project, _sharded, _written
 
 __all__ = [
-    "apply", "select", "param_groups", "check_options", "SELECTION_OPTIONS", "activations", "activation_modules", "reset_optimizer_state",
+    "apply", "select", "check", "param_groups", "check_options", "SELECTION_OPTIONS", "activations", "activation_modules", "reset_optimizer_state",
     "MODULE_TABLE",
 ]
 
@@ -300,7 +300,49 @@ def select(
         raise TypeError(f"select expects a torch.nn.Module, got {type(model).__name__}")
     model, options = _options(model, include, exclude, split, layouts, frozen, conv_groups, adapters)
     targets, _, _ = _select(model, options)
+    held = next((t for t in targets if t.param is not None and t.tensor is not t.param), None)
+    if held is not None and hasattr(held.param, "ds_id"):
+        raise ValueError(
+            f"{held.name}: a DeepSpeed ZeRO-3 parameter, held in pieces across the ranks, so select() has no tensor "
+            "to return; apply(engine) gathers each weight itself. Triggers that measure the weights (DfIAbove) cannot "
+            "read them under ZeRO-3: use step or epoch triggers there"
+        )
     return [(t.name, t.given(t.tensor.detach()), t.layout) for t in targets]
+
+
+def check(
+    model: nn.Module,
+    *,
+    optimizer=None,
+    include=None,
+    exclude=None,
+    split: Mapping[str, int | Iterable[int]] | None = None,
+    layouts: Mapping[str, str | None] | None = None,
+    frozen: bool = False,
+    conv_groups: str = "stored",
+    adapters: str = "skip",
+) -> None:
+    """Raise now what :func:`apply` with these options would refuse for the model's structure; reads no values.
+
+    For a training integration (or a script) to fail when training starts,
+    not at the first firing: the selection's errors (:func:`select`'s), and
+    what a DeepSpeed engine keeps where FIRE cannot write it exactly
+    (offloading; with ``optimizer=``, a parameter group that holds projected
+    weights and others, checked as if the optimizer had already stepped).
+    What only the values can tell (a NaN weight) is checked by ``apply``.
+    Takes a DeepSpeed engine as :func:`apply` does. Runs no collective.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"check expects a torch.nn.Module, got {type(model).__name__}")
+    if _deepspeed.is_engine(model):
+        model, optimizer = model.module, model.optimizer if optimizer is None else optimizer
+    optimizers = _optimizers(optimizer)
+    model, options = _options(model, include, exclude, split, layouts, frozen, conv_groups, adapters)
+    targets, _, _ = _select(model, options)
+    if _deepspeed.loaded():
+        names = {id(p): n for n, p in model.named_parameters()}
+        masters = _deepspeed.masters_of(optimizers, targets)
+        _deepspeed.check(targets, masters, _written(targets), bool(optimizers), names, stepped=True)
 
 
 def param_groups(

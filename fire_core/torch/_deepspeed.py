@@ -137,11 +137,12 @@ def masters_of(optimizers, targets=()) -> Masters:
     return m
 
 
-def check(targets, masters: Masters, written: list, reset: bool, names: dict) -> None:
+def check(targets, masters: Masters, written: list, reset: bool, names: dict, stepped: bool = False) -> None:
     """Refuse, before anything changes, what cannot be written exactly (the same verdict on every rank).
 
     ``written``: the parameters the call writes; ``reset``: whether it drops their optimizer state;
-    ``names``: ``{id(parameter): name}`` for the messages.
+    ``names``: ``{id(parameter): name}`` for the messages; ``stepped``: judge the parameter groups as if the
+    optimizer had stepped (a group with no state yet has nothing to restart, so ``apply`` lets it pass).
     """
     managed = [t for t in targets if t.param is not None and masters.owns(t.param)]
     if not managed and not masters.wrappers:
@@ -179,15 +180,15 @@ def check(targets, masters: Masters, written: list, reset: bool, names: dict) ->
                     "support on DeepSpeed; nothing was changed"
                 )
     if reset:
-        _check_groups(masters, written, names)
+        _check_groups(masters, written, names, stepped)
 
 
-def _check_groups(masters: Masters, written: list, names: dict) -> None:
+def _check_groups(masters: Masters, written: list, names: dict, stepped: bool) -> None:
     """A group whose state is shared by projected and other weights is refused (its step count is one)."""
     ids = {id(p) for p in written}
     for g in masters.groups:
         hit = [p for p in g.members if id(p) in ids]
-        if not hit or len(hit) == len(g.members) or not g.inner.state.get(g.key):
+        if not hit or len(hit) == len(g.members) or not (stepped or g.inner.state.get(g.key)):
             continue
         kept = [names.get(id(p), "?") for p in g.members if id(p) not in ids]
         projected = [names.get(id(p), "?") for p in hit]
