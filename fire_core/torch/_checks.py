@@ -64,12 +64,48 @@ def _check_split(spec, what) -> None:
 
 
 def _refuse_wrappers(model: nn.Module) -> None:
+    """Refuse FSDP1 (``FullyShardedDataParallel``) before anything is read or written: :func:`_fsdp1_problem`."""
+    problem = _fsdp1_problem(model)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def _fsdp1_problem(model: nn.Module) -> str | None:
+    """Why ``model`` is (part of) an FSDP1 model FIRE must refuse, or None.
+
+    FSDP1 (``torch.distributed.fsdp.FullyShardedDataParallel``) flattens the
+    parameters of each wrapped module into one ``FlatParameter`` and keeps
+    only this rank's slice of it. Three things show it, whatever was
+    unwrapped (accelerate's ``unwrap_model`` takes off the outer wrapper
+    only): a ``FullyShardedDataParallel`` module; a ``FlatParameter``
+    (``use_orig_params=False``); a parameter FSDP1 marked as flattened into
+    one (``_fsdp_flattened``: with ``use_orig_params=True`` the original
+    parameters stay, as 1-D views of this rank's slice, often empty). Every
+    rank sees the same marks, so every rank refuses alike. FSDP2
+    (``fully_shard``, DTensor parameters) marks nothing of these.
+    """
     for name, mod in model.named_modules():
         if type(mod).__name__ == "FullyShardedDataParallel":
-            raise TypeError(
-                f"{name or 'model'}: FSDP (FullyShardedDataParallel) flattens parameters into shards; "
-                "use FSDP2 (torch.distributed.fsdp.fully_shard) or apply FIRE to the unwrapped model"
-            )
+            return _FSDP1.format(what=f"{name or 'the model'} is a FullyShardedDataParallel (FSDP1) module")
+    for name, p in model.named_parameters():
+        flat = getattr(p, "_is_flat_param", False)  # what isinstance(p, FlatParameter) reads: it is an nn.Parameter
+        if flat or getattr(p, "_fsdp_flattened", False):
+            kind = "an FSDP1 FlatParameter" if flat else (
+                "a parameter FSDP1 flattened into a FlatParameter (use_orig_params=True: a 1-D view of this "
+                f"rank's slice, shape {tuple(p.shape)})")
+            return _FSDP1.format(what=f"{name} is {kind}")
+    return None
+
+
+_FSDP1 = (
+    "FIRE cannot act on an FSDP1 model (torch.distributed.fsdp.FullyShardedDataParallel): {what}. FSDP1 "
+    "flattens each wrapped module's parameters into one FlatParameter and keeps only this rank's slice, so no "
+    "rank holds a weight matrix whole, and a polar factor of slices is not a slice of the polar factor; the "
+    "optimizer state of a FlatParameter (AdamW's moments and one step count) is shared by all the weights in "
+    "it, so it cannot be restarted for the projected ones alone. Nothing was changed. Use FSDP2 "
+    "(torch.distributed.fsdp.fully_shard; in the Hugging Face Trainer / accelerate: fsdp_config "
+    "{{'version': 2}}), whose DTensor weights fire_core.torch projects whole (docs/distributed.md)"
+)
 
 
 def _parametrization_problem(plist, param_name: str) -> str | None:
