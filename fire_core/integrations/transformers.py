@@ -8,7 +8,8 @@ epoch start (``on_epoch_begin``). At a firing it makes one adapter call,
 * the model the Trainer holds, unwrapped through accelerate
   (``trainer.accelerator.unwrap_model``; DDP and ``torch.compile`` wrappers
   are taken off by ``fire_core.torch`` too, FSDP2's DTensor parameters go
-  through its distributed path);
+  through its distributed path; FSDP1, ``fsdp_config`` version 1, is refused
+  at ``on_train_begin``: its FlatParameters hold slices of many weights);
 * the torch optimizer inside accelerate's ``AcceleratedOptimizer``
   (``.optimizer``): the AdamW state of exactly the projected parameters is
   dropped, the others keep theirs.
@@ -56,6 +57,7 @@ from torch import nn
 from .. import torch as fire_torch
 from ..core.schedule import DormantAbove, Moment, Schedule, SrankBelow, as_schedule
 from ..core.triggers import callable_name
+from ..torch._checks import _FSDP1, _fsdp1_problem
 
 __all__ = ["FIRECallback", "FIRE", "attach"]
 
@@ -319,6 +321,7 @@ class FIRECallback(TrainerCallback, ExportableState):
         self._check_name()
         model = self._model(model)
         _refuse_placeholders(model)
+        _refuse_fsdp1(self.trainer, model)
         _refuse_deepspeed(self.trainer, args)
         fire_torch.select(model, **self.select_options)  # a selection typo fails here, not at the firing
         if self.restart_warmup:
@@ -451,6 +454,30 @@ def _refuse_placeholders(model: nn.Module) -> None:
             "placeholder (ds_id/ds_status) and a slice of every matrix, and Newton-Schulz on slices is "
             "wrong; nothing was changed. Use DDP, or FSDP through accelerate (its DTensor "
             "parameters are projected whole by fire_core.torch)"
+        )
+
+
+def _refuse_fsdp1(trainer, model: nn.Module) -> None:
+    """FSDP1 through accelerate (``fsdp_config`` version 1): refuse when training starts, nothing changed.
+
+    The model the callback is handed, unwrapped by accelerate, has lost only
+    its outer ``FullyShardedDataParallel``: its parameters are FlatParameters
+    (``use_orig_params=False``) or 1-D views of this rank's slice of one
+    (``use_orig_params=True``), and inner wrapped blocks are still FSDP1
+    modules. :func:`fire_core.torch.apply` refuses each of these; this check
+    says it at ``on_train_begin`` in the Trainer's terms, also from accelerate's
+    plugin alone (``fsdp_version == 1``).
+    """
+    plugin = None
+    if getattr(trainer, "is_fsdp_enabled", False):
+        plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "fsdp_plugin", None)
+    version = getattr(plugin, "fsdp_version", None)
+    problem = _fsdp1_problem(model)
+    if version == 1 or problem is not None:
+        raise ValueError(
+            "FIRECallback: the Trainer's model is sharded by FSDP1 (torch's FullyShardedDataParallel, which "
+            "accelerate applies for fsdp_config version 1), refused when training starts. "
+            + (problem or _FSDP1.format(what="accelerate's FSDP plugin has fsdp_version=1"))
         )
 
 
