@@ -9,9 +9,14 @@ PyTorch part: ``world`` CPU processes (1, 2, 4) join a gloo process group,
 each builds the same transformer-shaped model (float32; per block a
 ``nn.MultiheadAttention`` with its fused ``in_proj_weight`` projected as q, k,
 v, and a 4x MLP; no embedding), shards it with FSDP2 (``fully_shard`` per
-block and at the root, on ``init_device_mesh("cpu", (world,))``; and HSDP on
+block and at the root, on ``init_device_mesh("cpu", (world,))``; HSDP on
 a 2 x 2 mesh, ``(Replicate(), Shard(0))``: two replicas, each sharded over
-two ranks) and times
+two ranks; and tensor parallel + FSDP2 on a 2 x 2 ``("dp", "tp")`` mesh:
+per block ``parallelize_module`` on the "tp" dimension with ``fc1``
+colwise, ``fc2`` and ``attn.out_proj`` rowwise, ``in_proj_weight``
+``Shard(0)`` (the heads split, as a colwise q/k/v would be), then
+``fully_shard`` on "dp", so every matrix is sharded along both mesh
+dimensions) and times
 ``fire_core.torch.apply`` (``report=True``, the default) on every rank. For
 the default ``distributed="owner"`` strategy the bytes each rank sent and
 received are counted by the implementation itself
@@ -68,35 +73,62 @@ def transformer(d: int, blocks: int):
     return nn.Sequential(*(Block() for _ in range(blocks)))
 
 
+LAYOUTS = {"hsdp": "2x2 HSDP", "tp": "2x2 TP+FSDP2"}  # the 2 x 2 meshes of 4 ranks, by name
+
+
 def _mesh_shape(world) -> tuple:
-    """``4`` -> (4,): FSDP2 over 4 ranks; ``(2, 2)``: HSDP, 2 replicas sharded over 2 ranks each."""
-    return world if isinstance(world, tuple) else (world,)
+    """``4`` -> (4,): FSDP2 over 4 ranks; ``"hsdp"``: 2 replicas sharded over 2 ranks each; ``"tp"``: TP + FSDP2."""
+    return (world,) if isinstance(world, int) else (2, 2)
 
 
 def _label(world) -> str:
-    return f"{world[0]}x{world[1]} HSDP" if isinstance(world, tuple) else str(world)
+    return str(world) if isinstance(world, int) else LAYOUTS[world]
+
+
+def _replicas(world) -> int:
+    """How many copies of the whole projection work the ranks do (HSDP: one per replica group)."""
+    return 2 if world == "hsdp" else 1
+
+
+def _shard(model, world):
+    """Shard ``model`` as ``world`` says (see the module docstring); the mesh."""
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    shape = _mesh_shape(world)
+    names = {"hsdp": ("replicate", "shard"), "tp": ("dp", "tp")}.get(world)
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+    dp = mesh
+    if world == "tp":
+        dp = mesh["dp"]
+        for block in model:
+            plan = {"fc1": ColwiseParallel(), "fc2": RowwiseParallel(), "attn.out_proj": RowwiseParallel()}
+            parallelize_module(block, mesh["tp"], plan)
+            w = block.attn.in_proj_weight
+            block.attn.in_proj_weight = nn.Parameter(distribute_tensor(w.detach(), mesh["tp"], [Shard(0)]))
+    for block in model:
+        fully_shard(block, mesh=dp)
+    fully_shard(model, mesh=dp)
+    return mesh
 
 
 def _rank(rank, world, rendezvous, cfg, out):
     import torch
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.debug import CommDebugMode
 
     import fire_core.torch as ft
     from fire_core.torch import _distributed as fd
 
     torch.set_num_threads(1)  # one core per rank, as ranks on one machine would be given
-    shape = _mesh_shape(world)
-    size = math.prod(shape)
+    size = math.prod(_mesh_shape(world))
     # a file rendezvous: no TCP port to pick, so none another process on the machine can take first
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=size)
-    mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard") if len(shape) == 2 else None)
     model = transformer(cfg["d"], cfg["blocks"])
-    for block in model:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    _shard(model, world)
     saved = [p.to_local().detach().clone() for p in model.parameters()]
     result = {}
     for strategy in ("owner", "replicate"):
@@ -265,7 +297,7 @@ def render(cfg, facts, runs, jax_result, machine_line) -> str:
         "",
         f"Machine: {machine_line}. Shared with other jobs; each torch rank runs one thread.",
         "",
-        f"## PyTorch FSDP2, gloo: transformer d={cfg['d']}, {cfg['blocks']} blocks, float32",
+        f"## PyTorch FSDP2, HSDP and TP + FSDP2, gloo: transformer d={cfg['d']}, {cfg['blocks']} blocks, float32",
         "",
         f"{count} weight matrices ({nbytes / 2**20:.1f} MiB) projected; steps=5, report on. "
         f"Owner strategy (default): per-rank bytes counted by the implementation (gather + scatter payloads, "
@@ -276,8 +308,7 @@ def render(cfg, facts, runs, jax_result, machine_line) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for world, ranks in runs.items():
-        replicas = _mesh_shape(world)[0] if isinstance(world, tuple) else 1  # each replica does the whole work
-        total = sum(r["owner"]["cost"] for r in ranks) / replicas or 1
+        total = sum(r["owner"]["cost"] for r in ranks) / _replicas(world) or 1  # each replica does the whole work
         for rank, r in enumerate(ranks):
             o, rep = r["owner"], r["replicate"]
             coll = ", ".join(f"{k} {v}" for k, v in sorted(rep["collectives"].items())) or "none"
@@ -325,9 +356,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/distributed-cpu.md)")
     args = ap.parse_args(argv)
     if args.quick:
-        cfg = dict(d=64, blocks=2, repeats=2, worlds=(2,), jax_d=64, jax_blocks=4)  # worlds 1, 4 and HSDP in the full run
+        cfg = dict(d=64, blocks=2, repeats=2, worlds=(2, "tp"), jax_d=64, jax_blocks=4)  # worlds 1, 4, HSDP in the full run
     else:
-        cfg = dict(d=256, blocks=8, repeats=5, worlds=(1, 2, 4, (2, 2)), jax_d=256, jax_blocks=8)
+        cfg = dict(d=256, blocks=8, repeats=5, worlds=(1, 2, 4, "hsdp", "tp"), jax_d=256, jax_blocks=8)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import machine
 

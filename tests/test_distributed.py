@@ -853,4 +853,6 @@ def test_benchmark_script_quick_mode(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     text = out.read_text()
     assert "| 2 | 1 | 6 | 0.500 |" in text  # rank 1 of 2 owns half of the 12 matrices and half the work
+    # TP + FSDP2: matrices of cost 4, 4, 3 (q, k, v) and 1 per block, 2 blocks, by cost over 4 owners: 7, 7, 5, 5
+    assert "| 2x2 TP+FSDP2 | 0 | 4 | 0.292 |" in text and "| 2x2 TP+FSDP2 | 3 | 2 | 0.208 |" in text
     assert "(the adapter stacks) | all-to-all" in text
