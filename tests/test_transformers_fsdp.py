@@ -50,6 +50,7 @@ pytest.importorskip("torch.distributed.fsdp")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+import fire_core  # noqa: E402
 import fire_core.torch as ft  # noqa: E402
 
 RANK_TIMEOUT = 300  # seconds for both spawns; they take 20-40 s on a loaded 2-core machine
@@ -278,7 +279,9 @@ def ranks(tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, str(script), *rendezvous, str(tmp / "r")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error"), cwd=tmp,
+        env=dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error", PYTHONPATH=os.pathsep.join(
+            [os.path.dirname(os.path.dirname(fire_core.__file__)), os.environ.get("PYTHONPATH", "")])),
+        cwd=tmp,  # the ranks import the fire_core this process tests, and write their checkpoints under tmp
     )
     try:
         _, err = proc.communicate(timeout=RANK_TIMEOUT)
