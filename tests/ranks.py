@@ -23,13 +23,14 @@ import pytest
 RANK_TIMEOUT = 900  # seconds for a whole rank script, generous for a loaded machine
 
 
-def run_ranks(source: str, tmp, world: int, env: dict | None = None):
-    """Run the rank script ``source``; each rank's (arrays, dict)."""
+def run_ranks(source: str, tmp, world: int, env: dict | None = None, args: tuple = (), name: str = "r"):
+    """Run the rank script ``source`` (with ``args`` after the two standard ones); each rank's (arrays, dict)
+    from ``<name>-<rank>.npz`` / ``.json`` in ``tmp``."""
     script = tmp / "ranks.py"
     script.write_text(source)
     rendezvous = tempfile.mktemp(dir=tmp, prefix="rendezvous-")  # a new file for each run (FileStore's rule)
     proc = subprocess.Popen(
-        [sys.executable, str(script), rendezvous, str(tmp / "r")],
+        [sys.executable, str(script), rendezvous, str(tmp / name), *map(str, args)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})),
     )
@@ -42,7 +43,7 @@ def run_ranks(source: str, tmp, world: int, env: dict | None = None):
     assert proc.returncode == 0, err[-6000:]
     ranks = []
     for rank in range(world):
-        with np.load(tmp / f"r-{rank}.npz") as arrays:
+        with np.load(tmp / f"{name}-{rank}.npz") as arrays:
             tensors = {k: arrays[k] for k in arrays.files}
-        ranks.append((tensors, json.loads((tmp / f"r-{rank}.json").read_text())))
+        ranks.append((tensors, json.loads((tmp / f"{name}-{rank}.json").read_text())))
     return ranks

@@ -246,32 +246,6 @@ def test_resumed_after_the_boundary_does_not_fire_again(checkpointed, tmp_path):
     assert trainer.state.global_step == 16
 
 
-def test_zero3_placeholders_are_refused_with_nothing_changed(tmp_path):
-    model = gpt2()
-    placeholder = model.transformer.h[0].mlp.c_fc.weight
-    placeholder.ds_id, placeholder.ds_status = 7, "NOT_AVAILABLE"  # what deepspeed.zero.Init leaves on each rank
-    old = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=4), train_dataset=Tokens())
-    attach(trainer, [2])
-    with pytest.raises(RuntimeError, match=r"ZeRO-3 .*transformer\.h\.0\.mlp\.c_fc\.weight.*Use DDP, or FSDP"):
-        trainer.train()
-    assert trainer.state.global_step == 0
-    for name, p in model.named_parameters():
-        assert torch.equal(p, old[name]), name
-
-
-def test_a_deepspeed_trainer_is_refused_at_any_zero_stage_with_nothing_changed(tmp_path):
-    model = gpt2()
-    trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=4), train_dataset=Tokens())
-    callback = attach(trainer, [2])
-    old = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer.is_deepspeed_enabled = True  # what TrainingArguments(deepspeed=...) sets (DeepSpeed is not installed here)
-    with pytest.raises(RuntimeError, match="every ZeRO stage keeps its own fp32 copy"):
-        callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=model)
-    for name, p in model.named_parameters():
-        assert torch.equal(p, old[name]), name
-
-
 def test_data_free_trigger_fires_from_the_weights(tmp_path):
     trainer = Trainer(model=gpt2(), args=arguments(tmp_path, max_steps=6), train_dataset=Tokens())
     trigger = DfIAbove(0.5, every=3)  # a fresh GPT-2 init reads about 0.97: far from FIRE's target

@@ -29,10 +29,15 @@ A TrainerCallback is not handed the Trainer, which ``Trainer.log`` needs:
 build the callback with ``trainer=`` or through :func:`attach`, or give it
 the trainer later with :meth:`FIRECallback.bind`.
 
-DeepSpeed ZeRO-3 partitions every parameter into a placeholder (a
-parameter with ``ds_id``/``ds_status``, usually empty) that only DeepSpeed
-can gather; FIRE needs whole matrices, so such a model is refused at
-``on_train_begin`` with nothing changed.
+Under DeepSpeed (``TrainingArguments(deepspeed=...)``, ZeRO stages 0-3) the
+callback hands ``fire_core.torch.apply`` the engine's ZeRO optimizer, which
+reads each weight whole from DeepSpeed's fp32 master and writes the weight,
+the master and the optimizer state (``docs/distributed.md``). DeepSpeed
+steps each parameter group as one flat tensor with one Adam step count, so
+the weights FIRE projects need a group of their own
+(``fire_core.torch.param_groups``; ``docs/transformers.md`` shows the
+``create_optimizer`` override); what cannot be written exactly (that, or
+offloading) is refused at ``on_train_begin``, with nothing changed.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from torch import nn
 from .. import torch as fire_torch
 from ..core.schedule import DormantAbove, Moment, Schedule, SrankBelow, as_schedule
 from ..core.triggers import callable_name
+from ..torch import _deepspeed
 from ..torch._checks import _FSDP1, _fsdp1_problem
 
 __all__ = ["FIRECallback", "FIRE", "attach"]
@@ -320,10 +326,9 @@ class FIRECallback(TrainerCallback, ExportableState):
             )
         self._check_name()
         model = self._model(model)
-        _refuse_placeholders(model)
         _refuse_fsdp1(self.trainer, model)
-        _refuse_deepspeed(self.trainer, args)
-        fire_torch.select(model, **self.select_options)  # a selection typo fails here, not at the firing
+        # a selection typo, or DeepSpeed state FIRE could not write exactly, fails here, not at the firing
+        fire_torch.check(model, optimizer=_inner_optimizer(optimizer), **self.select_options)
         if self.restart_warmup:
             _check_restartable(_inner_scheduler(lr_scheduler))
         if self.probe is not None:
@@ -358,7 +363,6 @@ class FIRECallback(TrainerCallback, ExportableState):
 
     def _fire(self, firing, model: nn.Module, kwargs) -> None:
         """Apply FIRE for ``firing``; called inside the poll, so a failure leaves the schedule as it was."""
-        _refuse_placeholders(model)
         scheduler = _inner_scheduler(kwargs.get("lr_scheduler")) if self.restart_warmup else None
         if scheduler is not None:
             _check_restartable(scheduler)
@@ -444,19 +448,6 @@ def _describe(probe) -> str:
     return type(probe).__name__
 
 
-def _refuse_placeholders(model: nn.Module) -> None:
-    """DeepSpeed ZeRO-3's partitioned parameters cannot be projected: refuse them, naming the limitation."""
-    held = [name for name, p in model.named_parameters() if hasattr(p, "ds_id") or hasattr(p, "ds_status")]
-    if held:
-        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
-        raise RuntimeError(
-            f"FIRE cannot act on DeepSpeed ZeRO-3 partitioned parameters ({shown}): each rank holds a "
-            "placeholder (ds_id/ds_status) and a slice of every matrix, and Newton-Schulz on slices is "
-            "wrong; nothing was changed. Use DDP, or FSDP through accelerate (its DTensor "
-            "parameters are projected whole by fire_core.torch)"
-        )
-
-
 def _refuse_fsdp1(trainer, model: nn.Module) -> None:
     """FSDP1 through accelerate (``fsdp_config`` version 1): refuse when training starts, nothing changed.
 
@@ -481,28 +472,15 @@ def _refuse_fsdp1(trainer, model: nn.Module) -> None:
         )
 
 
-def _refuse_deepspeed(trainer, args) -> None:
-    """Any DeepSpeed ZeRO stage keeps its own fp32 copy of the weights, which FIRE cannot reach: refuse.
-
-    ZeRO stages 1 and 2 hold each rank's partition of the weights in fp32
-    inside DeepSpeed's optimizer and copy it into the model's parameters after
-    every step, so weights written by FIRE would be overwritten by the old
-    ones at the next step (stage 3 is refused for its placeholders first).
-    """
-    enabled = bool(getattr(trainer, "is_deepspeed_enabled", False)) or bool(getattr(args, "deepspeed", None))
-    if enabled:
-        raise RuntimeError(
-            "FIRE cannot act on a Trainer that runs DeepSpeed: every ZeRO stage keeps its own fp32 copy of the "
-            "weights in DeepSpeed's optimizer and writes it back after each step, so projected weights would be "
-            "overwritten by the old ones; nothing was changed. Use DDP, or FSDP through accelerate (its DTensor "
-            "parameters are projected whole by fire_core.torch)"
-        )
-
-
 def _inner_optimizer(optimizer):
-    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (``.optimizer``), or the one given."""
-    while optimizer is not None and isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
+    """The optimizer whose state FIRE resets: the torch optimizer inside accelerate's ``AcceleratedOptimizer``
+    (``.optimizer``), or under DeepSpeed the engine's ZeRO optimizer (whose own inner optimizer steps the flat
+    fp32 masters; ``fire_core.torch`` resets it group by group)."""
+    while optimizer is not None and not _deepspeed.is_wrapper(optimizer):
+        inner = getattr(optimizer, "optimizer", None)
+        if not (isinstance(inner, torch.optim.Optimizer) or _deepspeed.is_wrapper(inner)):
+            break
+        optimizer = inner
     return optimizer
 
 

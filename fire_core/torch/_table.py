@@ -165,8 +165,9 @@ def _is_hf_conv1d(mod: nn.Module) -> bool:
 def _hf_conv1d_weights(mod: nn.Module, where: _Where) -> dict[str, Slot]:
     """A Linear that stores its weight as (in, out) = (nx, nf): layout ``"io"``."""
     weight = mod._parameters.get("weight")
-    d_in = getattr(mod, "nx", None) if weight is None else int(weight.shape[0])
-    if not isinstance(d_in, int) or weight is not None and tuple(weight.shape) != (d_in, mod.nf):
+    shape = None if weight is None else tuple(getattr(weight, "ds_shape", weight.shape))  # ZeRO-3: a placeholder
+    d_in = getattr(mod, "nx", None) if weight is None else int(shape[0])
+    if not isinstance(d_in, int) or weight is not None and shape != (d_in, mod.nf):
         return {}  # not stored as Conv1D stores it: left to layouts=
     return {"weight": Slot("io", **_fused(where, mod.nf, d_in))}
 
