@@ -16,10 +16,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+ROOT = str(Path(__file__).resolve().parents[1])
 RANK_TIMEOUT = 900  # seconds for a whole rank script, generous for a loaded machine
 
 
@@ -32,7 +34,9 @@ def run_ranks(source: str, tmp, world: int, env: dict | None = None, args: tuple
     proc = subprocess.Popen(
         [sys.executable, str(script), rendezvous, str(tmp / name), *map(str, args)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})),
+        # the ranks import the fire_core this process imports, not whatever an installed copy points at
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+                 **(env or {})),
     )
     try:
         _, err = proc.communicate(timeout=RANK_TIMEOUT)
