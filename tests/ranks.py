@@ -25,15 +25,15 @@ ROOT = str(Path(__file__).resolve().parents[1])
 RANK_TIMEOUT = 900  # seconds for a whole rank script, generous for a loaded machine
 
 
-def run_ranks(source: str, tmp, world: int, env: dict | None = None, args: tuple = (), name: str = "r"):
-    """Run the rank script ``source`` (with ``args`` after the two standard ones); each rank's (arrays, dict)
-    from ``<name>-<rank>.npz`` / ``.json`` in ``tmp``."""
+def run_script(source: str, tmp, *args, env: dict | None = None, world: int = 2) -> None:
+    """Run the rank script ``source`` in ``tmp`` as ``script.py <rendezvous> <tmp/...args>``; fail the test
+    with its stderr if it fails or outlives ``RANK_TIMEOUT``."""
     script = tmp / "ranks.py"
     script.write_text(source)
     rendezvous = tempfile.mktemp(dir=tmp, prefix="rendezvous-")  # a new file for each run (FileStore's rule)
     proc = subprocess.Popen(
-        [sys.executable, str(script), rendezvous, str(tmp / name), *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [sys.executable, str(script), rendezvous, *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=tmp,
         # the ranks import the fire_core this process imports, not whatever an installed copy points at
         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
                  **(env or {})),
@@ -45,6 +45,12 @@ def run_ranks(source: str, tmp, world: int, env: dict | None = None, args: tuple
         _, err = proc.communicate()
         pytest.fail(f"the {world} ranks did not finish within {RANK_TIMEOUT} s (a collective hung):\n{err[-4000:]}")
     assert proc.returncode == 0, err[-6000:]
+
+
+def run_ranks(source: str, tmp, world: int, env: dict | None = None, args: tuple = (), name: str = "r"):
+    """Run the rank script ``source`` (its arguments: a rendezvous file, the output prefix ``tmp/<name>``, then
+    ``args``); each rank's (arrays, dict) from ``<name>-<rank>.npz`` / ``.json``."""
+    run_script(source, tmp, tmp / name, *args, env=env, world=world)
     ranks = []
     for rank in range(world):
         with np.load(tmp / f"{name}-{rank}.npz") as arrays:

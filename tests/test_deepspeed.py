@@ -21,7 +21,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
-from torch import nn  # noqa: E402
 
 import fire_core.torch as ft  # noqa: E402
 from ranks import run_ranks  # noqa: E402

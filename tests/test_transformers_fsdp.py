@@ -33,11 +33,7 @@ the FSDP1 refusal is tested on models the ranks wrap in torch's
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 import tempfile
 import textwrap
 import types
@@ -50,10 +46,9 @@ pytest.importorskip("torch.distributed.fsdp")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-import fire_core  # noqa: E402
 import fire_core.torch as ft  # noqa: E402
+from ranks import run_script  # noqa: E402
 
-RANK_TIMEOUT = 300  # seconds for both spawns; they take 20-40 s on a loaded 2-core machine
 FIRINGS = (3, 5)  # the schedule: after the 3rd and the 5th optimizer step
 CHECKPOINT = 4  # the run saves here; the resume starts here, between the two firings
 
@@ -273,23 +268,8 @@ SCRIPT = ENABLE_FSDP_ON_CPU + textwrap.dedent(
 def ranks(tmp_path_factory):
     """Both spawns' outputs: ``{phase: (arrays of rank 0, [json of rank 0, json of rank 1])}``."""
     tmp = tmp_path_factory.mktemp("trainer_fsdp")
-    script = tmp / "ranks.py"
-    script.write_text(SCRIPT)
-    rendezvous = [tempfile.mktemp(dir=tmp, prefix="rendezvous-") for _ in range(2)]  # a new file for each spawn
-    proc = subprocess.Popen(
-        [sys.executable, str(script), *rendezvous, str(tmp / "r")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error", PYTHONPATH=os.pathsep.join(
-            [os.path.dirname(os.path.dirname(fire_core.__file__)), os.environ.get("PYTHONPATH", "")])),
-        cwd=tmp,  # the ranks import the fire_core this process tests, and write their checkpoints under tmp
-    )
-    try:
-        _, err = proc.communicate(timeout=RANK_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        pytest.fail(f"the 2 ranks did not finish within {RANK_TIMEOUT} s (a collective hung):\n{err[-4000:]}")
-    assert proc.returncode == 0, err[-4000:]
+    second = tempfile.mktemp(dir=tmp, prefix="rendezvous-")  # a new file for the second spawn (FileStore's rule)
+    run_script(SCRIPT, tmp, second, tmp / "r", env={"TRANSFORMERS_VERBOSITY": "error"})  # checkpoints under tmp
     out = {}
     for phase in ("run", "resume"):
         with np.load(tmp / f"r-{phase}.npz") as arrays:
