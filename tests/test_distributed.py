@@ -497,6 +497,15 @@ FOUR_RANK_SCRIPT = MODEL + MLP + RANK_HELPERS + textwrap.dedent(
         except ValueError as err:
             odd_error = str(err)
         odd_case = dict(error=odd_error, unchanged=torch.equal(odd.weight.to_local(), piece))
+        # the same on the 2 x 2 mesh, sharded along both dimensions: (4, 3) each, but ranks 2 and 3 hold (2, 3)
+        piece2 = torch.randn([4, 4, 2, 2][rank], 3, dtype=torch.float64)
+        odd.weight = nn.Parameter(DTensor.from_local(piece2, mesh, [Shard(0), Shard(1)], shape=(8, 6), stride=(6, 1)))
+        try:
+            ft.apply(odd)
+            odd_case["error_2d"] = None
+        except ValueError as err:
+            odd_case["error_2d"] = str(err)
+        odd_case["unchanged_2d"] = torch.equal(odd.weight.to_local(), piece2)
         info = dict(cases=cases, names=names, placements=placements, hsdp=hsdp_case, odd=odd_case, owner=owner)
         return {"tp/" + k: v for k, v in arrays.items()}, info
 
@@ -757,6 +766,10 @@ def test_shards_that_are_not_torch_chunk_pieces_are_refused_alike_on_every_rank(
     assert errors[0] is not None and all(e == errors[0] for e in errors), errors
     assert "weight" in errors[0] and "torch.chunk" in errors[0] and "rank 1: 3" in errors[0], errors[0]
     assert all(r["unchanged"] for r in results)
+    errors = [r["error_2d"] for r in results]  # sharded along both mesh dimensions (the TP + FSDP2 owner path)
+    assert errors[0] is not None and all(e == errors[0] for e in errors), errors
+    assert "[(4, 3), (4, 3), (4, 3), (4, 3)]" in errors[0] and "rank 2: (2, 3); rank 3: (2, 3)" in errors[0], errors[0]
+    assert all(r["unchanged_2d"] for r in results)
 
 
 # --- JAX arrays sharded over 4 host devices -----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""FIRE on DTensor weights (FSDP2, HSDP, tensor parallel + FSDP2) by owner ranks: each whole matrix is projected once, on one rank.
+"""FIRE on DTensor weights (FSDP2, HSDP, TP + FSDP2) by owner ranks: each whole matrix projected once, on one rank.
 
 The torch adapter hands this module its selected weights whose parameters are
 DTensors. A weight's *group* is the ranks that hold different pieces of it:
@@ -270,7 +270,10 @@ def _check_pieces(axes: dict) -> None:
         want = [sizes(_block(p, c)[0]) for c in coords]
         off = [f"rank {ranks[k]}: {sizes(h)}" for k, h in enumerate(held.tolist()) if sizes(h) != want[k]]
         name = getattr(t, "param_name", t.name)
-        what = f"dimension {dims[0]} (size {p.shape[dims[0]]})" if len(dims) == 1 else f"dimensions {dims} (shape {tuple(p.shape)})"
+        if len(dims) == 1:
+            what = f"dimension {dims[0]} (size {p.shape[dims[0]]})"
+        else:
+            what = f"dimensions {dims} (shape {tuple(p.shape)})"
         raise ValueError(
             f"{name}: its shards are not torch.chunk's split of {what} that its placements {tuple(p.placements)} "
             f"give over the mesh of shape {tuple(mesh.shape)}, rank by rank {want} ({'; '.join(off[:4])}); FIRE's "
