@@ -10,12 +10,9 @@ same weights, computed in this process.
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import signal
 import subprocess
-import tempfile
 import sys
 import textwrap
 
@@ -27,6 +24,7 @@ pytest.importorskip("torch.distributed.fsdp")
 from torch import nn  # noqa: E402
 
 import fire_core.torch as ft  # noqa: E402
+from ranks import run_ranks  # noqa: E402
 from fire_core.torch._distributed import assign_owners, matrix_cost  # noqa: E402
 
 # --- owner assignment --------------------------------------------------------------------------------
@@ -312,40 +310,6 @@ TWO_RANK_SCRIPT = MODEL + MLP + RANK_HELPERS + textwrap.dedent(
 )
 
 
-RANK_TIMEOUT = 900  # seconds for a whole rank script, generous for a loaded machine; a hung collective hits the
-# scripts' own gloo timeout (240 s) first
-
-
-def _run_ranks(source: str, tmp, world: int):
-    """Run a rank script; each rank's (arrays from ``r-<rank>.npz``, dict from ``r-<rank>.json``).
-
-    The script and the ranks it spawns run in a session of their own, killed
-    whole if they outlive ``RANK_TIMEOUT``: ranks waiting in a collective that
-    never completes fail the test and leave nothing behind.
-    """
-    script = tmp / "ranks.py"
-    script.write_text(source)
-    rendezvous = tempfile.mktemp(dir=tmp, prefix="rendezvous-")  # a new file for each run (FileStore's rule)
-    proc = subprocess.Popen(
-        [sys.executable, str(script), rendezvous, str(tmp / "r")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
-    try:
-        _, err = proc.communicate(timeout=RANK_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        pytest.fail(f"the {world} ranks did not finish within {RANK_TIMEOUT} s (a collective hung):\n{err[-4000:]}")
-    assert proc.returncode == 0, err[-4000:]
-    ranks = []
-    for rank in range(world):
-        with np.load(tmp / f"r-{rank}.npz") as arrays:
-            tensors = {k: arrays[k] for k in arrays.files}
-        ranks.append((tensors, json.loads((tmp / f"r-{rank}.json").read_text())))
-    return ranks
-
-
 def _loaded(ranks, source: str = MODEL, build: str = "transformer", prefix: str = ""):
     """The unsharded model ``build()`` of ``source``, loaded with the weights the script started from
     (its ``<prefix>old/`` arrays)."""
@@ -361,13 +325,13 @@ def _loaded(ranks, source: str = MODEL, build: str = "transformer", prefix: str 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """The 2-rank script's per-rank outputs (FSDP2 and tensor parallel), run once for the tests below."""
-    return _run_ranks(TWO_RANK_SCRIPT, tmp_path_factory.mktemp("two_ranks"), 2)
+    return run_ranks(TWO_RANK_SCRIPT, tmp_path_factory.mktemp("two_ranks"), 2)
 
 
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory):
     """The 4-rank script's per-rank outputs (HSDP and TP + FSDP2 on 2 x 2 meshes), run once."""
-    return _run_ranks(FOUR_RANK_SCRIPT, tmp_path_factory.mktemp("four_ranks"), 4)
+    return run_ranks(FOUR_RANK_SCRIPT, tmp_path_factory.mktemp("four_ranks"), 4)
 
 
 @pytest.fixture(scope="module")
