@@ -282,6 +282,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="numpy,torch,jax")
     ap.add_argument("--sections", default="1,2,3,4")
     ap.add_argument("--out", default=None, help="results file (default benchmarks/results/speed-<device>.md)")
+    ap.add_argument("--exact-n", type=int, default=None, metavar="N",
+                    help="matrix size of section 2 (default 4096 on cuda, 1024 on cpu, 256 with --quick)")
     args = ap.parse_args(argv)
 
     names = [n for n in args.backends.split(",") if n]
@@ -297,6 +299,10 @@ def main(argv=None) -> int:
     else:
         shapes = [(256, 256), (512, 512), (1024, 1024), (2048, 2048), (2048, 512), (512, 2048)]
         repeat, n_exact = 5, 1024
+    if args.exact_n is not None:
+        if args.exact_n < 2:
+            ap.error(f"--exact-n must be at least 2, got {args.exact_n}")
+        n_exact = args.exact_n
     sections = set(args.sections.split(","))
     lines = [f"# Speed ({args.device})", "", machine(args.device), ""]
     if args.quick:
