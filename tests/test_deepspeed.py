@@ -7,7 +7,8 @@ engine, and trains two more steps. Each rank records the fp32 masters and
 the optimizer state before the call, the masters and the model's weights
 after it, and the masters after the two steps. Here the same is done in one
 process with plain PyTorch, from the masters and state recorded before the
-call: ``fire_core.torch.apply(model, optimizer=adam)``, then the same two
+call: ``fire_core.torch.apply(model, optimizer=adam)`` (``apply(engine)`` in
+fp32, ``apply(engine.module, optimizer=engine.optimizer)`` in bf16), then the same two
 global batches. The refusals (a parameter group shared with weights FIRE
 does not project, offloaded optimizer state) are checked to change nothing.
 """
@@ -163,7 +164,8 @@ SCRIPT = MODEL + textwrap.dedent(
             train(engine, 1, rank, dtype)
             before = masters(engine)
             st, step, n_before = state(engine)
-            report = ft.apply(engine)
+            # both spellings: the engine, or its module with its optimizer
+            report = ft.apply(engine.module, optimizer=engine.optimizer) if bf16 else ft.apply(engine)
             after, bit16 = masters(engine), weights(engine)
             n_after = len(getattr(engine.optimizer, "optimizer", engine.optimizer).state)
             train(engine, 2, rank, dtype)
