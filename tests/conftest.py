@@ -38,8 +38,10 @@ get_backend = _pytest_plugin.backend  # skip with the reason, or error when name
 # the files that take longest in one process first, longest first (measured with --durations=0 on
 # 2 cores: 31-90 s each, of 619 s in all), so that none of them starts last and leaves the other
 # workers idle; then the rest by their number of tests, most first (xdist's own default order).
-SLOW_FIRST = ("test_keras.py", "test_flax.py", "test_distributed.py", "test_run_all.py", "test_extreme.py",
-              "test_cli.py", "test_equinox.py", "test_polar.py", "test_flax_stacked.py", "test_docs.py")
+SLOW_FIRST = ("test_keras.py", "test_flax.py", "test_distributed.py", "test_transformers_deepspeed.py",
+              "test_gpu_script.py", "test_run_all.py", "test_transformers_fsdp.py", "test_deepspeed.py",
+              "test_extreme.py", "test_cli.py", "test_equinox.py", "test_polar.py", "test_flax_stacked.py",
+              "test_docs.py")
 
 
 def pytest_collection_modifyitems(config, items):
