@@ -6,7 +6,7 @@ with None or a reason, and keeps its own progress under a stable
 :meth:`Trigger.spec`. Counted: :class:`AtSteps`, :class:`Every`, a callable
 (:class:`When`). Measured: :class:`DfIAbove` on the weights alone
 (:func:`target_dfi`), :class:`DormantAbove` and :class:`SrankBelow` on the
-activations. :mod:`.schedule` combines them, records the firings and saves
+activations, :class:`LookaheadBelow` on a trial of FIRE on the new task's data. :mod:`.schedule` combines them, records the firings and saves
 the progress; a new trigger is a class here.
 """
 
@@ -37,7 +37,11 @@ class Moment:
     ``weights()``: ``(name, array, layout)`` of the weights FIRE would
     project. ``features()``: ``{name: (batch, units) activations}`` of a
     probe batch. ``context``: anything else the integration passes (the
-    trainer, the model), for user callables.
+    trainer, the model), for user callables. ``lookahead(k)``: a trial on
+    the new task's data, ``(loss without FIRE, loss with FIRE)``: the loss
+    on a held-out probe batch of two copies of the model, one with FIRE
+    applied, after ``k`` optimizer steps each on a few new-task batches
+    (read by :class:`LookaheadBelow`; see :func:`~fire_core.schedule.when_needed`).
     """
 
     step: int
@@ -46,6 +50,7 @@ class Moment:
     weights: Callable[[], Iterable[tuple[str, Any, str]]] | None = None
     features: Callable[[], Mapping[str, Any]] | None = None
     context: Mapping[str, Any] = field(default_factory=dict)
+    lookahead: Callable[[int], tuple[float, float]] | None = None
 
     def position(self, unit: str) -> int | None:
         """The count a trigger in ``unit`` compares with, or None if this poll is not in that unit."""
@@ -495,6 +500,84 @@ class SrankBelow(_OnFeatures):
             f"srank / full rank ({self.reduce} over {len(values)} layers) {value:.3g} < {self.threshold:g} "
             f"at {self.unit} {now}; lowest {worst} {values[worst]:.3g}"
         )
+
+
+class LookaheadBelow(_Periodic):
+    """FIRE when a trial on the new task says FIRE learns it faster: ``loss with / loss without < threshold``.
+
+    At each check the trigger calls ``moment.lookahead(steps)``, which the
+    caller provides: two copies of the model, one with FIRE applied (as it
+    would be applied), each take ``steps`` optimizer steps (a fresh
+    optimizer) on a few batches of the new task, and the function returns
+    ``(loss without FIRE, loss with FIRE)`` on a probe batch of the new task
+    held out of those batches. The trigger fires when their ratio (with /
+    without) is below ``threshold``. The value is a ratio of two losses on
+    the same data, so it needs no baseline and carries across networks: it
+    reads what the network can still learn, not how its weights look. Its
+    cost is the trial's: two copies of the model, ``2 * steps`` optimizer
+    steps and two probe forwards per check
+    (``benchmarks/results/when_needed_study.md``). A poll at step 0 (the
+    initial network) measures nothing. ``reduce`` is ``"mean"`` (one value).
+    """
+
+    reduces = ("mean",)
+    below = True
+
+    def __init__(self, threshold: float, every: int = 1, *, steps: int = 200, unit: str = "step",
+                 cooldown: int | None = None, reduce: str = "mean"):
+        super().__init__(threshold, every, unit, cooldown, reduce)
+        if self.threshold <= 0:
+            raise ValueError(f"LookaheadBelow: threshold is a ratio of two losses, positive, got {threshold!r}")
+        self.steps = _count(steps, "LookaheadBelow(steps=)", minimum=1)
+        self.last_losses: tuple[float, float] | None = None
+
+    def _options(self):
+        return {"steps": self.steps}
+
+    def __repr__(self) -> str:
+        unit = "" if self.unit == "step" else f", unit={self.unit!r}"
+        return f"LookaheadBelow({self.threshold:g}, every={self.every}, steps={self.steps}{unit})"
+
+    def _due(self, moment):
+        if moment.position(self.unit) == 0:  # no trial on the initial network: nothing learned, nothing lost
+            return None
+        return super()._due(moment)
+
+    def _values(self, moment) -> dict[str, float]:
+        if moment.lookahead is None:
+            raise ValueError(
+                f"{self!r} needs a trial of FIRE on the new task's data: pass Moment(lookahead=fn), fn(k) giving "
+                "(probe loss without FIRE, probe loss with FIRE) after k optimizer steps on copies of the model"
+            )
+        got = moment.lookahead(self.steps)
+        if not isinstance(got, (tuple, list)) or len(got) != 2:
+            raise ValueError(f"{self!r}: lookahead({self.steps}) must return (loss without FIRE, loss with FIRE), "
+                             f"got {got!r}")
+        without, with_fire = (float(v) for v in got)
+        if not (math.isfinite(without) and math.isfinite(with_fire) and without >= 0 and with_fire >= 0):
+            raise ValueError(f"{self!r}: lookahead({self.steps}) returned losses {without!r} (without FIRE) and "
+                             f"{with_fire!r} (with FIRE); both must be finite and non-negative")
+        self.last_losses = (without, with_fire)
+        if without == 0:
+            ratio = 1.0 if with_fire == 0 else math.inf  # nothing left to gain without FIRE: never fires
+        else:
+            ratio = with_fire / without
+        return {"lookahead": ratio}
+
+    def _reason(self, values, value, now, worst):
+        without, with_fire = self.last_losses
+        return (
+            f"lookahead: probe loss after {self.steps} steps with FIRE {with_fire:.4g} / without {without:.4g} = "
+            f"{value:.3g} < {self.threshold:g} at {self.unit} {now}"
+        )
+
+    def state_dict(self):
+        return {**super().state_dict(), "last_losses": None if self.last_losses is None else list(self.last_losses)}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        losses = state.get("last_losses")
+        self.last_losses = None if losses is None else (float(losses[0]), float(losses[1]))
 
 
 def target_dfi(w, layout: str, /):
