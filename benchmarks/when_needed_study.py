@@ -22,6 +22,9 @@ expected to cost):
   epochs a task, measured at the boundaries after task 0 (``cnn-perm/b1``)
   and after task 1 (``cnn-perm/b2``; the network of doing nothing at b1).
   Nothing is lost there: the weights grow while the network learns.
+  ``mlp-perm`` and ``transformer-perm``: the same task sequence for the MLP
+  and the pre-LN transformer (added after the lookahead's K was read off the
+  other settings: settings neither K nor any threshold was chosen on).
 
 After phase 1 the new task is the true labels of the 1347 training images
 (``cnn-perm``: the next permutation). Ground truth, per seed: new-task test
@@ -63,7 +66,7 @@ between the lost and the healthy values when they separate there (the side
 on which lost values lie decides whether the rule fires above or below it),
 then applied unchanged to the evaluation seeds of every setting.
 
-    python benchmarks/when_needed_study.py            # 4 evaluation seeds, 3 held out: about 30 min on 2 cores
+    python benchmarks/when_needed_study.py            # 8 evaluation seeds, 3 held out: 8-15 min on 2 cores
     python benchmarks/when_needed_study.py --quick    # seconds, numbers not meaningful
 
 Writes ``benchmarks/results/when_needed_study.md`` and ``.json``
@@ -97,7 +100,7 @@ from common import add_run_options, command_line, load_run, mean_se, names, save
 from plasticity import phase1_task  # noqa: E402
 from stability import EPOCHS1, make_cnn, make_model  # noqa: E402
 
-ARCHS = ("mlp", "cnn-bn", "transformer", "ln-mlp", "cnn", "cnn-perm")
+ARCHS = ("mlp", "cnn-bn", "transformer", "ln-mlp", "cnn", "cnn-perm", "mlp-perm", "transformer-perm")
 PHASE1 = {"mlp": 300, "cnn-bn": EPOCHS1["cnn-bn"], "transformer": EPOCHS1["transformer"], "ln-mlp": 300, "cnn": EPOCHS1["cnn"]}
 SIGNALS = (
     # name, what it is, "up": lost reads higher / "down": lost reads lower is decided on the held-out seeds
@@ -127,9 +130,9 @@ def make_ln_mlp(seed: int, hidden: int = 128) -> nn.Sequential:
 def build(arch: str, seed: int) -> nn.Module:
     if arch == "ln-mlp":
         return make_ln_mlp(seed)
-    if arch == "cnn-perm":
+    if arch in ("cnn", "cnn-perm"):
         return make_cnn(seed, bn=False)
-    return make_model(arch, seed)
+    return make_model(arch.removesuffix("-perm"), seed)
 
 
 # --- the signals ---------------------------------------------------------------------------------
@@ -240,12 +243,12 @@ def boundary(model, fresh, x_new, y_new, x_test, y_test, epochs: int, seed: int,
 
 
 def run_seed(arch: str, kind: str, seed: int, cfg: dict) -> list[tuple[str, dict]]:
-    """One network to its boundary (or two boundaries for cnn-perm); ``[(setting, row)]``."""
+    """One network to its boundary (two boundaries for the label-permuted tasks); ``[(setting, row)]``."""
     torch.set_num_threads(1)
     x_train, y_train, x_test, y_test = digits()
     fresh = build(arch, seed)
     model = build(arch, seed)
-    if arch == "cnn-perm":
+    if arch.endswith("-perm"):
         gen = torch.Generator().manual_seed(500 + seed)
         perms = [torch.arange(10)] + [torch.randperm(10, generator=gen) for _ in range(2)]
         epochs = cfg["perm_epochs"]
@@ -256,7 +259,7 @@ def run_seed(arch: str, kind: str, seed: int, cfg: dict) -> list[tuple[str, dict
             started = time.perf_counter()
             row, model = boundary(model, fresh, x_train, p[y_train], x_test, p[y_test], epochs, seed + b, cfg)
             row["seconds"] = time.perf_counter() - started
-            rows.append((f"cnn-perm/b{b}", row))  # the next boundary follows doing nothing through this task
+            rows.append((f"{arch}/b{b}", row))  # the next boundary follows doing nothing through this task
         return rows
     x_old, y_old = phase1_task("random-labels" if kind == "random" else "subset", seed, x_train, y_train)
     epochs1 = cfg["epochs1"] or PHASE1[arch]
@@ -396,6 +399,31 @@ def write_markdown(rows: dict, cfg: dict, path: Path, seconds: float) -> None:
                 wrong.append(s)
         lines.append(f"| `{name}` | fires {rule['fires']} {fmt_v(rule['threshold'])} | " + " | ".join(cells)
                      + f" | {', '.join(wrong) or 'none'} |")
+    lines += ["", "## Margins", "",
+              "For each signal with a held-out threshold, over the evaluation seeds: the value closest to the "
+              "threshold (or furthest past it) among the settings where FIRE helps (it must fire there), where it "
+              "costs (it must not), and where it does neither (either decision is harmless; firings counted). "
+              "*Right*: fired at every seed where FIRE helps and at none where it costs.", "",
+              "| signal | threshold | closest where FIRE helps | closest where FIRE costs | neither: closest, firings "
+              "| right |",
+              "|---|---|---|---|---|---|"]
+    for name in sig:
+        rule = a["rules"][name]
+        if rule["threshold"] is None:
+            continue
+        sign = 1.0 if rule["fires"] == "above" else -1.0
+        group = lambda want: [(sign * r["signals"][name], s) for s in settings  # noqa: E731
+                              if want(a["truth"][s]) for r in rows["eval"][s]]
+        helps = group(lambda t: t["helps"])
+        costs = group(lambda t: t["costs"])
+        neither = group(lambda t: not t["helps"] and not t["costs"])
+        right = all(v > sign * rule["threshold"] for v, _ in helps) and all(v < sign * rule["threshold"] for v, _ in costs)
+        cell = lambda pairs, pick: "—" if not pairs else f"{fmt_v(sign * pick(pairs)[0])} ({pick(pairs)[1]})"  # noqa: E731
+        fired = sum(v > sign * rule["threshold"] for v, _ in neither)
+        closest = min(neither, key=lambda p: abs(p[0] - sign * rule["threshold"])) if neither else None
+        lines.append(f"| `{name}` | {fmt_v(rule['threshold'])} | {cell(helps, min)} | {cell(costs, max)} | "
+                     + ("—" if closest is None else f"{fmt_v(sign * closest[0])} ({closest[1]}); {fired}/{len(neither)} fired")
+                     + f" | {'yes' if right else 'no'} |")
     costs = {}
     for runs in rows["eval"].values():
         for r in runs:
@@ -422,7 +450,7 @@ def write_markdown(rows: dict, cfg: dict, path: Path, seconds: float) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1 seed each, short phases: a smoke test")
-    p.add_argument("--seeds", type=int, default=None, help="evaluation seeds 0..N-1 (default 4; quick 1)")
+    p.add_argument("--seeds", type=int, default=None, help="evaluation seeds 0..N-1 (default 8; quick 1)")
     p.add_argument("--heldout", type=int, default=None, help="held-out mlp seeds from 100 (default 3; quick 1)")
     p.add_argument("--archs", default=",".join(ARCHS), help=f"comma-separated subset of {ARCHS} (mlp always runs)")
     p.add_argument("--epochs1", type=int, default=None, help=f"phase-1 epochs (default per network {PHASE1}; quick 3)")
@@ -431,7 +459,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10, help="Newton-Schulz steps of FIRE (default 10, the vision reference)")
     p.add_argument("--probe", type=int, default=256, help="probe examples of the new task (default 256)")
     p.add_argument("--look-batches", type=int, default=4, help="new-task batches the lookahead cycles over (default 4)")
-    p.add_argument("--look-steps", default=None, help="comma-separated K of the lookahead (default 10,25,50,100; quick 2,4)")
+    p.add_argument("--look-steps", default=None, help="comma-separated K of the lookahead (default 10,25,50,100,200; quick 2,4)")
     add_run_options(p)
     a = p.parse_args(argv)
     if a.replot is not None:
@@ -442,16 +470,16 @@ def main(argv=None) -> int:
     archs = names(p, "networks", a.archs, ARCHS)
     if "mlp" not in archs:
         archs.insert(0, "mlp")
-    ks = a.look_steps or ("2,4" if a.quick else "10,25,50,100")
+    ks = a.look_steps or ("2,4" if a.quick else "10,25,50,100,200")
     cfg = dict(
-        quick=a.quick, seeds=list(range(a.seeds or (1 if a.quick else 4))),
+        quick=a.quick, seeds=list(range(a.seeds or (1 if a.quick else 8))),
         heldout=list(range(100, 100 + (a.heldout or (1 if a.quick else 3)))),
         epochs1=a.epochs1 or (3 if a.quick else None), epochs2=a.epochs2 or (1 if a.quick else 10),
         perm_epochs=a.perm_epochs or (1 if a.quick else 15), steps=a.steps, probe=a.probe,
         look_batches=a.look_batches, look_steps=sorted({int(k) for k in ks.split(",") if k}),
         jobs=max(1, min(2, a.jobs)), command=command_line(__file__, argv),
     )
-    kinds = lambda arch: {"cnn-perm": ("perm",), "cnn": ("random",)}.get(arch, ("random", "subset"))  # noqa: E731
+    kinds = lambda arch: ("perm",) if arch.endswith("-perm") else {"cnn": ("random",)}.get(arch, ("random", "subset"))  # noqa: E731
     jobs = [("mlp", kind, seed, cfg) for seed in cfg["heldout"] for kind in kinds("mlp")]
     held_n = len(jobs)
     jobs += [(arch, kind, seed, cfg) for arch in archs for seed in cfg["seeds"] for kind in kinds(arch)]
