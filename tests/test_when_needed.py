@@ -212,7 +212,8 @@ def polled():
             keep = torch.randperm(x.shape[0], generator=gen)[: x.shape[0] // 10]
             x_old, y_old = x[keep], y[keep]
         _fit(model, x_old, y_old, STEPS1, 0, LR)
-        trial = _trial(model, x[look], y[look], x[probe], y[probe])
+        batches = [(x[look[i : i + 64]], y[look[i : i + 64]]) for i in range(0, 256, 64)]
+        trial = fire_core.torch.trial(model, batches, (x[probe], y[probe]), steps=10)  # what a user passes
         seen = []
 
         def recorded(k, trial=trial):
@@ -220,13 +221,13 @@ def polled():
             return seen[-1]
 
         firing = schedule.poll(Moment(step=STEPS1, weights=weights, lookahead=recorded))
-        out[name] = (firing, schedule, seen)
+        out[name] = (firing, schedule, seen, model, (x[look], y[look], x[probe], y[probe]))
     return out
 
 
 @pytest.mark.parametrize("name", ["layernorm, lost", "batchnorm, lost"])
 def test_it_fires_where_plasticity_was_lost_behind_normalization(polled, name):
-    firing, schedule, seen = polled[name]
+    firing, schedule, seen, _, _ = polled[name]
     (without, with_fire), = seen
     assert with_fire / without < LOOKAHEAD_RATIO
     assert firing is not None and any(r.startswith("lookahead:") for r in firing.reasons)
@@ -234,7 +235,7 @@ def test_it_fires_where_plasticity_was_lost_behind_normalization(polled, name):
 
 
 def test_it_stays_quiet_on_a_network_that_only_grew(polled):
-    firing, schedule, seen = polled["plain, only grew"]
+    firing, schedule, seen, _, _ = polled["plain, only grew"]
     (without, with_fire), = seen
     assert with_fire / without > LOOKAHEAD_RATIO
     assert schedule.triggers[0].last_value == pytest.approx(with_fire / without, rel=1e-12)
@@ -243,6 +244,46 @@ def test_it_stays_quiet_on_a_network_that_only_grew(polled):
 
 
 # --- the study script --------------------------------------------------------------------------------
+
+
+def test_the_library_trial_is_the_hand_written_loop_and_changes_nothing(polled):
+    _, _, _, model, (x_look, y_look, x_probe, y_probe) = polled["layernorm, lost"]
+    batches = [(x_look[i : i + 64], y_look[i : i + 64]) for i in range(0, 256, 64)]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.eval()
+    rng = torch.random.get_rng_state()
+    got = fire_core.torch.trial(model, batches, (x_probe, y_probe), steps=10)(30)
+    want = _trial(model, x_look, y_look, x_probe, y_probe)(30)
+    assert got == pytest.approx(want, rel=1e-5)
+    assert not model.training and torch.equal(torch.random.get_rng_state(), rng)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    model.train()
+
+
+def test_the_trial_takes_keyword_inputs_and_its_own_loss():
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, *, x):
+            return self.fc(x)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    mse = nn.functional.mse_loss
+    without, with_fire = fire_core.torch.trial(Keyword(), [({"x": x}, y)], ({"x": x}, y), loss=mse)(3)
+    assert math.isfinite(without) and math.isfinite(with_fire) and without != with_fire
+
+
+@pytest.mark.parametrize("args, match", [
+    (([], (1, 2)), "batches"), (([(1, 2, 3)], (1, 2)), "batches"), (([(1, 2)], 5), "probe"),
+])
+def test_a_bad_trial_is_refused_naming_the_argument(args, match):
+    with pytest.raises(ValueError, match=match):
+        fire_core.torch.trial(nn.Linear(2, 2), *args)
+    with pytest.raises(ValueError, match="lr"):
+        fire_core.torch.trial(nn.Linear(2, 2), [(1, 2)], (1, 2), lr=0)
 
 
 @pytest.fixture(scope="module")

@@ -68,10 +68,11 @@ from ._optim import _optimizers, reset_optimizer_state
 from ._probe import _drifts, _owners, _run_probe, _stats_note, activation_modules, activations
 from ._select import _select, _unwrap
 from ._table import MODULE_TABLE, Kind, Slot
+from ._trial import trial
 from ._write import _agree_on_plain_weights, _project, _sharded, _written
 
 __all__ = [
-    "apply", "select", "check", "param_groups", "check_options", "SELECTION_OPTIONS", "activations", "activation_modules", "reset_optimizer_state",
+    "apply", "select", "check", "param_groups", "trial", "check_options", "SELECTION_OPTIONS", "activations", "activation_modules", "reset_optimizer_state",
     "MODULE_TABLE",
 ]
 
