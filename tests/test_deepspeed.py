@@ -26,6 +26,11 @@ pytest.importorskip("deepspeed")
 import fire_core.torch as ft  # noqa: E402
 from ranks import run_ranks  # noqa: E402
 
+# Newton-Schulz in float32 on two sides (a rank, this process) whose BLAS may block the products differently:
+# each of the steps' products rounds at about 1e-7 of the weight's scale (about 1 here), amplified by the
+# iteration's few steps; 1e-5 leaves room for that, and FIRE's change to the weights is above 0.05.
+FP32_NS = 1e-5
+
 MODEL = textwrap.dedent(
     """
     import torch
@@ -294,7 +299,7 @@ def test_masters_and_weights_equal_plain_pytorch_fire(ranks, tag):
     old = _part(arrays, f"{tag}/before/")
     for name, value in after.items():
         # fp32 masters: the projection of the fp32 masters, to fp32 rounding of the Newton-Schulz products
-        np.testing.assert_allclose(got[name], value.numpy(), rtol=0, atol=2e-6, err_msg=f"{tag} {name}")
+        np.testing.assert_allclose(got[name], value.numpy(), rtol=0, atol=FP32_NS, err_msg=f"{tag} {name}")
     moved = max(float(np.abs(got[n] - old[n]).max()) for n in old if old[n].ndim > 1)
     assert moved > 0.05  # FIRE changed the masters (before this change it wrote the model's copy only)
     assert info[tag]["report"]["rows"] and [r["name"] for r in info[tag]["report"]["rows"]] == report.names
@@ -359,7 +364,7 @@ def test_without_the_optimizer_masters_are_written_and_state_kept(ranks, stage):
     ft.apply(model)
     got = _part(arrays, f"mixed-{stage}/after/")
     for name, p in model.named_parameters():
-        np.testing.assert_allclose(got[name], p.detach().numpy(), rtol=0, atol=2e-6, err_msg=name)
+        np.testing.assert_allclose(got[name], p.detach().numpy(), rtol=0, atol=FP32_NS, err_msg=name)
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -28,6 +28,11 @@ pytest.importorskip("accelerate")
 import fire_core.torch as ft  # noqa: E402
 from ranks import run_ranks  # noqa: E402
 
+# Newton-Schulz in float32 on two sides (a rank, this process) whose BLAS may block the products differently:
+# each of the steps' products rounds at about 1e-7 of the weight's scale (about 1 here), amplified by the
+# iteration's few steps; 1e-5 leaves room for that, and FIRE's change to the weights is above 0.05.
+FP32_NS = 1e-5
+
 MODEL = textwrap.dedent(
     """
     import torch
@@ -167,7 +172,7 @@ def test_firing_writes_the_masters_plain_pytorch_fire_gives(runs, stage):
         report = ft.apply(model)
         assert len(report.names) == 2 * 6 + 1  # per block: c_attn q, k, v, attn c_proj, c_fc, mlp c_proj; the head
         for name, p in model.named_parameters():
-            np.testing.assert_allclose(after[name], p.detach().numpy(), rtol=0, atol=2e-6, err_msg=f"{step} {name}")
+            np.testing.assert_allclose(after[name], p.detach().numpy(), rtol=0, atol=FP32_NS, err_msg=f"{step} {name}")
         moved = float(np.abs(after["transformer.h.0.attn.c_attn.weight"] - before["transformer.h.0.attn.c_attn.weight"]).max())
         assert moved > 0.05
 
