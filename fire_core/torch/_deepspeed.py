@@ -303,7 +303,7 @@ def project(targets, masters: Masters, *, steps, method, scale, dry_run, report)
 
     Collective: every rank calls it with the same targets in the same order.
     """
-    from ._distributed import assign_owners, matrix_cost
+    from ._distributed import assign_owners, matrix_cost, raise_agreed
 
     params: dict[int, _Param] = {}
     for t in targets:
@@ -319,7 +319,7 @@ def project(targets, masters: Masters, *, steps, method, scale, dry_run, report)
     for p, owner in zip(params, assign_owners(costs, world)):
         p.owner = owner
 
-    rows, error = [], None
+    rows, error, failure = [], None, None
     try:
         items, by_name = [], {}
         for p in params:  # every rank reads every weight (a collective); each keeps the ones it owns
@@ -346,12 +346,7 @@ def project(targets, masters: Masters, *, steps, method, scale, dry_run, report)
         dist.all_gather_object(everything, (error, rows))
     else:
         everything = [(error, rows)]
-    first = next((err for err, _ in everything if err is not None), None)
-    if first is not None:
-        if error == first:
-            raise failure
-        kind, message = first
-        raise {"TypeError": TypeError, "ValueError": ValueError}.get(kind, RuntimeError)(message)
+    raise_agreed(next((err for err, _ in everything if err is not None), None), error, failure)
     return DeepSpeedRun(params, [row for _, part in everything for row in part], dry_run)
 
 

@@ -59,7 +59,10 @@ from ..core._array import sum_over_mesh
 from ..core.layout import parse_layout
 from ..core.plan import reinit_many
 
-__all__ = ["split_owned", "project_owned", "assign_owners", "matrix_cost", "placement_axis", "Axis", "OwnerRun", "last_stats"]
+__all__ = [
+    "split_owned", "project_owned", "assign_owners", "matrix_cost", "raise_agreed", "placement_axis", "Axis", "OwnerRun",
+    "last_stats",
+]
 
 #: Communication and work of the last owner-strategy call on this rank (for benchmarks and tests), summed over
 #: its groups: ``sent``/``received`` bytes, ``weights`` projected here, their ``cost``; ``owners``: the owner
@@ -405,7 +408,7 @@ def project_owned(targets, axis: Axis, *, steps, method, scale, dry_run, report)
 
     # 2. Each owner projects its weights, batched; errors are collected.
     here = [p for p in params if p.full is not None]
-    rows, error = [], None
+    rows, error, failure = [], None, None
     try:
         by_name, items = {}, []
         for p in here:
@@ -443,13 +446,25 @@ def project_owned(targets, axis: Axis, *, steps, method, scale, dry_run, report)
             seen = [None] * axis.mesh.size(dim)
             dist.all_gather_object(seen, first, group=axis.mesh.get_group(dim))
             first = next((err for err in seen if err is not None), None)
-    if first is not None:  # the same error on every rank of the mesh: the first in mesh order
-        if error == first:
-            raise failure
-        kind, message = first
-        raise {"TypeError": TypeError, "ValueError": ValueError}.get(kind, RuntimeError)(message)
+    raise_agreed(first, error, failure)  # the same error on every rank of the mesh: the first in mesh order
     all_rows = [row for _, part in everything for row in part]
     return OwnerRun(params, group, ranks, all_rows, dry_run)
+
+
+def raise_agreed(first, error, failure) -> None:
+    """Raise ``first``, the error the ranks agreed on (``(type name, message)``, or None: nothing to raise).
+
+    This rank's own exception ``failure`` if ``error`` (its ``(type name,
+    message)``) is the one, so its traceback is kept; else a new exception of
+    that type (TypeError, ValueError; RuntimeError for any other) with the
+    same message.
+    """
+    if first is None:
+        return
+    if error == first:
+        raise failure
+    kind, message = first
+    raise {"TypeError": TypeError, "ValueError": ValueError}.get(kind, RuntimeError)(message)
 
 
 # --- padding: each rank's block travels flat, padded to the largest block's size ---------------------------
