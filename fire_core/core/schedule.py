@@ -84,6 +84,7 @@ __all__ = [
     "SrankBelow",
     "LookaheadBelow",
     "when_needed",
+    "check_trial",
     "LOOKAHEAD_RATIO",
     "LOOKAHEAD_STEPS",
     "Schedule",
@@ -423,6 +424,27 @@ def when_needed(every: int = 1, *, unit: str = "step", steps: int = LOOKAHEAD_ST
     (True, None)
     """
     return [LookaheadBelow(threshold, every, steps=steps, unit=unit, cooldown=cooldown)]
+
+
+def check_trial(schedule: "Schedule", trial, who: str) -> None:
+    """An integration's ``trial=`` against its schedule: required by a :class:`LookaheadBelow`, else unused.
+
+    ``trial``: a callable taking the model the integration projects and
+    returning ``Moment.lookahead`` (``fire_core.torch.trial(model, batches,
+    probe)`` builds one). Raises when training is set up, not at the first
+    check: a ValueError if the schedule needs a trial and none is given, a
+    TypeError if ``trial`` is not callable.
+    """
+    if trial is not None and not callable(trial):
+        raise TypeError(f"{who}: trial must be a callable taking the model and returning Moment.lookahead, "
+                        f"got {type(trial).__name__}")
+    needs = [t for t in schedule.triggers if isinstance(t, LookaheadBelow)]
+    if needs and trial is None:
+        raise ValueError(
+            f"{who}: {needs[0]!r} reads a trial of FIRE on the new task's data: pass trial=, a callable taking the "
+            "model and returning Moment.lookahead, e.g. trial=lambda model: fire_core.torch.trial(model, batches, "
+            "probe) with a few batches of the new task and a probe batch held out of them"
+        )
 
 
 # --- the same triggers under jax.jit -------------------------------------------------------------------

@@ -44,7 +44,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 import torch
 
 from .. import torch as fire_torch
-from ..core.schedule import DormantAbove, Moment, SrankBelow, as_schedule
+from ..core.schedule import DormantAbove, Moment, SrankBelow, as_schedule, check_trial
 
 __all__ = ["FIRECallback", "FIRE"]
 
@@ -100,7 +100,7 @@ class FIRECallback(pl.Callback):
     """
 
     def __init__(self, schedule, probe=None, restart_warmup: bool = False, log: bool = True, *,
-                 name: str | None = None, **apply_options):
+                 name: str | None = None, trial=None, **apply_options):
         self.selection = fire_torch.check_options(apply_options, taken=_TAKEN, who="FIRECallback")
         for option, value in (("restart_warmup", restart_warmup), ("log", log)):
             if not isinstance(value, bool):
@@ -116,9 +116,10 @@ class FIRECallback(pl.Callback):
                 "FIRECallback: probe is the model's inputs (a tensor, a tuple of positional inputs, a dict of keyword "
                 f"inputs) or a callable returning them, got {type(probe).__name__}"
             )
+        check_trial(self.schedule, trial, "FIRECallback")
         self.name = name
         self.apply_options = dict(apply_options)
-        self.probe, self.restart_warmup, self.log = probe, restart_warmup, log
+        self.probe, self.restart_warmup, self.log, self.trial = probe, restart_warmup, log, trial
         self.last_report = None
         self._measures_features = bool(feature_triggers)
         self._initial: list[tuple[Any, dict, list[dict]]] = []
@@ -232,6 +233,7 @@ class FIRECallback(pl.Callback):
             weights=lambda: fire_torch.select(pl_module, **self.selection),
             features=(lambda: self._features(pl_module)) if self.probe is not None else None,
             context={"trainer": trainer, "pl_module": pl_module},
+            lookahead=None if self.trial is None else (lambda k: self.trial(pl_module)(k)),
         )
         agree = None
         if trainer.world_size > 1 and not self.schedule.deterministic:  # rank 0's decision on every rank

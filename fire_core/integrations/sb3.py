@@ -43,7 +43,7 @@ from torch import nn
 
 from .. import torch as fire_torch
 from ..core.report import Report
-from ..core.schedule import Firing, Moment, Schedule, as_schedule
+from ..core.schedule import Firing, Moment, Schedule, as_schedule, check_trial
 
 __all__ = ["FIRECallback", "FIRE", "ALGORITHMS", "Agent"]
 
@@ -130,7 +130,7 @@ class FIRECallback(BaseCallback):
     """
 
     def __init__(self, schedule, sync_targets: bool = True, probe=None, log: bool = True, verbose: int = 0,
-                 **apply_options):
+                 trial=None, **apply_options):
         super().__init__(verbose)
         self.selection = fire_torch.check_options(apply_options, taken=_SET_HERE, who="FIRECallback()")
         for name, value in (("sync_targets", sync_targets), ("log", log)):
@@ -143,8 +143,9 @@ class FIRECallback(BaseCallback):
                 f"FIRECallback(): {epochs} count epochs, which SB3 does not have; give the schedule in "
                 "environment steps"
             )
+        check_trial(self.schedule, trial, "FIRECallback()")
         self.sync_targets = sync_targets
-        self.probe = probe
+        self.probe, self.trial = probe, trial
         self.log = log
         self.apply_options = apply_options
         self.last_report: Report | None = None
@@ -211,6 +212,7 @@ class FIRECallback(BaseCallback):
             weights=self._select,
             features=self._features,
             context={"model": self.model, "n_updates": int(getattr(self.model, "_n_updates", 0)), "callback": self},
+            lookahead=None if self.trial is None else (lambda k: self.trial(self.model)(k)),
         )
 
     # --- each step ---------------------------------------------------------------------------

@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from .. import torch as fire_torch
-from ..core.schedule import DormantAbove, Moment, Schedule, SrankBelow, as_schedule
+from ..core.schedule import DormantAbove, Moment, Schedule, SrankBelow, as_schedule, check_trial
 from ..core.triggers import callable_name
 from ..torch import _deepspeed
 from ..torch._checks import _FSDP1, _fsdp1_problem
@@ -144,7 +144,7 @@ class FIRECallback(TrainerCallback, ExportableState):
     """
 
     def __init__(self, schedule=None, *, name: str | None = None, probe=None, restart_warmup: bool = False,
-                 trainer=None, log: bool = True, **apply_options):
+                 trainer=None, log: bool = True, trial=None, **apply_options):
         if schedule is None:
             raise TypeError(
                 "FIRECallback needs schedule= (a list of steps, Every(N), a callable or a trigger). If the Trainer "
@@ -166,7 +166,8 @@ class FIRECallback(TrainerCallback, ExportableState):
         needs_probe = [t for t in self.schedule.triggers if isinstance(t, (DormantAbove, SrankBelow))]
         if needs_probe and probe is None:
             raise ValueError(f"FIRECallback: {needs_probe[0]!r} reads activations of a probe batch: pass probe=")
-        self.probe = probe
+        check_trial(self.schedule, trial, "FIRECallback")
+        self.probe, self.trial = probe, trial
         self.restart_warmup = restart_warmup
         self.log = log
         self.apply_options = dict(apply_options)
@@ -356,6 +357,7 @@ class FIRECallback(TrainerCallback, ExportableState):
             weights=lambda: fire_torch.select(model, **self.select_options),
             features=None if self.probe is None else (lambda: _activations(model, self._probe(model))),
             context={"trainer": self.trainer, "model": model, "state": state, "args": args},
+            lookahead=None if self.trial is None else (lambda k: self.trial(model)(k)),
         )
         firing = self.schedule.poll(moment, fire=lambda f: self._fire(f, model, kwargs))
         if firing is not None:
