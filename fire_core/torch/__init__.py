@@ -215,18 +215,15 @@ def apply(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply expects a torch.nn.Module, got {type(model).__name__}")
-    if _deepspeed.is_engine(model):  # a DeepSpeed engine: its model, and its optimizer unless one is given
-        model, optimizer = model.module, model.optimizer if optimizer is None else optimizer
+    model, optimizer = _deepspeed.engine_parts(model, optimizer)
     optimizers = _optimizers(optimizer)
     if dry_run and not report:
         raise ValueError("dry_run=True computes the report only; it cannot be combined with report=False")
     _check_distributed(distributed)
     model, options = _options(model, include, exclude, split, layouts, frozen, conv_groups, adapters)
     targets, skipped, notes = _select(model, options)
-    masters = _deepspeed.masters_of(optimizers, targets) if _deepspeed.loaded() else None
-    if masters is not None:  # before anything changes: what DeepSpeed keeps must be writable exactly
-        names = {id(p): n for n, p in model.named_parameters()}
-        _deepspeed.check(targets, masters, _written(targets), bool(optimizers) and not dry_run, names)
+    # before anything changes: what DeepSpeed keeps must be writable exactly
+    masters = _deepspeed.guard(model, targets, _written(targets), optimizers, bool(optimizers) and not dry_run)
     stats = _stats_note(model)
     if stats:
         notes.append(stats)
@@ -335,15 +332,11 @@ def check(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"check expects a torch.nn.Module, got {type(model).__name__}")
-    if _deepspeed.is_engine(model):
-        model, optimizer = model.module, model.optimizer if optimizer is None else optimizer
+    model, optimizer = _deepspeed.engine_parts(model, optimizer)
     optimizers = _optimizers(optimizer)
     model, options = _options(model, include, exclude, split, layouts, frozen, conv_groups, adapters)
     targets, _, _ = _select(model, options)
-    if _deepspeed.loaded():
-        names = {id(p): n for n, p in model.named_parameters()}
-        masters = _deepspeed.masters_of(optimizers, targets)
-        _deepspeed.check(targets, masters, _written(targets), bool(optimizers), names, stepped=True)
+    _deepspeed.guard(model, targets, _written(targets), optimizers, bool(optimizers), stepped=True)
 
 
 def param_groups(

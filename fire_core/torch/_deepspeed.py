@@ -52,7 +52,10 @@ import torch.distributed as dist
 
 from ..core.plan import reinit_many
 
-__all__ = ["loaded", "is_engine", "is_wrapper", "Masters", "masters_of", "check", "project", "reset_state", "DeepSpeedRun"]
+__all__ = [
+    "loaded", "is_engine", "is_wrapper", "engine_parts", "Masters", "masters_of", "guard", "project", "reset_state",
+    "DeepSpeedRun",
+]
 
 _ZERO12, _ZERO3, _BF16, _UNFUSED, _FUSED = (
     "DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3", "BF16_Optimizer", "FP16_UnfusedOptimizer",
@@ -137,16 +140,36 @@ def masters_of(optimizers, targets=()) -> Masters:
     return m
 
 
-def check(targets, masters: Masters, written: list, reset: bool, names: dict, stepped: bool = False) -> None:
-    """Refuse, before anything changes, what cannot be written exactly (the same verdict on every rank).
+def engine_parts(model, optimizer):
+    """``(model, optimizer)`` as ``apply`` takes them: a DeepSpeed engine's module, and its optimizer unless one
+    is given; anything else as it is."""
+    if is_engine(model):
+        return model.module, model.optimizer if optimizer is None else optimizer
+    return model, optimizer
+
+
+def guard(model, targets, written: list, optimizers, reset: bool, stepped: bool = False) -> Masters | None:
+    """What DeepSpeed keeps of the call's weights, after refusing (before anything changes) what cannot be
+    written exactly; None when DeepSpeed holds none of them.
 
     ``written``: the parameters the call writes; ``reset``: whether it drops their optimizer state;
-    ``names``: ``{id(parameter): name}`` for the messages; ``stepped``: judge the parameter groups as if the
-    optimizer had stepped (a group with no state yet has nothing to restart, so ``apply`` lets it pass).
+    ``stepped``: judge the parameter groups as if the optimizer had stepped (a group with no state yet has
+    nothing to restart, so ``apply`` lets it pass). The same verdict on every rank.
     """
+    if not loaded():
+        return None
+    masters = masters_of(optimizers, targets)
     managed = [t for t in targets if t.param is not None and masters.owns(t.param)]
     if not managed and not masters.wrappers:
-        return
+        return None
+    _check(managed, masters)
+    if reset:
+        _check_groups(masters, written, model, stepped)
+    return masters if managed else None
+
+
+def _check(managed, masters: Masters) -> None:
+    """Refuse what DeepSpeed keeps where FIRE cannot write it: offloading, fused fp16, hpZ, model parallelism."""
     name = managed[0].name if managed else "the model"
     for kind, opt in masters.wrappers:
         if getattr(opt, "cpu_offload", False) or getattr(opt, "offload_optimizer", False) or getattr(
@@ -179,17 +202,16 @@ def check(targets, masters: Masters, written: list, reset: bool, names: dict, st
                     f"{dist.get_world_size()} ranks (pipeline or tensor model parallelism), which FIRE does not "
                     "support on DeepSpeed; nothing was changed"
                 )
-    if reset:
-        _check_groups(masters, written, names, stepped)
 
 
-def _check_groups(masters: Masters, written: list, names: dict, stepped: bool) -> None:
+def _check_groups(masters: Masters, written: list, model, stepped: bool) -> None:
     """A group whose state is shared by projected and other weights is refused (its step count is one)."""
     ids = {id(p) for p in written}
     for g in masters.groups:
         hit = [p for p in g.members if id(p) in ids]
         if not hit or len(hit) == len(g.members) or not (stepped or g.inner.state.get(g.key)):
             continue
+        names = {id(p): n for n, p in model.named_parameters()}
         kept = [names.get(id(p), "?") for p in g.members if id(p) not in ids]
         projected = [names.get(id(p), "?") for p in hit]
         raise ValueError(
@@ -218,7 +240,7 @@ def reset_state(masters: Masters, params) -> int:
 @dataclass(eq=False)
 class _Param:
     param: torch.Tensor
-    blocks: list  # (report name, index, layout, view)
+    blocks: list  # the _Targets of this parameter: the whole weight, or its blocks
     master: torch.Tensor | None = None  # a stage-0 FP16_UnfusedOptimizer master
     owner: int = 0
     new: torch.Tensor | None = None  # the projected whole weight in fp32, on its owner (then everywhere)
@@ -309,12 +331,13 @@ def project(targets, masters: Masters, *, steps, method, scale, dry_run, report)
     for t in targets:
         if id(t.param) not in params:
             params[id(t.param)] = _Param(t.param, [], masters.unfused.get(id(t.param)))
-        params[id(t.param)].blocks.append((t.name, t.index, t.layout, t.view))
+        params[id(t.param)].blocks.append(t)
     params = list(params.values())
     world = dist.get_world_size() if dist.is_initialized() else 1
     me = dist.get_rank() if dist.is_initialized() else 0
     costs = [
-        sum(matrix_cost(_block_shape(p.shape, index, view), lay) for _, index, lay, view in p.blocks) for p in params
+        sum(matrix_cost(tuple(t.given(torch.empty(p.shape, device="meta")).shape), t.layout) for t in p.blocks)
+        for p in params
     ]
     for p, owner in zip(params, assign_owners(costs, world)):
         p.owner = owner
@@ -327,10 +350,9 @@ def project(targets, masters: Masters, *, steps, method, scale, dry_run, report)
             if p.owner != me:
                 continue
             p.new = full.clone()
-            for name, index, lay, view in p.blocks:
-                block = full[index]
-                items.append((name, block if view is None else block.reshape(view), lay))
-                by_name[name] = (p, index)
+            for t in p.blocks:
+                items.append((t.name, t.given(full), t.layout))
+                by_name[t.name] = (p, t.index)
 
         def write(name, value):
             p, index = by_name[name]
@@ -348,9 +370,3 @@ def project(targets, masters: Masters, *, steps, method, scale, dry_run, report)
         everything = [(error, rows)]
     raise_agreed(next((err for err, _ in everything if err is not None), None), error, failure)
     return DeepSpeedRun(params, [row for _, part in everything for row in part], dry_run)
-
-
-def _block_shape(shape, index, view) -> tuple:  # the block's shape, from the whole weight's
-    if view is not None:
-        return tuple(view)
-    return tuple(torch.empty(shape, device="meta")[index].shape)

@@ -15,6 +15,7 @@ import torch
 
 from ..core._array import sum_over_mesh, to_floats
 from ..core.plan import reinit_many
+from . import _deepspeed
 from ._select import _Target
 
 
@@ -77,8 +78,6 @@ def _project(targets, steps, method, scale, dry_run, report, distributed="owner"
 
     deepspeed_run = None
     if masters is not None:
-        from . import _deepspeed
-
         managed = [t for t in plain if masters.owns(t.param)]
         if managed:
             plain = [t for t in plain if not masters.owns(t.param)]
