@@ -63,6 +63,7 @@ from .triggers import (
     DfIAbove,
     DormantAbove,
     Every,
+    LOOKAHEAD_STEPS,
     LookaheadBelow,
     Moment,
     SrankBelow,
@@ -365,9 +366,6 @@ def _triggers(spec) -> list[Trigger]:
 
 
 # --- FIRE when needed: the recommended rule ----------------------------------------------------------
-
-LOOKAHEAD_STEPS = 200
-"""The trial's length: optimizer steps each copy takes (Adam, lr 1e-3, 4 new-task batches of 64, cycled)."""
 
 LOOKAHEAD_RATIO = 0.526
 """FIRE when the trial's probe loss with FIRE is below this fraction of the loss without.

@@ -502,6 +502,10 @@ class SrankBelow(_OnFeatures):
         )
 
 
+LOOKAHEAD_STEPS = 200
+"""The trial's length: optimizer steps each copy takes (Adam, lr 1e-3, 4 new-task batches of 64, cycled)."""
+
+
 class LookaheadBelow(_Periodic):
     """FIRE when a trial on the new task says FIRE learns it faster: ``loss with / loss without < threshold``.
 
@@ -523,7 +527,7 @@ class LookaheadBelow(_Periodic):
     reduces = ("mean",)
     below = True
 
-    def __init__(self, threshold: float, every: int = 1, *, steps: int = 200, unit: str = "step",
+    def __init__(self, threshold: float, every: int = 1, *, steps: int = LOOKAHEAD_STEPS, unit: str = "step",
                  cooldown: int | None = None, reduce: str = "mean"):
         super().__init__(threshold, every, unit, cooldown, reduce)
         if self.threshold <= 0:
