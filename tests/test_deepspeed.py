@@ -52,10 +52,11 @@ MODEL = textwrap.dedent(
 
 SCRIPT = MODEL + textwrap.dedent(
     """
-    import json, os, sys
+    import os, sys
     import numpy as np
     import torch.distributed as dist
     import torch.multiprocessing as mp
+    from ranks import finish
 
     CASES = [(stage, bf16) for stage in (0, 1, 2, 3) for bf16 in (False, True)]
 
@@ -146,6 +147,15 @@ SCRIPT = MODEL + textwrap.dedent(
                 **s}, step, n
 
 
+    def refusal(call):
+        # the ValueError's message, or None if the call went through
+        try:
+            call()
+        except ValueError as err:
+            return str(err)
+        return None
+
+
     def same(a, b):
         return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -188,11 +198,7 @@ SCRIPT = MODEL + textwrap.dedent(
             engine = engine_for(stage, False, groups=False)
             train(engine, 0, rank, torch.float32)
             old, _, _ = snapshot(engine)
-            try:
-                ft.apply(engine)
-                error = None
-            except ValueError as err:
-                error = str(err)
+            error = refusal(lambda: ft.apply(engine))
             new, _, _ = snapshot(engine)
             # without optimizer=, the state is kept and the masters are still written
             before = masters(engine)
@@ -211,11 +217,7 @@ SCRIPT = MODEL + textwrap.dedent(
             engine = engine_for(stage, False, offload_optimizer={"device": "cpu"})
             train(engine, 0, rank, torch.float32)
             old, _, _ = snapshot(engine)
-            try:
-                ft.apply(engine)
-                error = None
-            except ValueError as err:
-                error = str(err)
+            error = refusal(lambda: ft.apply(engine))
             new, _, _ = snapshot(engine)
             info[f"offload-{stage}"] = dict(error=error, unchanged=same(old, new))
 
@@ -228,21 +230,13 @@ SCRIPT = MODEL + textwrap.dedent(
         if rank == 1:
             with torch.no_grad():
                 flat[0] = float("nan")
-        try:
-            ft.apply(engine)
-            error = None
-        except ValueError as err:
-            error = str(err)
+        error = refusal(lambda: ft.apply(engine))
         with torch.no_grad():
             flat[0] = keep
         new, _, _ = snapshot(engine)
         info["nan"] = dict(error=error, unchanged=same(old, new))
 
-        np.savez(f"{out}-{rank}.npz", **arrays)
-        with open(f"{out}-{rank}.json", "w") as f:
-            json.dump(info, f)
-        dist.barrier()
-        dist.destroy_process_group()
+        finish(rank, out, arrays, info)
 
 
     if __name__ == "__main__":

@@ -102,6 +102,7 @@ RANK_HELPERS = textwrap.dedent(
     import datetime, json, os, sys
     import numpy as np, torch, torch.distributed as dist, torch.multiprocessing as mp
     from torch.distributed.tensor import DTensor
+    from ranks import finish
 
     STRATEGIES = ("owner", "replicate")
 
@@ -181,17 +182,6 @@ RANK_HELPERS = textwrap.dedent(
         arrays = {**{"old/" + n: v for n, v in old.items()}, **new}
         return cases, names, arrays
 
-    def finish(rank, out, arrays, info):
-        np.savez(f"{out}-{rank}.npz", **arrays)
-        with open(f"{out}-{rank}.json", "w") as f:
-            json.dump(info, f)
-        dist.barrier()  # no rank tears gloo down while another still talks
-        dist.destroy_process_group()
-        # status 0 without the interpreter's teardown, where threads that outlive the group
-        # (gloo's, rank 0's TCPStore server) can abort the process (see benchmarks/distributed.py)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
     """
 )
 

@@ -49,10 +49,11 @@ MODEL = textwrap.dedent(
 
 SCRIPT = MODEL + textwrap.dedent(
     """
-    import json, os, sys
+    import os, sys
     import numpy as np
     import torch.distributed as dist
     import torch.multiprocessing as mp
+    from ranks import finish
 
 
     class Data(torch.utils.data.Dataset):
@@ -132,11 +133,7 @@ SCRIPT = MODEL + textwrap.dedent(
                 info["refused"] = str(err)
             info["refused_step"] = trainer.state.global_step
 
-        np.savez(f"{out}-{rank}.npz", **arrays)
-        with open(f"{out}-{rank}.json", "w") as f:
-            json.dump(info, f)
-        dist.barrier()
-        dist.destroy_process_group()
+        finish(rank, out, arrays, info)
 
 
     if __name__ == "__main__":
