@@ -4,7 +4,9 @@ Running the seeds (in spawned worker processes, one thread each, or in this
 one), the mean ± standard error they report, the files a run leaves
 (``<stem>.json`` with everything, from which ``--replot`` redraws
 ``<stem>.md`` and ``<stem>.png``), and the one rule by which every benchmark
-applies FIRE *when needed* instead of at every boundary (:class:`WhenNeeded`).
+applies FIRE *when needed* instead of at every boundary (:class:`WhenNeeded`,
+``fire_core.schedule.when_needed()`` itself) and how a row of it is judged
+(:func:`goals`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from fire_core.schedule import DfIAbove, DormantAbove, Moment, as_schedule
+from fire_core.schedule import DfIAbove, DormantAbove, Moment, as_schedule, when_needed
 
 
 def mean_se(values) -> tuple[float, float]:
@@ -88,16 +90,16 @@ def write_outputs(stem: Path, results, cfg: dict, seconds: float, plot: Callable
     return 0
 
 
-# --- FIRE when needed: one rule for every benchmark -------------------------------------------------
+# --- FIRE when needed: the library's rule, polled by every benchmark ------------------------------
 
 DFI_RATIO = 100.0
-"""``FIRE@DfI`` fires when the largest per-layer DfI/n (``fire_core.schedule.target_dfi``: the
-weights' distance from FIRE's target, 0 on it) has grown to this many times the largest at
-initialization. Data-free: one Gram matrix per layer. Chosen once, on held-out seeds
-(100-102) of the digits warm start (plasticity.py, MLP 64-128-128-10): the ratio at the
-boundary was 62-65 where plasticity is not lost (subset) and 13800-19200 where it is
-(random labels); 100 is the smallest power of ten above every no-loss value. Used unchanged
-in every benchmark (docs/benchmarks.md, "Where the thresholds came from")."""
+"""``FIRE@DfI`` (the earlier, data-free rule, kept for comparison) fires when the largest
+per-layer DfI/n (``fire_core.schedule.target_dfi``: the weights' distance from FIRE's target,
+0 on it) has grown to this many times the largest at initialization. One Gram matrix per
+layer. Chosen once, on held-out seeds (100-102) of the digits warm start (plasticity.py, MLP
+64-128-128-10): the ratio at the boundary was 62-65 where plasticity is not lost (subset) and
+13800-19200 where it is (random labels); 100 is the smallest power of ten above every no-loss
+value. Used unchanged in every benchmark (docs/benchmarks.md)."""
 
 DORMANT_SHARE = 0.3
 """``FIRE@dormant`` fires when the share of tau-dormant units (Sokar et al. 2023, tau 0.025),
@@ -107,51 +109,104 @@ and 0.08-0.13 after random labels (it fell where plasticity was lost), so no sha
 the settings there; 0.3 is the smallest multiple of 0.1 above every held-out value, initial
 ones included. Used unchanged in every benchmark."""
 
-TRIGGERS = ("DfI", "dormant")
+TRIGGERS = ("when_needed", "DfI", "dormant")
+NEEDED = "FIRE when needed"
+"""The row every benchmark gives the recommended rule, ``fire_core.schedule.when_needed()``."""
 
 
 class WhenNeeded:
-    """FIRE when the network says it has lost plasticity: the library's own trigger, one rule.
+    """A rule that decides, where a benchmark looks, whether to apply FIRE: the library's own triggers.
 
-    ``kind="DfI"``: :class:`fire_core.schedule.DfIAbove` (``DFI_RATIO``, relative to
-    the first check, worst layer); ``kind="dormant"``:
+    ``kind="when_needed"``: :func:`fire_core.schedule.when_needed` as it ships
+    (a trial of FIRE on the new task's data, ratio below 0.526 after 200
+    steps); ``kind="DfI"``: :class:`fire_core.schedule.DfIAbove`
+    (``DFI_RATIO``, relative to the first check, worst layer); ``kind="dormant"``:
     :class:`fire_core.schedule.DormantAbove` (``DORMANT_SHARE``, mean over layers).
     The benchmark calls :meth:`check` where it would look: once on the initial
-    network (the DfI baseline; never fires there), then at each task boundary or
-    every K steps, and applies FIRE when it returns a reason. ``weights``: the
-    ``(name, array, layout)`` FIRE would project (``fire_core.torch.select(model)``
-    or stacked arrays); ``features``: ``{layer: (samples, units)}`` activations of
-    a probe batch. Only what the trigger reads is needed.
+    network (the schedule's step 0: the DfI baseline; nothing fires there),
+    then at each task boundary or every K steps, and applies FIRE when it
+    returns a reason. ``weights``: the ``(name, array, layout)`` FIRE would
+    project (``fire_core.torch.select(model)`` or stacked arrays);
+    ``features``: ``{layer: (samples, units)}`` activations of a probe batch;
+    ``lookahead``: ``Moment.lookahead`` (``fire_core.torch.trial(...)``). Only
+    what the rule reads is needed.
     """
 
     def __init__(self, kind: str, dfi_ratio: float = DFI_RATIO, dormant_share: float = DORMANT_SHARE):
         if kind not in TRIGGERS:
             raise ValueError(f"trigger kind must be one of {TRIGGERS}, got {kind!r}")
         self.kind = kind
-        trigger = (
-            DfIAbove(dfi_ratio, every=1, relative=True, reduce="max")
-            if kind == "DfI"
-            else DormantAbove(dormant_share, every=1, reduce="mean")
-        )
-        self.schedule = as_schedule([trigger])
+        if kind == "when_needed":
+            triggers = when_needed()
+        elif kind == "DfI":
+            triggers = [DfIAbove(dfi_ratio, every=1, relative=True, reduce="max")]
+        else:
+            triggers = [DormantAbove(dormant_share, every=1, reduce="mean")]
+        self.schedule = as_schedule(triggers)
         self.checks = 0
         self.fired_at: list[int] = []  # the caller's step (or boundary) of each firing
-        self.values: list[float] = []  # the measured value at every check
+        self.values: list[float] = []  # the measured value at every check (nan where nothing was measured)
+        self.losses: list[list[float] | None] = []  # when_needed: the trial's (without, with FIRE) at every check
 
-    def check(self, where: int, weights: Iterable | None = None, features: Mapping | None = None) -> str | None:
+    def check(self, where: int, weights: Iterable | None = None, features: Mapping | None = None,
+              lookahead: Callable | None = None) -> str | None:
         """The reason to apply FIRE now (at the caller's step or boundary ``where``), or None."""
-        moment = Moment(  # the first check is the schedule's step 0: it measures the initial network, never fires
+        trigger = self.schedule.triggers[0]
+        moment = Moment(  # the first check is the schedule's step 0: the initial network, never fires
             step=self.checks,
             weights=None if weights is None else (lambda: weights),
             features=None if features is None else (lambda: features),
+            lookahead=lookahead,
         )
         self.checks += 1
         firing = self.schedule.poll(moment)
-        self.values.append(float(self.schedule.triggers[0].last_value))
+        measured = trigger.last_check == moment.step  # this poll read the network (the trial skips step 0)
+        self.values.append(float(trigger.last_value) if measured else math.nan)
+        if self.kind == "when_needed":
+            self.losses.append(list(trigger.last_losses) if measured else None)
         if firing is None:
             return None
         self.fired_at.append(where)
         return "; ".join(firing.reasons)
+
+
+def goals(none, fire, needed, higher_is_better: bool = True) -> dict:
+    """The two goals of a when-needed rule in one setting, from paired per-seed results.
+
+    ``none``, ``fire``, ``needed``: one number per seed (the same seeds) for
+    doing nothing, FIRE at every boundary and the rule. A paired difference
+    is *significant* when its 95% Student-t interval excludes 0. Goal 1
+    (capture the gain): where FIRE beats none significantly, the rule keeps
+    at least 80% of FIRE's mean gain (``kept``). Goal 2 (never cost): the
+    rule is not significantly worse than none. Differences are signed so that
+    positive is better (``higher_is_better=False`` for a loss).
+    """
+    from scipy import stats
+
+    sign = 1.0 if higher_is_better else -1.0
+    none, fire, needed = (np.asarray(v, dtype=float) for v in (none, fire, needed))
+
+    def paired(a, b):
+        d = sign * (a - b)
+        m, se = mean_se(d)
+        half = float(stats.t.ppf(0.975, len(d) - 1) * se) if len(d) > 1 else math.inf
+        return {"mean": m, "se": se, "low": m - half, "high": m + half}
+
+    gain, vs_none, vs_fire = paired(fire, none), paired(needed, none), paired(needed, fire)
+    helps = gain["low"] > 0
+    kept = vs_none["mean"] / gain["mean"] if gain["mean"] != 0 else math.nan
+    return {
+        "fire_minus_none": gain, "needed_minus_none": vs_none, "needed_minus_fire": vs_fire,
+        "fire_helps": bool(helps), "fire_hurts": bool(gain["high"] < 0), "kept": kept,
+        "goal1": (bool(kept >= 0.8) if helps else None),  # None: FIRE gains nothing significant here
+        "goal2": bool(vs_none["high"] >= 0),
+    }
+
+
+def goals_cell(g: dict) -> str:
+    """``goals()`` in one table cell: each goal met, missed or not at stake."""
+    one = "n/a" if g["goal1"] is None else f"{'met' if g['goal1'] else 'MISSED'} ({100 * g['kept']:.0f}%)"
+    return f"gain kept: {one}; never cost: {'met' if g['goal2'] else 'MISSED'}"
 
 
 def machine(device: str) -> str:

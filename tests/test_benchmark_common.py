@@ -1,4 +1,4 @@
-"""benchmarks/common.py: the one rule by which every benchmark applies FIRE when needed."""
+"""benchmarks/common.py: the rules by which every benchmark applies FIRE when needed, and how a row is judged."""
 
 from __future__ import annotations
 
@@ -92,3 +92,40 @@ def test_write_outputs_hands_results_and_cfg_to_plot_and_markdown(tmp_path, caps
     assert common.write_outputs(tmp_path / "run", {"r": 1}, {"c": 2}, 5.0, plot, markdown) == 0
     assert calls == [("plot", {"r": 1}, {"c": 2}, "run.png"), ("md", {"r": 1}, {"c": 2}, "run.png", 5.0)]
     assert "| table |" in capsys.readouterr().out
+
+
+def test_the_recommended_rule_is_the_library_when_needed_polled_with_a_trial():
+    from fire_core.schedule import LOOKAHEAD_RATIO, LOOKAHEAD_STEPS, LookaheadBelow
+
+    gate = common.WhenNeeded("when_needed")
+    (trigger,) = gate.schedule.triggers
+    assert isinstance(trigger, LookaheadBelow) and trigger.threshold == LOOKAHEAD_RATIO
+    asked = []
+
+    def trial(losses):
+        return lambda k: asked.append(k) or losses
+
+    assert gate.check(0, lookahead=trial((1.0, 0.1))) is None and asked == []  # the initial network: no trial
+    assert gate.check(1, lookahead=trial((1.0, 0.9))) is None
+    reason = gate.check(2, lookahead=trial((2.0, 0.5)))
+    assert reason is not None and "lookahead" in reason and asked == [LOOKAHEAD_STEPS] * 2
+    assert np.isnan(gate.values[0]) and gate.values[1:] == [pytest.approx(0.9), pytest.approx(0.25)]
+    assert gate.losses == [None, [1.0, 0.9], [2.0, 0.5]] and gate.fired_at == [2]
+
+
+def test_goals_judge_both_goals_from_paired_seeds():
+    rng = np.random.default_rng(3)
+    none = rng.normal(0.5, 0.01, size=8)
+    fire = none + 0.05 + rng.normal(0, 0.002, size=8)  # FIRE helps clearly
+    g = common.goals(none, fire, fire.copy())
+    assert g["fire_helps"] and g["goal1"] and g["goal2"] and g["kept"] == pytest.approx(1.0)
+    g = common.goals(none, fire, none + 0.02)  # keeps 40%: goal 1 missed, goal 2 met
+    assert g["goal1"] is False and g["goal2"] and 0.3 < g["kept"] < 0.5
+    g = common.goals(none, none - 0.05, none - 0.05)  # FIRE costs and the rule fired anyway
+    assert g["goal1"] is None and g["fire_hurts"] and g["goal2"] is False
+    assert "MISSED" in common.goals_cell(g) and "n/a" in common.goals_cell(g)
+    g = common.goals(-none, -fire, -none, higher_is_better=False)  # losses: lower is better
+    assert g["fire_helps"] and g["goal1"] is False and g["goal2"]
+    d = fire - none
+    half = 2.3646242510102993 * d.std(ddof=1) / np.sqrt(8)  # t(7) at 97.5%
+    assert g["fire_minus_none"]["low"] == pytest.approx(d.mean() - half)
