@@ -78,6 +78,12 @@ def test_tiny_run_reports_every_method(bench):
         assert 0.0 <= row["dormant_after"] <= 1.0 and 1 <= row["srank_after"] <= 8
     assert out["none"]["sfe"] == 0.0 and out["none"]["dfi"] == pytest.approx(out["phase1"]["dfi"])
     assert out["FIRE-svd"]["dfi"] < 1e-9 < out["FIRE-10"]["dfi"]
+    # the real trial ran at the switch, and left the network as it was: the row is FIRE-10's or none's, exactly
+    needed = out[bench.NEEDED]["trigger"]
+    without, with_fire = needed["losses"][1]
+    assert needed["values"][1] == pytest.approx(with_fire / without) and without > 0
+    same_as = "FIRE-10" if needed["fired"] else "none"
+    assert out[bench.NEEDED]["curve"] == out[same_as]["curve"] and out[bench.NEEDED]["sfe"] == out[same_as]["sfe"]
     # "reset" puts back the network's initialization: right after it, the untrained network's accuracy
     _, _, x_test, y_test = digits()
     assert out["reset"]["curve"][0] == accuracy(make_mlp(0, hidden=8), x_test, y_test)
@@ -95,3 +101,52 @@ def test_a_triggered_method_is_fire_10_when_it_fires_and_none_when_not(bench, th
         assert out[m]["curve"] == out[same_as]["curve"] and out[m]["sfe"] == out[same_as]["sfe"]
     lines = bench.when_needed_lines([out, out], methods, cfg)
     assert any(line.startswith("FIRE@DfI: fired in " + ("2" if same_as == "FIRE-10" else "0")) for line in lines)
+
+
+@pytest.mark.parametrize("losses, fires", [((2.0, 1.04), True), ((2.0, 1.06), False)])  # ratios 0.52 and 0.53
+def test_fire_when_needed_is_fire_10_iff_the_trial_ratio_is_below_the_threshold(bench, monkeypatch, losses, fires):
+    x_train, y_train, _, _ = digits()
+    calls = []
+
+    def fake_trial(model, batches, probe, **options):  # the library's trial, its losses chosen
+        calls.append((batches, probe, options))
+        return lambda k: calls.append(k) or losses
+
+    monkeypatch.setattr(bench.fire_core.torch, "trial", fake_trial)
+    methods = ["none", "FIRE-10", bench.NEEDED]
+    cfg = dict(hidden=8, epochs1=1, epochs2=1, swr_lambda=1e-3, methods=methods, dfi_ratio=100.0, dormant_share=0.3)
+    out = bench.run_seed("random-labels", 3, cfg)
+    (batches, probe, options), k = calls  # one trial, at the switch (none on the initial network)
+    assert options == {"steps": 10} and k == bench.when_needed()[0].steps
+    # 4 batches of 64 and a probe of 256 other examples, all of them phase-2 training data (true labels)
+    assert [len(b[0]) for b in batches] == [64] * 4 and len(probe[0]) == 256
+    rows = {tuple(x.tolist()): int(y) for x, y in zip(x_train, y_train)}
+    drawn = [(x, y) for b in [*batches, probe] for x, y in zip(*b)]
+    assert all(rows[tuple(x.tolist())] == int(y) for x, y in drawn)
+    assert len({tuple(x.tolist()) for x, _ in drawn}) == len(drawn) == 512
+    trigger = out[bench.NEEDED]["trigger"]
+    assert trigger["fired"] is fires
+    assert np.isnan(trigger["values"][0]) and trigger["values"][1] == pytest.approx(losses[1] / losses[0])
+    assert trigger["losses"] == [None, list(losses)]
+    same_as = "FIRE-10" if fires else "none"
+    assert out[bench.NEEDED]["curve"] == out[same_as]["curve"] and out[bench.NEEDED]["sfe"] == out[same_as]["sfe"]
+    lines = bench.needed_section({"random-labels": [out, out]}, dict(cfg, seeds=2))
+    assert lines[0] == "## FIRE when needed (`fire_core.schedule.when_needed()`)"
+    assert "| setting | metric | FIRE − none | when needed − none | when needed − FIRE | fired | trial cost per check " \
+           "| goals |" in lines
+    row = next(line for line in lines if line.startswith("| random-labels |"))
+    assert f"| {2 if fires else 0}/2 seeds |" in row and "never cost:" in row
+
+
+def test_the_trial_draws_the_same_data_whatever_else_ran(bench):
+    # its own generator: the global RNG neither feeds nor is moved by the draw
+    x, y, _, _ = digits()
+    torch.manual_seed(0)
+    first = bench.trial_data(5, x, y)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(1)
+    again = bench.trial_data(5, x, y)
+    torch.testing.assert_close(first[1][0], again[1][0])
+    torch.manual_seed(0)
+    bench.trial_data(5, x, y)
+    assert torch.equal(torch.random.get_rng_state(), state)
