@@ -61,10 +61,25 @@ restarted; nothing else differs between them but the intervention:
   trains on its own from a later firing: the same numbers as its own run
   (tested), without training one network twice. Weights from ``fire_core.torch.select`` with
   FIRE ref's selection; features from ``fire_core.torch.activations`` (the
-  GELU outputs) on a fixed probe batch of A.
+  GELU outputs) on a fixed probe batch of A;
+* ``FIRE when needed`` (``common.NEEDED``): FIRE ref's call when
+  ``fire_core.schedule.when_needed()`` (``common.WhenNeeded("when_needed")``)
+  fires: checked on the initial network (step 0, no trial) and at the
+  boundary only, where the data shifts (phase 2 is one fixed mixture, and a
+  check costs 2 x 200 trial steps, more than phase 2's 200 steps). The trial
+  is ``fire_core.torch.trial`` with FIRE ref's options, Adam lr 1e-3, the
+  benchmark's next-byte cross-entropy, on ``TRIAL_BATCHES`` (4) batches of
+  ``batch`` windows (half A, half B, as phase 2's) and a held-out probe of
+  4 x ``batch`` windows, all non-overlapping windows of the *training*
+  parts of A and B drawn by their own generator (:func:`trial_data`; torch's
+  RNG is restored, so the other methods' runs do not move). Its run is the
+  run of the network it starts from (none's, or FIRE ref's when it fired).
+  Its cost is reported per check and as a share of the seed's training
+  steps: about 2 x 200 steps of the full model, twice phase 2's training.
 
 Measured for every (method, seed): validation loss on A and on B right
 after the intervention, every 20 phase-2 steps and at the end;
+the trial's losses and ratio, its wall time;
 FIRE's own wall time as a fraction of the phase-2 training time
 (``common.fire_fraction``); when the triggers fired and the values they read.
 Mean ± standard error over seeds, the paired per-seed difference to ``none``
@@ -77,7 +92,8 @@ paper's two claims here ("FIRE beats tuned S&P", "a full reset fails").
 The full run's time is extrapolated: one training step of the full model
 takes 66 ms on one idle core; a seed is 600 + 6 x 200 steps (none, reset,
 S&P 0.8, S&P tuned, FIRE ref, FIRE best-scale; the rest share their runs), a
-tuning seed 600 + 7 x 200, and the 7 jobs take 4 rounds on 2 workers.
+tuning seed 600 + 7 x 200, and the 7 jobs take 4 rounds on 2 workers; FIRE when needed adds 2 x 200
+trial steps a seed.
 
 Writes ``benchmarks/results/language.md``, ``language.png`` and the raw
 per-seed numbers ``language.json`` (``--quick``: ``language-quick.*``);
@@ -106,19 +122,20 @@ import fire_core.torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    DFI_RATIO, DORMANT_SHARE, WhenNeeded, add_run_options, command_line, fire_fraction, fmt, load_run, mean_se, names,
-    save_run, seed_runner, write_outputs,
+    DFI_RATIO, DORMANT_SHARE, NEEDED, WhenNeeded, add_run_options, command_line, fire_fraction, fmt, goals, goals_cell,
+    load_run, mean_se, names, save_run, seed_runner, write_outputs,
 )
 from plasticity import shrink_perturb  # noqa: E402
 
 METHODS = ("none", "reset", "S&P 0.8", "S&P tuned", "FIRE ref", "FIRE default", "FIRE best-scale", "FIRE@DfI",
-           "FIRE@dormant")
+           "FIRE@dormant", NEEDED)
 SNP_COEF = 0.8
 SNP_GRID = (0.2, 0.4, 0.6, 0.8)
 SCALE_GRID = {"fire": "fire", "norm": "norm", "None": None}  # "variance" is "fire" for Linear weights
 TUNE_SEEDS = (100, 101)  # held out: not among the reported seeds
 FIRE_REF = dict(steps=5, split={"*.c_attn": 3})  # the reference's language setting (docs/reference.md)
 CHECKS = 5  # the triggers look at the boundary and every steps2 / CHECKS phase-2 steps
+TRIAL_BATCHES = 4  # FIRE when needed's trial: this many phase-2 batches, and a probe of as many windows, held out
 STDLIB_MODULES = (  # corpus B: these files of the standard library, in this order, until it is full
     "argparse.py", "bisect.py", "calendar.py", "colorsys.py", "configparser.py", "difflib.py", "fractions.py",
     "functools.py", "heapq.py", "shlex.py", "statistics.py", "string.py", "textwrap.py",
@@ -315,7 +332,7 @@ def intervene(method: str, model, initial: list[torch.Tensor], cfg: dict) -> flo
                 p.copy_(p0)
     elif method.startswith("S&P "):
         shrink_perturb(model, initial, cfg["snp_coef"] if method == "S&P tuned" else float(method.split()[1]))
-    elif method.startswith("FIRE") and not method.startswith("FIRE@"):
+    elif method.startswith("FIRE") and not method.startswith("FIRE@") and method != NEEDED:
         options = {} if method == "FIRE default" else dict(FIRE_REF)
         if method == "FIRE best-scale":
             options["scale"] = SCALE_GRID[cfg["scale"]]
@@ -403,6 +420,41 @@ def fire_when_needed(trigger: WhenNeeded, where: int, model, probe) -> float | N
     return time.perf_counter() - started
 
 
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The benchmark's loss (:func:`loss_of`) as ``loss(model(inputs), targets)``, for ``fire_core.torch.trial``."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def trial_data(data: dict, cfg: dict, seed: int) -> tuple[list, tuple]:
+    """FIRE when needed's trial data from the phase-2 training stream: ``TRIAL_BATCHES`` batches and a probe.
+
+    Non-overlapping windows of the *training* parts of A and B (what phase 2
+    trains on; no validation byte), shuffled by their own generator (seeded
+    from ``seed``, so no other draw of the run moves): ``TRIAL_BATCHES``
+    batches of ``batch`` windows, half A, half B, as phase 2's, and a probe
+    of ``TRIAL_BATCHES * batch`` other windows, half A, half B, held out of
+    them. Each is ``(inputs, next bytes)``.
+    """
+    gen = torch.Generator().manual_seed(10 * seed + 7)
+    half, n = cfg["batch"] // 2, TRIAL_BATCHES * (cfg["batch"] // 2)
+    picked = {}
+    for part in ("A", "B"):
+        w = windows(data[part], cfg["ctx"])
+        if w.shape[0] < 2 * n:
+            raise ValueError(f"corpus {part}'s training part holds {w.shape[0]} windows, too few for the trial's {2 * n}")
+        picked[part] = w[torch.randperm(w.shape[0], generator=gen)[: 2 * n]]
+    pairs = lambda xy: (xy[:, :-1], xy[:, 1:])  # noqa: E731
+    batches = [pairs(torch.cat([picked["A"][k * half : (k + 1) * half], picked["B"][k * half : (k + 1) * half]]))
+               for k in range(TRIAL_BATCHES)]
+    return batches, pairs(torch.cat([picked["A"][n:], picked["B"][n:]]))
+
+
+def needed_trial(model, data: dict, cfg: dict, seed: int):
+    """``Moment.lookahead`` at the boundary: ``fire_core.torch.trial`` with FIRE ref's options on the phase-2 data."""
+    batches, probe = trial_data(data, cfg, seed)
+    return fire_core.torch.trial(model, batches, probe, loss=lm_loss, lr=1e-3, report=False, **FIRE_REF)
+
+
 def run_seed(seed: int, cfg: dict) -> dict:
     """Phase 1 once, then each method's intervention and phase 2, for one seed; plain floats out."""
     torch.set_num_threads(1)
@@ -418,13 +470,19 @@ def run_seed(seed: int, cfg: dict) -> dict:
     inputs = trigger_inputs(model, probe)
     for trigger in triggers.values():
         trigger.check(0, **inputs)  # the baseline: the initial network
+    gate = WhenNeeded("when_needed") if NEEDED in cfg["methods"] else None
+    if gate is not None:
+        gate.check(0)  # the initial network: the schedule's step 0, no trial run, never fires
 
     trainer = Trainer(model, cfg)
     gen = torch.Generator().manual_seed(seed)
     p1 = {"step": [], "train_A": [], "val_A": [], "val_B": []}
-    started = time.perf_counter()
+    started, p1["train_seconds"] = time.perf_counter(), 0.0
     for step in range(1, cfg["steps1"] + 1):
-        trainer.step(batch(data["A"], cfg["batch"], cfg["ctx"], gen))
+        xy = batch(data["A"], cfg["batch"], cfg["ctx"], gen)
+        stepped = time.perf_counter()
+        trainer.step(xy)
+        p1["train_seconds"] += time.perf_counter() - stepped
         if step % cfg["eval1"] == 0 or step == cfg["steps1"]:
             p1["step"].append(step)
             p1["train_A"].append(evaluate(model, train_probe))
@@ -444,7 +502,18 @@ def run_seed(seed: int, cfg: dict) -> dict:
         rows[method] = {"fire_seconds": fire_when_needed(trigger, cfg["steps1"], model, probe)}
         start[method] = (fingerprint(model), model)
     done: dict[str, str] = {}  # fingerprint after the intervention -> the method that ran phase 2 from it
-    for method in (m for m in cfg["methods"] if not m.startswith("FIRE@")):
+    if gate is not None:  # FIRE when needed: a trial on the phase-2 stream at the boundary, FIRE ref's call if it fires
+        model = copy.deepcopy(base)
+        started = time.perf_counter()
+        reason = gate.check(cfg["steps1"], lookahead=needed_trial(model, data, cfg, seed))
+        trial_seconds = time.perf_counter() - started
+        rows[NEEDED] = {"fire_seconds": None, "trial_seconds": trial_seconds}
+        if reason is not None:
+            started = time.perf_counter()
+            fire_core.torch.apply(model, **FIRE_REF, report=False)
+            rows[NEEDED]["fire_seconds"] = time.perf_counter() - started
+        needed_start = (fingerprint(model), model)
+    for method in (m for m in cfg["methods"] if not m.startswith("FIRE@") and m != NEEDED):
         model = copy.deepcopy(base)
         fire_seconds = intervene(method, model, initial, cfg)
         key = fingerprint(model)
@@ -465,6 +534,14 @@ def run_seed(seed: int, cfg: dict) -> dict:
             runs = phase2(model, cfg, data, seed, probe, {method: trigger})
             out[method] = dict(runs[method], **rows[method])
             out[method].pop("rode_along", None)
+    if gate is not None:  # it does not check inside phase 2: its run is that of the network it starts from
+        key, model = needed_start
+        if key in done:
+            out[NEEDED] = dict(out[done[key]], same_as=done[key], **rows[NEEDED])
+        else:
+            out[NEEDED] = dict(phase2(model, cfg, data, seed, probe)[""], **rows[NEEDED])
+        out[NEEDED].update(fired_at=list(gate.fired_at), values=list(gate.values), losses=list(gate.losses),
+                           checks_at=[0, cfg["steps1"]])
     every = max(1, cfg["steps2"] // CHECKS)
     for method in start:
         trigger = triggers[method.removeprefix("FIRE@")]
@@ -555,7 +632,7 @@ def tables(results: dict, cfg: dict) -> list[str]:
             f"| {fmt3(col(final, 'B'))} | {fmt3(col(final))} "
             f"| {'—' if diff is None or method == 'none' else fmt3(diff)} "
             f"| {f'{100 * np.mean(fractions):.2f}% (max {100 * max(fractions):.2f}%)' if fractions else '—'} "
-            f"| {firing_text(runs, method, cfg) if method.startswith('FIRE@') else '—'} |"
+            f"| {firing_text(runs, method, cfg) if method.startswith('FIRE@') or method == NEEDED else '—'} |"
         )
     lines += [""]
     claims = []
@@ -587,6 +664,8 @@ def tables(results: dict, cfg: dict) -> list[str]:
             cells = [f"{v:.3g}" for v in np.nanmean(values, axis=0)]
             lines.append(f"| {method} | {' | '.join(cells)} | {firing_text(runs, method, cfg)} |")
         lines += [""]
+    if NEEDED in methods:
+        lines += needed_section(runs, cfg)
     for what, grid, key in (("S&P coefficient", "snp_sweep", "snp_coef"), ("FIRE scale rule", "scale_sweep", "scale")):
         if grid in cfg:
             lines += [f"### {what} (held-out seeds {list(TUNE_SEEDS)})", "",
@@ -597,6 +676,67 @@ def tables(results: dict, cfg: dict) -> list[str]:
                              f"| {fmt3([r['A+B'] for r in rows])} |")
             lines += [""]
     return lines
+
+
+def needed_section(runs: list[dict], cfg: dict) -> list[str]:
+    """The section every benchmark gives ``fire_core.schedule.when_needed()``: goals against none and FIRE ref."""
+    fire = "FIRE ref" if "FIRE ref" in cfg["methods"] else None
+    none = "none" if "none" in cfg["methods"] else None
+    ratios = [r[NEEDED]["values"][1] for r in runs]
+    trial = [r[NEEDED]["trial_seconds"] for r in runs]
+    share2 = [r[NEEDED]["trial_seconds"] / r[NEEDED]["train_seconds"] for r in runs]
+    share = [r[NEEDED]["trial_seconds"] / (r["phase1"]["train_seconds"] + r[NEEDED]["train_seconds"]) for r in runs]
+    fired = sum(1 for r in runs if r[NEEDED]["fired_at"])
+    lines = [
+        "### FIRE when needed (`fire_core.schedule.when_needed()`)", "",
+        "The library's rule as it ships (`common.WhenNeeded(\"when_needed\")`: a trial, FIRE fires when the probe "
+        "loss of a FIRE copy over that of an untouched copy, each trained 200 Adam steps at lr 1e-3, is below "
+        "0.526), checked on the initial network (step 0: no trial, never fires) and **at the boundary only**, "
+        "where the data shifts: phase 2 trains on one fixed mixture, so there is no later shift to look for (and "
+        "each check costs 2 x 200 steps, more than phase 2's 200). When it fires, FIRE ref's call is applied, as "
+        "FIRE ref and FIRE@DfI apply it. The trial (`fire_core.torch.trial`, FIRE ref's options: 5 Newton–Schulz "
+        "steps, `c_attn` as q, k, v) trains on "
+        f"{TRIAL_BATCHES} batches of {cfg['batch']} windows of {cfg['ctx']} bytes (half A, half B, as phase 2's) "
+        f"and reads its probe loss on {TRIAL_BATCHES * cfg['batch']} other windows, all non-overlapping windows of "
+        "the training parts of A and B (the phase-2 stream; no validation byte), drawn by their own generator; "
+        "the loss is the benchmark's next-byte cross-entropy. The threshold was chosen on the digits MLP "
+        "(classification cross-entropy, FIRE at 10 steps, 4 batches of 64 and a probe of 256) and is applied "
+        "unchanged.", "",
+        "| setting | metric | FIRE − none | when needed − none | when needed − FIRE | fired | trial cost per check "
+        "| goals |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    if fire and none:
+        val = lambda m: [final(r[m]) for r in runs]  # noqa: E731
+        g = goals(val(none), val(fire), val(NEEDED), higher_is_better=False)
+        diff = lambda a, b: fmt3([x - y for x, y in zip(val(a), val(b))])  # noqa: E731
+        lines.append(
+            f"| byte-level nanoGPT ({cfg['layers']} x {cfg['d']}), A then A+B | val. loss A+B at the end, nats/byte "
+            f"(lower is better; FIRE = FIRE ref) | {diff(fire, none)} | {diff(NEEDED, none)} | {diff(NEEDED, fire)} "
+            f"| {fired}/{len(runs)} seeds | {np.mean(trial):.1f} s ({100 * np.mean(share2):.0f}% of phase 2's "
+            f"training time, {100 * np.mean(share):.0f}% of phases 1 + 2) | {goals_cell(g)} |")
+    else:
+        lines.append("| (none or FIRE ref not run: no differences) | | | | | | | |")
+    lines += [
+        "",
+        f"Differences: mean ± s.e. over {len(runs)} paired seeds, in nats per byte (negative: lower loss than the "
+        "second method). Goals (`common.goals`, paired 95% t intervals): *gain kept* is at stake only where FIRE "
+        "ref beats none significantly; *never cost*: FIRE when needed not significantly worse than none. Trial "
+        "cost: wall time of the check at the boundary (both trial copies), mean over seeds, and its share of the "
+        "same seed's training steps (phase 2 alone; phases 1 and 2).",
+        "",
+        f"Trial ratio (probe loss with FIRE / without) at the boundary: median {np.median(ratios):.3f}, range "
+        f"{min(ratios):.3f}–{max(ratios):.3f} (fires below 0.526).",
+        "",
+        "| seed | probe loss without FIRE | with FIRE | ratio | fired | FIRE ref − none, val. A+B end |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k, r in enumerate(runs):
+        without, with_fire = r[NEEDED]["losses"][1]
+        gain = f"{final(r[fire]) - final(r[none]):+.3f}" if fire and none else "—"
+        lines.append(f"| {k} | {without:.3f} | {with_fire:.3f} | {ratios[k]:.3f} "
+                     f"| {'yes' if r[NEEDED]['fired_at'] else 'no'} | {gain} |")
+    return lines + [""]
 
 
 def plot(results: dict, cfg: dict, path: Path) -> None:
@@ -669,7 +809,8 @@ def write_markdown(results: dict, cfg: dict, path: Path, png: Path, seconds: flo
         "`fire_core.torch.apply(model, steps=5, split={'*.c_attn': 3})` (every Linear, `c_attn` as q, k, v, the tied "
         f"head projected); FIRE default = `fire_core.torch.apply(model)`; FIRE best-scale = FIRE ref with "
         f"`scale={SCALE_GRID[cfg['scale']]!r}`; FIRE@DfI / FIRE@dormant = FIRE ref's call when "
-        "`common.WhenNeeded` fires. A method whose weights after the intervention are bit-for-bit those of an "
+        "`common.WhenNeeded` fires; FIRE when needed = FIRE ref's call when `fire_core.schedule.when_needed()` "
+        "fires at the boundary (its section below). A method whose weights after the intervention are bit-for-bit those of an "
         "earlier one is not trained again (its rows say `= method`).",
         "",
     ]

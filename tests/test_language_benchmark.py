@@ -170,3 +170,69 @@ def test_a_trigger_riding_along_gives_what_its_own_run_gives(monkeypatch):
     assert along["fired_at"] == alone["fired_at"] and len(alone["fired_at"]) >= 2
     assert along["values"] == alone["values"]
     assert along["curve"] == alone["curve"]
+
+
+def _fixed_trial(ratio, calls):
+    """A stand-in for ``fire_core.torch.trial`` whose lookahead returns (1, ratio); it records what it was given."""
+    def trial(model, batches, probe, **options):
+        calls.append((model, batches, probe, options))
+        return lambda k: (calls.append(("steps", k)), (1.0, ratio))[1]
+    return trial
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.55])
+def test_fire_when_needed_fires_at_the_boundary_iff_the_trial_ratio_is_below_the_threshold(monkeypatch, ratio):
+    calls = []
+    monkeypatch.setattr(language.fire_core.torch, "trial", _fixed_trial(ratio, calls))
+    cfg = dict(TINY, methods=["none", "FIRE ref", language.NEEDED], snp_coef=0.8, scale="fire")
+    out = language.run_seed(0, cfg)
+    row = out[language.NEEDED]
+    fires = ratio < 0.526
+    assert row["fired_at"] == ([TINY["steps1"]] if fires else [])
+    assert row["same_as"] == ("FIRE ref" if fires else "none")  # the same weights as that method's after the boundary
+    assert row["curve"] == out[row["same_as"]]["curve"]
+    assert (row["fire_seconds"] is not None) == fires
+    assert np.isnan(row["values"][0]) and row["values"][1] == pytest.approx(ratio) and row["losses"][1] == [1.0, ratio]
+    assert row["checks_at"] == [0, TINY["steps1"]]
+    # one trial, at the boundary, of 200 steps, with FIRE ref's options and the benchmark's loss
+    (model, batches, probe, options), steps = calls
+    assert steps == ("steps", 200)
+    assert options == dict(loss=language.lm_loss, lr=1e-3, report=False, **language.FIRE_REF)
+    assert len(batches) == language.TRIAL_BATCHES and probe[0].shape == (language.TRIAL_BATCHES * TINY["batch"], TINY["ctx"])
+
+
+def test_the_trial_data_is_the_phase_two_training_stream_with_a_held_out_probe():
+    parts = language.corpora(TINY["a_bytes"], TINY["b_bytes"], TINY["val_bytes"])
+    data = {"A": language.as_tokens(parts["A"][0]), "B": language.as_tokens(parts["B"][0])}
+    batches, probe = language.trial_data(data, TINY, 3)
+    again, _ = language.trial_data(data, TINY, 3)
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(batches, again))  # its own seeded generator
+    half = TINY["batch"] // 2
+    rows = lambda part: {bytes(w.tolist()) for w in language.windows(data[part], TINY["ctx"])}  # noqa: E731
+    seen = set()
+    for inputs, targets in batches + [probe]:
+        assert torch.equal(inputs[:, 1:], targets[:, :-1])  # targets are the next bytes
+        whole = torch.cat([inputs, targets[:, -1:]], dim=1)
+        n = whole.shape[0] // 2
+        assert {bytes(w.tolist()) for w in whole[:n]} <= rows("A") and {bytes(w.tolist()) for w in whole[n:]} <= rows("B")
+        keys = [bytes(w.tolist()) for w in whole]
+        assert not seen & set(keys)  # no window in two batches, none of the probe's in a batch
+        seen |= set(keys)
+    assert all(b[0].shape[0] == 2 * half for b in batches)
+
+
+def test_fire_when_needed_runs_a_real_trial_and_the_table_has_its_section():
+    cfg = dict(TINY, methods=["none", "FIRE ref", language.NEEDED], snp_coef=0.8, scale="fire")
+    runs = [language.run_seed(seed, cfg) for seed in (0, 1)]
+    for r in runs:
+        row = r[language.NEEDED]
+        without, with_fire = row["losses"][1]
+        assert np.isfinite([without, with_fire]).all() and row["values"][1] == pytest.approx(with_fire / without)
+        assert bool(row["fired_at"]) == (row["values"][1] < 0.526) and row["trial_seconds"] > 0
+    lines = language.tables({"main": runs}, cfg)
+    start = lines.index("### FIRE when needed (`fire_core.schedule.when_needed()`)")
+    header = ("| setting | metric | FIRE − none | when needed − none | when needed − FIRE | fired | trial cost per check "
+              "| goals |")
+    assert header in lines[start:]
+    row = lines[lines.index(header, start) + 2]
+    assert "/2 seeds" in row and "gain kept:" in row and "never cost:" in row
