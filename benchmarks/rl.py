@@ -66,6 +66,33 @@ online networks:
   hidden layer of every online network; TD3's critics get the buffer's
   actions) on a fixed probe batch of 256 transitions drawn from its replay
   buffer when learning starts.
+* ``FIRE when needed`` (``common.NEEDED``): ``common.WhenNeeded("when_needed")``
+  per seed, the library's rule as it ships (``fire_core.schedule.when_needed()``:
+  a trial of FIRE, FIRE when probe loss with / without < 0.526 after 200
+  steps), polled where ``FIRE@DfI`` is (the initial network when learning
+  starts, no trial there; then every ``P / 4`` environment steps). The
+  trial, ``fire_core.torch.trial(net, batches, probe, loss=td_loss,
+  lr=1e-3, steps=10)``, sees the seed's replay buffer only: its 512 most
+  recent transitions (the new task), shuffled by the seed's own generator,
+  4 batches of 64 to train on and a probe of 256 held out of them
+  (``TRIAL``; quick mode 4 x 8 and 16). The regression targets are the
+  agent's TD targets, computed once at the check with its current target
+  networks (TD3: with the target-policy smoothing noise) and fixed during
+  the trial. ``net`` is a copy of the seed's online Q network (DQN; loss:
+  the benchmark's Huber loss on Q(s, a) of the action taken) or of both
+  its online critics as one module (TD3; loss: both critics' squared
+  errors summed, the benchmark's critic loss); FIRE in the trial is the
+  FIRE row's on those networks (every Linear weight, 10 steps, biases
+  kept), and each copy trains with a fresh Adam at lr 1e-3 (the agents'
+  own lr). TD3's actor takes no part in the trial (its loss, -Q1, has no
+  fixed target to regress on); the critics are what FIRE is meant to keep
+  able to fit new targets. When the rule fires, FIRE is applied to that
+  seed exactly as in ``FIRE`` (``fire_agent``: every online network, TD3's
+  actor included, Adam as there, targets set to the projected networks).
+  Cost: a trial is 400 Adam steps of batch 64 on one unbatched network
+  (two copies, 200 each), where the agent takes 3200 (DQN) or 1600 (TD3
+  critic) gradient steps between two checks; its wall time is reported
+  per check and as a share of the row's training time.
 
 Measured: the greedy (DQN) or deterministic (TD3) policy's return on
 ``--eval-episodes`` evaluation episodes every ``steps / 20`` environment
@@ -101,22 +128,28 @@ import numpy as np
 import torch
 
 import fire_core
+import fire_core.torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    WhenNeeded, add_run_options, command_line, fire_fraction, fmt, load_run, mean_se, names, save_run, seed_runner,
-    write_outputs,
+    NEEDED, WhenNeeded, add_run_options, command_line, fire_fraction, fmt, goals, goals_cell, load_run, mean_se, names,
+    save_run, seed_runner, write_outputs,
 )
 
 AGENTS = ("dqn", "td3")
-METHODS = ("none", "reset-last", "reset", "S&P", "FIRE", "FIRE@DfI", "FIRE@dormant")
-TRIGGERED = {"FIRE@DfI": "DfI", "FIRE@dormant": "dormant"}
+METHODS = ("none", "reset-last", "reset", "S&P", "FIRE", "FIRE@DfI", "FIRE@dormant", NEEDED)
+TRIGGERED = {"FIRE@DfI": "DfI", "FIRE@dormant": "dormant", NEEDED: "when_needed"}
 PERIODIC = ("reset-last", "reset", "S&P", "FIRE")
 INTERVENTIONS = 4  # periodic interventions: P = steps / (INTERVENTIONS + 1)
 SNP_LAMBDA = 0.8
 FIRE_STEPS = 10
 PROBE = 256
 FINAL_WINDOW = 0.2  # the final return: evaluations in the last 20% of training
+# the when-needed trial's data, per check and seed: batches x batch transitions to train on and a probe held out
+# of them, all from the most recent batches * batch + probe transitions of the seed's replay buffer
+TRIAL = {"batches": 4, "batch": 64, "probe": 256}
+TRIAL_QUICK = {"batches": 4, "batch": 8, "probe": 16}
+TRIAL_LR = 1e-3  # the library's default trial; also both agents' own Adam lr
 
 # the full run's sizes, from a timed reduced run (5 seeds x 7 methods in one process, as one chunk of
 # --jobs 2): 12.6 ms a DQN and 22.8 ms a TD3 gradient step on a loaded 2-core x86 machine, so
@@ -423,6 +456,29 @@ class DQN:
         self.q_target.polyak(self.q, self.tau)
         self.updates += 1
 
+    # the when-needed trial: the Q network of one member as an nn.Module, regressed on fixed TD targets
+
+    def trial_net(self, m: int) -> torch.nn.Module:
+        """Member ``m``'s online Q network as a plain ``nn.Sequential`` (a copy; the stack is untouched)."""
+        return member_mlp(self.q, m)
+
+    def td_targets(self, m: int, rew, nxt, done, gen: torch.Generator) -> torch.Tensor:
+        """``y = r + gamma (1 - done) max_a Q_target(s', a)`` with member ``m``'s target network, as in :meth:`update`."""
+        with torch.no_grad():
+            q_next = self.q_target.forward(nxt.unsqueeze(0), rows=slice(m, m + 1))[0]
+            return rew + self.gamma * (1 - done) * q_next.max(1).values
+
+    @staticmethod
+    def trial_pairs(obs, act, y) -> tuple:
+        """``(inputs, targets)`` of the trial: the observations, and (actions taken, TD targets)."""
+        return obs, (act, y)
+
+    @staticmethod
+    def td_loss(q: torch.Tensor, targets) -> torch.Tensor:
+        """:meth:`update`'s loss for one member: Huber on ``Q(s, a)`` of the actions taken, averaged over the batch."""
+        act, y = targets
+        return torch.nn.functional.smooth_l1_loss(q.gather(1, act).squeeze(1), y)
+
     def features(self, probe) -> dict[str, torch.Tensor]:
         """Hidden activations of every member on its probe batch: ``{layer: (members, batch, units)}``."""
         hidden: list = []
@@ -506,6 +562,34 @@ class TD3:
             self.actor_target.polyak(self.actor, self.tau)
             self.critic_target.polyak(self.critic, self.tau)
 
+    # the when-needed trial: member m's twin critics as one nn.Module, regressed on fixed TD targets
+
+    def trial_net(self, m: int) -> torch.nn.Module:
+        """Member ``m``'s two online critics (rows ``m`` and ``M + m``) as one :class:`TwinCritic` (a copy)."""
+        return TwinCritic(member_mlp(self.critic, m), member_mlp(self.critic, m + self.M))
+
+    def td_targets(self, m: int, rew, nxt, done, gen: torch.Generator) -> torch.Tensor:
+        """:meth:`update`'s target with member ``m``'s target actor and critics, smoothing noise drawn from ``gen``."""
+        with torch.no_grad():
+            noise = (torch.randn(nxt.shape[0], 1, generator=gen) * self.policy_noise * self.max_action).clamp(
+                -self.noise_clip * self.max_action, self.noise_clip * self.max_action)
+            a2 = self.max_action * torch.tanh(self.actor_target.forward(nxt.unsqueeze(0), rows=slice(m, m + 1))[0])
+            a2 = (a2 + noise).clamp(-self.max_action, self.max_action)
+            x = torch.cat([nxt, a2], 1).unsqueeze(0)
+            q1 = self.critic_target.forward(x, rows=slice(m, m + 1))[0, :, 0]
+            q2 = self.critic_target.forward(x, rows=slice(m + self.M, m + self.M + 1))[0, :, 0]
+            return rew + self.gamma * (1 - done) * torch.minimum(q1, q2)
+
+    @staticmethod
+    def trial_pairs(obs, act, y) -> tuple:
+        """``(inputs, targets)`` of the trial: (observation, action taken) pairs, and the TD targets."""
+        return torch.cat([obs, act], 1), y
+
+    @staticmethod
+    def td_loss(q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """:meth:`update`'s critic loss for one member: both critics' squared errors summed, averaged over the batch."""
+        return torch.sum((q - y) ** 2) / y.shape[0]
+
     def features(self, probe) -> dict[str, torch.Tensor]:
         obs, act = probe
         ha: list = []
@@ -520,6 +604,65 @@ class TD3:
 
 
 AGENT_CLASSES = {"dqn": DQN, "td3": TD3}
+
+
+def member_mlp(net: StackedMLP, row: int) -> torch.nn.Sequential:
+    """Row ``row`` of ``net`` as ``Linear, ReLU, ..., Linear`` holding copies of its weights (no random draw)."""
+    layers: list[torch.nn.Module] = []
+    last = len(net.W) - 1
+    for k, (w, b) in enumerate(zip(net.W, net.b)):
+        lin = torch.nn.utils.skip_init(torch.nn.Linear, w.shape[2], w.shape[1])
+        with torch.no_grad():
+            lin.weight.copy_(w[row])
+            lin.bias.copy_(b[row])
+        layers.append(lin)
+        if k < last:
+            layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers)
+
+
+class TwinCritic(torch.nn.Module):
+    """TD3's two critics of one member: ``x (batch, obs + act)`` -> ``(2, batch)``."""
+
+    def __init__(self, q1: torch.nn.Module, q2: torch.nn.Module):
+        super().__init__()
+        self.q1, self.q2 = q1, q2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.q1(x)[:, 0], self.q2(x)[:, 0]])
+
+
+def trial_data(agent, buf: "Replay", m: int, gen: torch.Generator, sizes: dict) -> tuple[list, tuple]:
+    """The when-needed trial's ``(batches, probe)`` for member ``m``, from its replay buffer only.
+
+    The ``batches * batch + probe`` most recent transitions (the "new task"),
+    shuffled by ``gen`` (the seed's own trial generator): the first
+    ``batches * batch`` cut into ``batches`` batches, the rest the probe. The
+    targets are the agent's TD targets computed once, here, with its current
+    target networks, so the trial regresses on fixed targets.
+    """
+    n, b, p = sizes["batches"], sizes["batch"], sizes["probe"]
+    window = n * b + p
+    if buf.size < window:
+        raise ValueError(f"rl trial: the replay buffer holds {buf.size} transitions, the trial needs {window} "
+                         f"({n} batches of {b} and a probe of {p})")
+    rows = buf.data[m, buf.size - window: buf.size]
+    rows = rows[torch.randperm(window, generator=gen)]
+    obs, act, rew, nxt, done = (x[0] for x in buf.split(rows.unsqueeze(0)))
+    y = agent.td_targets(m, rew, nxt, done, gen)
+    pair = lambda sl: agent.trial_pairs(obs[sl], act[sl], y[sl])  # noqa: E731
+    return [pair(slice(i * b, (i + 1) * b)) for i in range(n)], pair(slice(n * b, window))
+
+
+def needed_trial(agent, buf: "Replay", m: int, gen: torch.Generator, sizes: dict):
+    """``Moment.lookahead`` for member ``m``: ``fire_core.torch.trial`` of its Q network / twin critics.
+
+    FIRE in the trial is the FIRE row's on those networks (``steps=FIRE_STEPS``,
+    every Linear weight, biases kept); each copy trains with a fresh Adam at
+    ``TRIAL_LR`` on the agent's own TD loss.
+    """
+    batches, probe = trial_data(agent, buf, m, gen, sizes)
+    return fire_core.torch.trial(agent.trial_net(m), batches, probe, loss=agent.td_loss, lr=TRIAL_LR, steps=FIRE_STEPS)
 
 
 def member_weights(agent, m: int) -> list[tuple[str, torch.Tensor, str]]:
@@ -587,13 +730,19 @@ def run_chunk(agent_name: str, seeds: list[int], cfg: dict) -> dict:
     check_every = max(1, period // 4)
     eval_every = max(1, steps // cfg["evals"])
     triggers = {m: [WhenNeeded(kind) for _ in seeds] for m, kind in TRIGGERED.items() if m in methods}
+    # the when-needed trial's shuffles and TD3 smoothing noise: one generator per seed, apart from the run's own
+    trial_gens = [torch.Generator().manual_seed(1000 * s + 9) for s in seeds]
     probe = None
     fire_seconds = {m: 0.0 for m in methods}
     interventions = {m: [] for m in methods}
     curves, eval_steps = [], []
     train_seconds = 0.0
+    trial_seconds, trial_checks = 0.0, 0
 
-    def check_triggers(t: int) -> None:
+    def check_triggers(t: int, baseline: bool) -> float:
+        """Poll every trigger at step ``t`` (``baseline``: the initial network); returns the seconds spent in trials."""
+        nonlocal trial_checks
+        spent = 0.0
         feats = agent.features(probe) if "FIRE@dormant" in triggers else None
         for method, per_seed in triggers.items():
             rows = member(method)
@@ -601,10 +750,18 @@ def run_chunk(agent_name: str, seeds: list[int], cfg: dict) -> dict:
                 m = int(rows[j])
                 weights = member_weights(agent, m) if trig.kind == "DfI" else None
                 features = None if feats is None or trig.kind != "dormant" else {k: v[m] for k, v in feats.items()}
-                if trig.check(t, weights=weights, features=features):
+                trial = trig.kind == "when_needed" and not baseline  # step 0 of the schedule runs no trial
+                t0 = time.perf_counter()
+                lookahead = needed_trial(agent, buf, m, trial_gens[j], cfg["trial"]) if trial else None
+                reason = trig.check(t, weights=weights, features=features, lookahead=lookahead)
+                if trial:
+                    spent += time.perf_counter() - t0
+                    trial_checks += 1
+                if reason:
                     started = time.perf_counter()
                     fire_agent(agent, torch.tensor([m]))
                     fire_seconds[method] += time.perf_counter() - started
+        return spent
 
     for t in range(steps + 1):
         if t % eval_every == 0:
@@ -625,7 +782,7 @@ def run_chunk(agent_name: str, seeds: list[int], cfg: dict) -> dict:
             if probe is None:  # the initial network: the triggers' baseline, and the fixed probe batch
                 probe = buf.pick(PROBE, gen)
                 if triggers:
-                    check_triggers(done_steps)
+                    trial_seconds += check_triggers(done_steps, baseline=True)
             for _ in range(ratio):
                 agent.update(buf, gen)
             if done_steps % period == 0 and done_steps < steps:
@@ -645,13 +802,16 @@ def run_chunk(agent_name: str, seeds: list[int], cfg: dict) -> dict:
                         fire_seconds[method] += time.perf_counter() - t0
                     interventions[method].append(done_steps)
             if triggers and done_steps % check_every == 0 and done_steps > agent.learning_starts:
-                check_triggers(done_steps)
+                trial_seconds += check_triggers(done_steps, baseline=False)
         train_seconds += time.perf_counter() - started
+
+    train_seconds -= trial_seconds  # the trials are reported on their own, not as training
 
     curves = np.stack(curves, axis=1)  # (members, evals)
     eval_steps = np.asarray(eval_steps)
     final_mask = eval_steps >= (1 - FINAL_WINDOW) * steps
-    out = {"seeds": list(seeds), "train_seconds": train_seconds, "eval_steps": eval_steps.tolist(), "methods": {}}
+    out = {"seeds": list(seeds), "train_seconds": train_seconds, "eval_steps": eval_steps.tolist(), "methods": {},
+           "trial_seconds": trial_seconds, "trial_checks": trial_checks}
     for method in methods:
         rows = member(method)
         per = []
@@ -661,6 +821,8 @@ def run_chunk(agent_name: str, seeds: list[int], cfg: dict) -> dict:
             if method in triggers:
                 trig = triggers[method][j]
                 row.update(fired_at=list(trig.fired_at), values=list(trig.values), checks=trig.checks)
+                if trig.kind == "when_needed":
+                    row["losses"] = list(trig.losses)
             per.append(row)
         # the method's share of the stacked training time: its members over all members
         share = train_seconds * S / M
@@ -679,7 +841,8 @@ def merge(chunks: list[dict]) -> dict:
     """The chunks of one agent -> per method, the per-seed rows in seed order, and summed times."""
     methods = list(chunks[0]["methods"])
     res = {"eval_steps": chunks[0]["eval_steps"], "train_seconds": sum(c["train_seconds"] for c in chunks),
-           "seeds": [s for c in chunks for s in c["seeds"]], "methods": {}}
+           "seeds": [s for c in chunks for s in c["seeds"]], "methods": {},
+           "trial_seconds": sum(c["trial_seconds"] for c in chunks), "trial_checks": sum(c["trial_checks"] for c in chunks)}
     for m in methods:
         parts = [c["methods"][m] for c in chunks]
         fire_s, share = sum(p["fire_seconds"] for p in parts), sum(p["train_share_seconds"] for p in parts)
@@ -735,6 +898,81 @@ def table(agent: str, res: dict, cfg: dict) -> list[str]:
     lines += ["", f"Highest mean area under the curve: **{best_auc}**; highest mean final return: **{best_fin}** "
               "(compare the paired differences and their standard errors before calling it a win).", ""]
     return lines
+
+
+def needed_cells(res: dict) -> dict:
+    """The when-needed row of one agent: goals on the area under the curve, firings, trial ratios and cost."""
+    get = lambda m: [r["auc"] for r in res["methods"][m]["seeds"]]  # noqa: E731
+    rows = res["methods"][NEEDED]["seeds"]
+    counts = [len(r["fired_at"]) for r in rows]
+    ratios = [v for r in rows for v in r["values"] if not math.isnan(v)]
+    per_check = res["trial_seconds"] / res["trial_checks"] if res["trial_checks"] else math.nan
+    share = res["methods"][NEEDED]["train_share_seconds"]  # the row's members' share of the stacked training
+    return {
+        "goals": goals(get("none"), get("FIRE"), get(NEEDED), higher_is_better=True),
+        "fired": f"{np.mean(counts):.1f} firings a seed ({sum(c > 0 for c in counts)}/{len(rows)} seeds fired)",
+        "ratios": ratios, "per_check": per_check, "fraction": fire_fraction(res["trial_seconds"], share),
+    }
+
+
+def needed_section(results: dict, cfg: dict) -> list[str]:
+    """The "FIRE when needed" section: one row per agent (DQN/CartPole, TD3/Pendulum)."""
+    agents = [ag for ag, res in results.items() if {"none", "FIRE", NEEDED} <= set(res["methods"])]
+    if not agents:
+        return []
+    trial = cfg["trial"]
+    lines = [
+        "## FIRE when needed (`fire_core.schedule.when_needed()`)",
+        "",
+        f"`{NEEDED}`: `common.WhenNeeded(\"when_needed\")` per seed (the library's rule as it ships: "
+        "`LookaheadBelow(0.526, steps=200)`), polled where `FIRE@DfI` is: on the initial network when learning "
+        "starts (no trial there) and then every steps/20 environment steps. Its trial, "
+        "`fire_core.torch.trial(net, batches, probe, loss=td_loss, lr=1e-3, steps=10)`, is built from the "
+        f"seed's replay buffer only: the {trial['batches'] * trial['batch'] + trial['probe']} most recent "
+        f"transitions (the new task), shuffled, {trial['batches']} batches of {trial['batch']} to train on and a "
+        f"probe of {trial['probe']} held out of them; the regression targets are the agent's TD targets computed "
+        "once at the check with its current target networks (TD3: with target-policy smoothing noise), fixed "
+        "during the trial. `net` is a copy of the online Q network (DQN; loss: the benchmark's Huber on "
+        "Q(s, a) of the action taken) or of both online critics as one module (TD3; loss: the sum of both "
+        "critics' squared errors, the benchmark's critic loss); FIRE in the trial is the FIRE row's on those "
+        "networks (every Linear weight, 10 steps, biases kept). The actor takes no part in the trial (its loss "
+        "has no fixed target). When the rule fires, FIRE is applied to that seed exactly as in the `FIRE` row "
+        "(DQN: the Q network, Adam state kept; TD3: actor and both critics, Adam state cleared; targets set to "
+        "the projected networks).",
+        "",
+        "Metric: the area under the return curve (the mean evaluation return over training), higher is better; "
+        "differences are paired over seeds, mean ± standard error, in return units. *Trial cost per check*: "
+        "the wall time of one seed's trial (data, targets and both trained copies), and all the row's trials "
+        "as a % of the row's share of the stacked training time (its members' share; a plain, unbatched "
+        "agent trains slower, so the % is an upper bound for one). In optimizer steps: a trial takes 400 "
+        "Adam steps on batches of 64; between two checks the agent takes steps/20 times its replay ratio "
+        "gradient steps (below).",
+        "",
+        "| setting | metric | FIRE − none | when needed − none | when needed − FIRE | fired | trial cost per check | goals |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for ag in agents:
+        res, spec = results[ag], cfg["agents"][ag]
+        c = needed_cells(res)
+        g = c["goals"]
+        diff = lambda d: f"{d['mean']:.1f} ± {d['se']:.1f}"  # noqa: E731
+        name = "DQN, CartPole-v1" if ag == "dqn" else "TD3, Pendulum-v1"
+        lines.append(
+            f"| {name}, replay ratio {spec['replay_ratio']} | area under the return curve (higher is better) "
+            f"| {diff(g['fire_minus_none'])} | {diff(g['needed_minus_none'])} | {diff(g['needed_minus_fire'])} "
+            f"| {c['fired']} | {c['per_check']:.2f} s ({100 * c['fraction']:.1f}% of training) | {goals_cell(g)} |"
+        )
+        r = np.asarray(c["ratios"])
+        between = max(1, spec["steps"] // (INTERVENTIONS + 1) // 4) * spec["replay_ratio"]
+        notes.append(
+            f"- {name}: trial ratio (probe loss with FIRE / without) over all {len(r)} checks of all seeds: "
+            f"median {np.median(r):.3f}, range {r.min():.3f}-{r.max():.3f} ({int((r < 0.526).sum())} below 0.526); "
+            f"{res['trial_checks']} trials took {res['trial_seconds'] / 60:.1f} CPU-min in all; "
+            f"{between} agent gradient steps between checks{' (critic steps; half as many actor steps)' if ag == 'td3' else ''}."
+            if len(r) else f"- {name}: no trial ran."
+        )
+    return lines + [""] + notes + [""]
 
 
 def _periodic_steps(spec) -> list[int]:
@@ -802,6 +1040,7 @@ def write_markdown(results: dict, cfg: dict, path: Path, png: Path, seconds: flo
         lines += ["**Quick mode: too few seeds and steps for the numbers to mean anything.**", ""]
     for agent, res in results.items():
         lines += table(agent, res, cfg)
+    lines += needed_section(results, cfg)
     lines += [f"![rl]({png.name})", ""]
     path.write_text("\n".join(lines))
 
@@ -834,11 +1073,19 @@ def main(argv=None) -> int:
             spec["replay_ratio"] = a.replay_ratio
         if a.learning_starts is not None:
             spec["learning_starts"] = a.learning_starts
+    trial = dict(TRIAL_QUICK if a.quick else TRIAL)
+    window = trial["batches"] * trial["batch"] + trial["probe"]
     for ag, spec in specs.items():
         if spec["steps"] // (INTERVENTIONS + 1) <= spec["learning_starts"]:
             p.error(f"{ag}: --steps / {INTERVENTIONS + 1} must exceed the {spec['learning_starts']} warm-up steps")
+        every = max(1, spec["steps"] // (INTERVENTIONS + 1) // 4)
+        first = (spec["learning_starts"] // every + 1) * every  # the first check after the warm-up
+        if NEEDED in methods and first < window:
+            p.error(f"{ag}: the first '{NEEDED}' check (step {first}) would find fewer transitions than its trial "
+                    f"takes ({window}); raise --learning-starts or --steps")
     cfg = dict(
         quick=a.quick, seeds=a.seeds or (2 if a.quick else 10), agents=specs, methods=methods, jobs=max(1, a.jobs),
+        trial=trial,
         evals=a.evals or (10 if a.quick else 20), eval_episodes=a.eval_episodes or (2 if a.quick else 5),
         command=command_line(__file__, argv),
     )
