@@ -20,7 +20,24 @@ For the MLP and the transformer every projected weight is a matrix
 ``FIRE@DfI`` and ``FIRE@dormant`` apply the ``fire`` rule *only when needed*,
 decided at the switch by the one rule every benchmark uses
 (``common.WhenNeeded``: the data-free DfI trigger relative to the initial
-network, or the dormant-unit share on the phase-1 inputs).
+network, or the dormant-unit share on the phase-1 inputs). ``FIRE when
+needed`` (``common.NEEDED``) applies the ``fire`` rule, as the ``fire`` row
+does, only when :func:`fire_core.schedule.when_needed` says so
+(``common.WhenNeeded``), polled where ``FIRE@DfI`` looks: on the initial
+network (its step 0, no trial) and at the switch, where it reads
+``fire_core.torch.trial(model, batches, probe, loss=cross_entropy,
+steps=--steps, scale="fire")`` (the ``fire`` row's apply options): two
+copies of the phase-1 network, one after FIRE, each trained 200 steps of a
+fresh Adam (lr 1e-3) over 4 batches of 64 phase-2 training examples (the
+true labels; the same draw as ``plasticity.py``'s, by its own generator),
+then their cross-entropy, in training mode, on a probe of 256 other phase-2
+training examples, the images fed as every network takes them (the 64
+pixels; the transformer makes its 8 row tokens itself). FIRE when the ratio
+(with / without) is below 0.526, a threshold chosen on the digits MLP with
+FIRE at 10 steps (``benchmarks/when_needed_study.py``) and used here
+unchanged, with this benchmark's FIRE. The trial leaves the model and
+torch's random state as they were; its cost (400 Adam steps on copies, more
+than the 10 epochs of phase 2 with the defaults) is reported.
 
 Architectures (input: the 8x8 image):
 
@@ -72,18 +89,19 @@ from torch.optim.swa_utils import update_bn
 
 import fire_core.torch
 from fire_core.demo import BATCH, accuracy, digits, make_mlp, make_optimizer, train
+from fire_core.schedule import when_needed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    DFI_RATIO, DORMANT_SHARE, WhenNeeded, add_run_options, command_line, fire_fraction, fmt, load_run, mean_se, names,
-    save_run, seed_runner, write_outputs,
+    DFI_RATIO, DORMANT_SHARE, NEEDED, WhenNeeded, add_run_options, command_line, fire_fraction, fmt, goals, goals_cell,
+    load_run, mean_se, names, save_run, seed_runner, write_outputs,
 )
-from plasticity import phase1_task  # noqa: E402
+from plasticity import TRIAL_BATCHES, TRIAL_PROBE, phase1_task, trial_data  # noqa: E402
 
 ARCHS = ("cnn", "cnn-bn", "mlp", "transformer")
 RULES = {"fire": "fire", "variance": "variance", "norm": "norm", "None": None}
 MATRIX_ONLY = ("mlp", "transformer")  # every weight has taps = 1: "variance" is "fire"
-TRIGGERED = {"FIRE@DfI": "DfI", "FIRE@dormant": "dormant"}  # the "fire" rule when common.WhenNeeded says so
+TRIGGERED = {"FIRE@DfI": "DfI", "FIRE@dormant": "dormant", NEEDED: "when_needed"}  # "fire" rule when WhenNeeded says so
 # Phase-1 epochs per architecture: enough to memorize most of the shuffled labels (measured on seed 0:
 # cnn 92% after 160 epochs, cnn-bn 87% after 100, transformer 85% after 120; the MLP as in plasticity.py).
 EPOCHS1 = {"cnn": 150, "cnn-bn": 100, "mlp": 300, "transformer": 120}
@@ -163,9 +181,12 @@ def run_seed(arch: str, seed: int, cfg: dict) -> dict:
     x_old, y_old = phase1_task("random-labels", seed, x_train, y_train)
     base = make_model(arch, seed, cfg["hidden"])
     epochs1 = cfg["epochs1"] or EPOCHS1[arch]
+    started = time.perf_counter()
     train(base, make_optimizer(base), x_old, y_old, epochs1, seed=seed)
+    phase1_seconds = time.perf_counter() - started
     base.eval()
-    out = {"phase1": {"old": accuracy(base, x_old, y_old), "test": accuracy(base, x_test, y_test)}}
+    out = {"phase1": {"old": accuracy(base, x_old, y_old), "test": accuracy(base, x_test, y_test),
+                      "train_seconds": phase1_seconds}}
     f_before = logits(base, x_old)
 
     fresh = make_model(arch, seed, cfg["hidden"]).eval()  # the initial network: the DfI trigger's baseline
@@ -175,9 +196,19 @@ def run_seed(arch: str, seed: int, cfg: dict) -> dict:
         trigger, seconds = None, 0.0
         if method in TRIGGERED:
             gate = WhenNeeded(TRIGGERED[method], cfg["dfi_ratio"], cfg["dormant_share"])
-            for where, net in enumerate((fresh, model)):
-                reason = gate.check(where, weights=fire_core.torch.select(net), features=fire_core.torch.activations(net, x_old))
-            trigger = {"fired": reason is not None, "values": gate.values}
+            if TRIGGERED[method] == "when_needed":  # step 0 runs no trial; at the switch, a trial of the "fire" row
+                gate.check(0)
+                looked = time.perf_counter()
+                batches, probe = trial_data(seed, x_train, y_train)
+                reason = gate.check(1, lookahead=fire_core.torch.trial(
+                    model, batches, probe, loss=nn.functional.cross_entropy, steps=cfg["steps"], scale=RULES["fire"]))
+                trigger = {"check_seconds": time.perf_counter() - looked, "losses": gate.losses}
+            else:
+                for where, net in enumerate((fresh, model)):
+                    reason = gate.check(where, weights=fire_core.torch.select(net),
+                                        features=fire_core.torch.activations(net, x_old))
+                trigger = {}
+            trigger.update(fired=reason is not None, values=gate.values)
             rule = "fire" if reason is not None else "none"
         if rule != "none":
             started = time.perf_counter()
@@ -242,13 +273,67 @@ def table(arch: str, runs: list[dict]) -> list[str]:
     for m in (m for m in methods if m in TRIGGERED):
         values = [r[m]["trigger"]["values"] for r in runs]
         read = [v[1] / v[0] for v in values] if TRIGGERED[m] == "DfI" else [v[1] for v in values]
-        what = ("largest layer DfI/n at the switch over that at initialization" if TRIGGERED[m] == "DfI"
-                else "dormant share on the phase-1 inputs at the switch")
+        what = {"DfI": "largest layer DfI/n at the switch over that at initialization",
+                "dormant": "dormant share on the phase-1 inputs at the switch",
+                "when_needed": "trial ratio at the switch (probe loss with FIRE / without)"}[TRIGGERED[m]]
         lines.append(
             f"{m}: fired in {sum(r[m]['trigger']['fired'] for r in runs)} of {len(runs)} seeds; {what}: "
             f"median {np.median(read):.3g} (range {min(read):.3g}-{max(read):.3g})."
         )
     return lines + [""]
+
+
+def needed_section(results: dict, cfg: dict) -> list[str]:
+    """The when-needed row against none and the ``fire`` row per architecture: paired differences, firings, cost, goals."""
+    if not all(m in runs[0] for runs in results.values() for m in ("none", "fire", NEEDED)):
+        return []
+    rule = when_needed()[0]
+    lines = [
+        "## FIRE when needed (`fire_core.schedule.when_needed()`)",
+        "",
+        f"`{NEEDED}` applies FIRE with the `fire` rule ({cfg['steps']} steps, as the `fire` row) at the switch when "
+        "a trial says FIRE learns the new task faster: `fire_core.torch.trial(model, batches, probe, "
+        f"loss=cross_entropy, steps={cfg['steps']}, scale=\"fire\")` trains two copies of the phase-1 network, one "
+        f"after FIRE, {rule.steps} steps each (fresh Adam, lr 1e-3) over {TRIAL_BATCHES} batches of {BATCH} "
+        f"phase-2 training examples, and compares their cross-entropy (training mode) on a probe of {TRIAL_PROBE} "
+        f"other phase-2 training examples; FIRE when with / without < {rule.threshold:g}. The rule is polled on the "
+        "initial network (no trial there) and at the switch, as `FIRE@DfI` is. The threshold was chosen on the "
+        "digits MLP with FIRE at 10 steps (`benchmarks/when_needed_study.py`) and is used unchanged, with this "
+        f"benchmark's FIRE ({cfg['steps']} steps). Differences are paired per seed, final new-task test accuracy in "
+        "percentage points, mean ± standard error; FIRE is the `fire` row (FIRE at the switch, every seed). Trial "
+        "cost: the check's wall time (the two copies, FIRE and the 2 x "
+        f"{rule.steps} Adam steps), as a share of the phase-2 training time of the same run and of both phases' "
+        "training. *Goals* (`common.goals`, 95% paired t intervals): *gain kept* where FIRE beats none "
+        "significantly, the rule keeps at least 80% of FIRE's mean gain; *never cost*: the rule is not "
+        "significantly worse than none.",
+        "",
+        "| setting | metric | FIRE − none | when needed − none | when needed − FIRE | fired | trial cost per check | goals |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ratios = []
+    for arch, runs in results.items():
+        final = lambda m: [100 * r[m]["final"] for r in runs]  # noqa: E731
+        g = goals(final("none"), final("fire"), final(NEEDED))
+        cell = lambda d: f"{d['mean']:+.2f} ± {d['se']:.2f}"  # noqa: E731
+        trig = [r[NEEDED]["trigger"] for r in runs]
+        cost = [t["check_seconds"] for t in trig]
+        phase2 = [100 * c / r[NEEDED]["train_seconds"] for c, r in zip(cost, runs)]
+        both = [100 * c / (r["phase1"]["train_seconds"] + r[NEEDED]["train_seconds"]) for c, r in zip(cost, runs)]
+        lines.append(
+            f"| {arch} | final new-task test acc., pts (higher is better) | {cell(g['fire_minus_none'])} "
+            f"| {cell(g['needed_minus_none'])} | {cell(g['needed_minus_fire'])} "
+            f"| {sum(t['fired'] for t in trig)}/{len(runs)} seeds "
+            f"| {np.mean(cost):.2f} s ({np.mean(phase2):.0f}% of phase 2, {np.mean(both):.1f}% of both phases) "
+            f"| {goals_cell(g)} |"
+        )
+        read = [t["values"][1] for t in trig]
+        losses = np.array([t["losses"][1] for t in trig])
+        ratios.append(
+            f"- {arch}: trial ratio median {np.median(read):.3g} (range {min(read):.3g}-{max(read):.3g}); "
+            f"probe loss without FIRE median {np.median(losses[:, 0]):.3g}, with FIRE {np.median(losses[:, 1]):.3g}."
+        )
+    return lines + ["", f"Trial ratio (probe loss with FIRE / without, fires below {rule.threshold:g}) at the switch:",
+                    ""] + ratios + [""]
 
 
 def summary(results: dict) -> list[str]:
@@ -280,7 +365,7 @@ def plot(results: dict, cfg: dict, path: Path) -> None:
             fm, fs = mean_se([100 * r[m]["final"] for r in runs])
             om, os_ = mean_se([100 * r[m]["old"] for r in runs])
             marker = "s" if m == "none" else ("^" if "update_bn" in m else "o")
-            ax.errorbar(om, fm, xerr=os_, yerr=fs, fmt=marker, color=plt.get_cmap("tab10")(k), label=m, capsize=3)
+            ax.errorbar(om, fm, xerr=os_, yerr=fs, fmt=marker, color=plt.get_cmap("tab20")(k), label=m, capsize=3)
         ax.set_title(arch)
         ax.set_xlabel("old-task accuracy right after (%)")
         ax.set_ylabel("final new-task accuracy (%)")
@@ -316,6 +401,7 @@ def write_markdown(results: dict, cfg: dict, path: Path, png: Path, seconds: flo
     lines += summary(results)
     for arch, runs in results.items():
         lines += table(arch, runs)
+    lines += needed_section(results, cfg)
     lines += [f"![stability]({png.name})", ""]
     path.write_text("\n".join(lines))
 
