@@ -68,7 +68,21 @@ across runs):
   a dead unit on the probe has score 0; the probe covers every setting of
   the flipping bits, so a unit dead on it is dead for good, while one silent
   only for the current bits revives after a flip); when it returns a reason
-  the same FIRE as ``FIRE`` is applied to that run.
+  the same FIRE as ``FIRE`` is applied to that run;
+* ``FIRE when needed`` (``common.NEEDED``): the same, with
+  ``fire_core.schedule.when_needed()`` (``common.WhenNeeded("when_needed")``)
+  at FIRE@DfI's cadence (the initial network, no trial; then every flip).
+  Its trial is ``fire_core.torch.trial`` on the learner as a float64 torch
+  module (:func:`learner_module`), FIRE as the ``FIRE`` row's (``steps`` =
+  ``--fire-steps``, both weights, the output bias left alone), Adam lr 1e-3,
+  the mean squared error, on the run's 512 most recent examples
+  (:func:`trial_data`: 4 batches of 64 and a probe of 256 held out of them,
+  split by their own generator; at a flip they all come from the period
+  that just ended, as no example of the new bits has been seen). The
+  threshold 0.526 was chosen on a cross-entropy classification task and is
+  applied unchanged. Cost: 2 x 200 Adam steps of a torch module a check,
+  99 checks a run: far more than the learner's vectorized SGD (the results
+  give both shares).
 
 The period ``--every`` is 10 flips (100,000 examples): an intervention at
 every flip would undo each period's fit before it is complete (the 5-unit
@@ -84,12 +98,14 @@ weight keeps its direction and gets norm ``sqrt(1/5) = 0.45``.
 
 Measured per (method, seed): squared error binned over ``--bin`` examples,
 mean error over the whole stream and over its last 10%, paired differences
-to ``none``; when the triggers fired and the value at every check; DfI/n
+to ``none``; when the triggers fired and the value at every check (the
+trial's losses and ratio for FIRE when needed, and its wall time); DfI/n
 (``fire_core.schedule.target_dfi``) of the hidden weight and the dormant
 share at every flip; FIRE's wall time as a fraction of the SGD training time
 (common.fire_fraction).
 
-    python benchmarks/bitflip.py            # full run: 30 seeds, 1M examples, ~4 min at --jobs 2 (2 cores)
+    python benchmarks/bitflip.py            # full run: 30 seeds, 1M examples, ~6 min at --jobs 2 (2 cores)
+                                            # + FIRE when needed's 2970 trials (~0.4 s each on one core)
     python benchmarks/bitflip.py --quick    # seconds, numbers not meaningful
 
 Writes ``benchmarks/results/bitflip.md``, ``bitflip.png`` and the raw
@@ -119,18 +135,20 @@ from fire_core.schedule import target_dfi  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    WhenNeeded, add_run_options, command_line, fire_fraction, load_run, mean_se, names, save_run, seed_runner,
-    write_outputs,
+    NEEDED, WhenNeeded, add_run_options, command_line, fire_fraction, goals, goals_cell, load_run, mean_se, names,
+    save_run, seed_runner, write_outputs,
 )
 
-METHODS = ("none", "reset", "S&P", "FIRE", "FIRE@DfI", "FIRE@dormant")
-TRIGGERED = {"FIRE@DfI": "DfI", "FIRE@dormant": "dormant"}
+METHODS = ("none", "reset", "S&P", "FIRE", "FIRE@DfI", "FIRE@dormant", NEEDED)
+TRIGGERED = {"FIRE@DfI": "DfI", "FIRE@dormant": "dormant", NEEDED: "when_needed"}
 PERIODIC = ("reset", "S&P", "FIRE")
 SNP_GRID = tuple((lam, sigma) for lam in (0.3, 0.6, 0.9) for sigma in (0.01, 0.1, 0.5))
 SNP_SEEDS = (1000, 1001, 1002)  # held out: not among the seeds reported
 SNP_DEFAULT = (0.6, 0.1)  # quick mode only (no sweep)
 PROBE = 500
 LAST = 0.1  # the share of the stream at its end that "final error" averages
+TRIAL_BATCHES, TRIAL_BATCH, TRIAL_PROBE = 4, 64, 256  # FIRE when needed's trial: the most recent 512 examples
+RECENT = TRIAL_BATCHES * TRIAL_BATCH + TRIAL_PROBE
 
 
 # --- the problem ------------------------------------------------------------------------------
@@ -243,6 +261,56 @@ def fire_stacked(w1, w2, steps: int):
     return fire_core.reinit(w1, "Roi", steps=steps), fire_core.reinit(w2, "Roi", steps=steps)
 
 
+def learner_module(w1, w2, b2):
+    """One learner as a float64 torch module (``Linear(inputs, hidden, bias=False)``, ReLU, ``Linear(hidden, 1)``).
+
+    The hidden layer's bias is the weight on the constant input bit (in
+    ``w1``), as in :func:`forward`; the output bias is ``b2``. For
+    ``fire_core.torch.trial``, which trains copies of a module.
+    """
+    import torch
+    from torch import nn
+
+    module = nn.Sequential(nn.Linear(w1.shape[1], w1.shape[0], bias=False), nn.ReLU(), nn.Linear(w1.shape[0], 1))
+    module = module.double()
+    with torch.no_grad():
+        module[0].weight.copy_(torch.from_numpy(np.ascontiguousarray(w1)))
+        module[2].weight.copy_(torch.from_numpy(np.ascontiguousarray(w2)))
+        module[2].bias.copy_(torch.from_numpy(np.ascontiguousarray(b2).reshape(1)))
+    return module
+
+
+def mse(outputs, targets):
+    """The benchmark's loss (the squared error of the prediction, averaged over a batch), for the trial."""
+    return ((outputs[..., 0] - targets) ** 2).mean()
+
+
+def trial_data(x: np.ndarray, y: np.ndarray, seed: int, t: int):
+    """FIRE when needed's trial data: the ``RECENT`` most recent examples, shuffled by their own generator.
+
+    ``TRIAL_BATCHES`` batches of ``TRIAL_BATCH`` and a probe of
+    ``TRIAL_PROBE`` held out of them, as torch float64 ``(inputs, targets)``.
+    """
+    import torch
+
+    if len(x) != RECENT:
+        raise ValueError(f"the trial needs the {RECENT} most recent examples, got {len(x)}")
+    order = np.random.default_rng([seed, 5, t]).permutation(RECENT)
+    xs, ys = torch.from_numpy(x[order]), torch.from_numpy(y[order])
+    n = TRIAL_BATCHES * TRIAL_BATCH
+    batches = [(xs[j : j + TRIAL_BATCH], ys[j : j + TRIAL_BATCH]) for j in range(0, n, TRIAL_BATCH)]
+    return batches, (xs[n:], ys[n:])
+
+
+def needed_trial(w1, w2, b2, x, y, seed: int, t: int, fire_steps: int):
+    """``Moment.lookahead`` for one learner: ``fire_core.torch.trial`` on its recent examples, FIRE as the FIRE row's."""
+    import fire_core.torch
+
+    batches, probe = trial_data(x, y, seed, t)
+    return fire_core.torch.trial(learner_module(w1, w2, b2), batches, probe, loss=mse, lr=1e-3, steps=fire_steps,
+                                 report=False)
+
+
 def snp_params(method: str, cfg: dict) -> tuple[float, float]:
     if method == "S&P":
         return tuple(cfg["snp"])
@@ -274,6 +342,15 @@ def run_seed(seeds, cfg: dict) -> list[dict]:
         return init_weights(redraw[i][k], (), h, n_in)
 
     when = {(i, k): WhenNeeded(TRIGGERED[meth]) for i in range(S) for k, meth in enumerate(methods) if meth in TRIGGERED}
+    needed = NEEDED in methods
+    if needed:
+        import torch
+
+        torch.set_num_threads(1)
+        if T < RECENT:
+            raise ValueError(f"{NEEDED}'s trial reads the {RECENT} most recent examples: the period must be >= {RECENT}")
+    recent = [(np.empty((0, n_in)), np.empty(0)) for _ in seeds]  # each seed's most recent RECENT examples
+    trials = np.zeros((S, K), dtype=int)
     fire_s = np.zeros((S, K))
     check_s = np.zeros((S, K))
     fire_calls = np.zeros((S, K), dtype=int)
@@ -299,6 +376,11 @@ def run_seed(seeds, cfg: dict) -> list[dict]:
             started = time.perf_counter()
             if trig.kind == "DfI":
                 reason = trig.check(t, weights=[("hidden", w1[i, k], "oi"), ("output", w2[i, k], "oi")])
+            elif trig.kind == "when_needed":  # the initial network: step 0, no trial
+                lookahead = None if t == 0 else needed_trial(w1[i, k], w2[i, k], b2[i, k], *recent[i], seeds[i], t,
+                                                             cfg["fire_steps"])
+                reason = trig.check(t, lookahead=lookahead)
+                trials[i, k] += lookahead is not None
             else:
                 reason = trig.check(t, features={"hidden": hidden_acts(i, k, probes[i])})
             check_s[i, k] += time.perf_counter() - started
@@ -341,6 +423,9 @@ def run_seed(seeds, cfg: dict) -> list[dict]:
         if t0 % T == 0:
             boundary(t0)
         xs, ys = zip(*(st.take(chunk) for st in streams))
+        if needed:
+            recent = [(np.concatenate([rx, x_])[-RECENT:], np.concatenate([ry, y_])[-RECENT:])
+                      for (rx, ry), x_, y_ in zip(recent, xs, ys)]
         x = np.stack(xs, axis=1)[:, :, None, :, None]  # (chunk, S, 1, inputs, 1): one input per seed
         xt = x.swapaxes(-1, -2)
         y = np.stack(ys, axis=1)[:, :, None, None, None]
@@ -377,6 +462,9 @@ def run_seed(seeds, cfg: dict) -> list[dict]:
                 r["fired_at"] = list(when[i, k].fired_at)
                 r["values"] = list(when[i, k].values)
                 r["check_s"] = float(check_s[i, k])
+                if meth == NEEDED:
+                    r["trials"] = int(trials[i, k])
+                    r["losses"] = list(when[i, k].losses)
             row[meth] = r
         out.append(row)
     return out
@@ -454,6 +542,75 @@ def verdicts(runs: list[dict], cfg: dict) -> list[str]:
     win = (f"Lowest error over the last {LAST:.0%}: **{best}**; the others, paired per seed, are above it by: "
            + "; ".join(others) + ".")
     return [lop, "", win]
+
+
+def needed_section(runs: list[dict], cfg: dict) -> list[str]:
+    """The section every benchmark gives ``fire_core.schedule.when_needed()``: goals against none and FIRE."""
+    row = lambda meth, key: [r[meth][key] for r in runs]  # noqa: E731
+    counts = [len(r[NEEDED]["fired_at"]) for r in runs]
+    ratios = np.array([v for r in runs for v in r[NEEDED]["values"][1:]])
+    fired_ratios = np.array([r[NEEDED]["values"][1 + j] for r in runs for j, t in enumerate(range(cfg["period"],
+                             cfg["examples"], cfg["period"])) if t in r[NEEDED]["fired_at"]])
+    per_check = [r[NEEDED]["check_s"] / r[NEEDED]["trials"] for r in runs]
+    vectorized = [r[NEEDED]["check_s"] / (r["train_s"] / r["learners"]) for r in runs]
+    alone = [r[NEEDED]["check_s"] / (r["solo_step_s"] * cfg["examples"]) for r in runs]
+    lines = [
+        "### FIRE when needed (`fire_core.schedule.when_needed()`)", "",
+        "The library's rule as it ships (`common.WhenNeeded(\"when_needed\")`: a trial, FIRE fires when the probe "
+        "loss of a FIRE copy over that of an untouched copy, each trained 200 Adam steps at lr 1e-3, is below "
+        "0.526), checked where FIRE@DfI checks: on the initial network (step 0: no trial, never fires) and then "
+        f"at every flip ({runs[0][NEEDED]['trials']} trials a run). The trial (`fire_core.torch.trial` on the "
+        "learner as a float64 torch module, FIRE as the FIRE row's: "
+        f"{cfg['fire_steps']} Newton–Schulz steps on both weights, the output bias left alone; loss: the mean "
+        f"squared error) trains on {TRIAL_BATCHES} batches of {TRIAL_BATCH} and reads its probe loss on "
+        f"{TRIAL_PROBE} other examples: the run's {RECENT} most recent examples (all from the period that just "
+        "ended: at a flip no example of the new bits has been seen yet), split by their own generator. When it "
+        "fires, the same FIRE as the FIRE row is applied to that run. The threshold was chosen on a "
+        "cross-entropy classification task (the digits MLP, FIRE at 10 steps, 4 batches of 64 and a probe of 256) "
+        "and is applied unchanged to this regression.", "",
+        "| setting | metric | FIRE − none | when needed − none | when needed − FIRE | fired | trial cost per check "
+        "| goals |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    if "FIRE" in cfg["methods"]:
+        def cells(key):
+            none, fire, need = row("none", key), row("FIRE", key), row(NEEDED, key)
+            diff = lambda a, b: fmt_g([x - y for x, y in zip(a, b)], 2)  # noqa: E731
+            return (diff(fire, none), diff(need, none), diff(need, fire),
+                    goals_cell(goals(none, fire, need, higher_is_better=False)))
+        fire_none, need_none, need_fire, cell = cells("last")
+        lines.append(
+            f"| {cfg['m'] + 1}-{cfg['hidden']}-1 ReLU, SGD {cfg['step_size']:g}, a flip every {cfg['period']:,} "
+            f"examples | squared error over the last {LAST:.0%} of the stream (lower is better; FIRE = every "
+            f"{cfg['every']} flips) | {fire_none} | {need_none} | {need_fire} | {np.mean(counts):.1f} firings a seed "
+            f"({sum(c > 0 for c in counts)}/{len(runs)} seeds fired) | {np.mean(per_check):.3f} s "
+            f"({100 * np.mean(vectorized):.0f}% of the learner's share of the vectorized training; "
+            f"{100 * np.mean(alone):.0f}% of one learner trained alone) | {cell} |")
+        whole = cells("whole")
+        extra = (f"Over the whole stream (the other column of the main table): FIRE − none {whole[0]}, when needed − "
+                 f"none {whole[1]}, when needed − FIRE {whole[2]}; {whole[3]}.")
+    else:
+        lines.append("| (FIRE not run: no differences) | | | | | | | |")
+        extra = ""
+    lines += [
+        "",
+        f"Differences: mean ± s.e. over {len(runs)} paired seeds, in squared error (negative: lower error than the "
+        "second method). Goals (`common.goals`, paired 95% t intervals): *gain kept* is at stake only where FIRE "
+        "beats none significantly; *never cost*: FIRE when needed not significantly worse than none. " + extra,
+        "",
+        f"Trial cost: the wall time of a check (both trial copies, 2 x 200 Adam steps), mean over the "
+        f"{runs[0][NEEDED]['trials']} checks of a run, and all of a run's checks as a share of (a) the learner's "
+        "share of the vectorized SGD loop (how this benchmark trains: many learners stacked in numpy) and (b) the "
+        "same stream on one learner trained alone (one numpy step per example, measured).",
+        "",
+        f"Trial ratio (probe loss with FIRE / without), over all {ratios.size} checks: median "
+        f"{np.median(ratios):.3f}, range {ratios.min():.3f}–{ratios.max():.3f}; per run, the median ranges "
+        f"{min(np.median(r[NEEDED]['values'][1:]) for r in runs):.3f}–"
+        f"{max(np.median(r[NEEDED]['values'][1:]) for r in runs):.3f}; {np.mean(ratios < 0.526):.1%} of the checks "
+        f"were below 0.526"
+        + (f" (the ratios that fired: median {np.median(fired_ratios):.3f})." if fired_ratios.size else "."),
+    ]
+    return lines + [""]
 
 
 def plot(results: dict, cfg: dict, path: Path) -> None:
@@ -538,7 +695,7 @@ def write_markdown(results: dict, cfg: dict, path: Path, png: Path, seconds: flo
         lines.append(f"| {meth} | {d0:.3g} → {d1:.3g} | {100 * z0:.0f}% → {100 * z1:.0f}% |")
     lines += [""]
     for meth in TRIGGERED:
-        if meth not in cfg["methods"]:
+        if meth not in cfg["methods"] or meth == NEEDED:
             continue
         vals = np.array([r[meth]["values"] for r in runs])
         chk = np.mean([r[meth]["check_s"] for r in runs])
@@ -559,6 +716,8 @@ def write_markdown(results: dict, cfg: dict, path: Path, png: Path, seconds: flo
             f"{1e3 * np.mean(per_call):.2f} ms on average (its share of a stacked call), "
             f"{100 * np.mean(per_call) / (solo * period):.3f}% of {period:,} examples of a learner trained alone."
         )
+    if NEEDED in cfg["methods"]:
+        lines += [""] + needed_section(runs, cfg)
     if "snp_sweep" in results:
         lines += [
             "",
@@ -616,6 +775,8 @@ def main(argv=None) -> int:
         pass
     if cfg["examples"] % cfg["period"] or cfg["examples"] % cfg["bin"]:
         p.error("--examples must be a multiple of --period and of --bin")
+    if NEEDED in methods and cfg["period"] < RECENT:
+        p.error(f"{NEEDED}'s trial reads the {RECENT} most recent examples at a flip: --period must be >= {RECENT}")
     results: dict = {}
     started = time.perf_counter()
     with seed_runner(run_seed, cfg["jobs"]) as run_all:

@@ -112,3 +112,76 @@ def test_stacked_learners_are_independent(bf):
             bf.sgd_step(*alone, x[i, 0], x[i, 0].T, y[i, 0], 0.01)
             for a, b in zip(alone, stacked):
                 np.testing.assert_allclose(a, b[i, k], rtol=0, atol=1e-15)
+
+
+SMALL = dict(m=M, f=F, period=512, examples=3 * 512, bin=512, every=1, fire_steps=10, step_size=0.01, hidden=5,
+             target_hidden=100, beta=0.7, snp=[0.6, 0.1])
+
+
+def test_the_trial_module_is_the_learner_and_its_fire_is_the_fire_rows(bf):
+    torch = pytest.importorskip("torch")
+    import fire_core.torch
+
+    rng = np.random.default_rng(3)
+    w1, w2, b2 = bf.init_weights(rng, (), 5, M + 1)
+    w1, b2 = w1 * rng.uniform(0.5, 3.0, size=(5, 1)), b2 + 0.7  # uneven rows, a nonzero output bias
+    x = rng.integers(0, 2, size=(40, M + 1)).astype(np.float64)
+    module = bf.learner_module(w1, w2, b2)
+    out = module(torch.from_numpy(x)).detach().numpy()[:, 0]
+    expected = [bf.forward(w1, w2, b2, row[:, None])[2][0, 0] for row in x]
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-12)
+    fire_core.torch.apply(module, steps=10, report=False)  # what the trial applies to its FIRE copy
+    n1, n2 = bf.fire_stacked(w1[None], w2[None], 10)
+    np.testing.assert_allclose(module[0].weight.detach().numpy(), n1[0], rtol=0, atol=1e-13)
+    np.testing.assert_allclose(module[2].weight.detach().numpy(), n2[0], rtol=0, atol=1e-13)
+    assert float(module[2].bias.detach()) == 0.7  # the output bias is left alone, as in the FIRE row
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.55])
+def test_fire_when_needed_fires_at_a_flip_iff_the_trial_ratio_is_below_the_threshold(bf, monkeypatch, ratio):
+    import fire_core.torch
+
+    seen = []
+
+    def trial(model, batches, probe, **options):
+        seen.append((batches, probe, options))
+        return lambda k: (seen.append(k), (2.0, 2.0 * ratio))[1]
+
+    monkeypatch.setattr(fire_core.torch, "trial", trial)
+    cfg = dict(SMALL, methods=["none", "FIRE", bf.NEEDED])
+    row = bf.run_seed([4], cfg)[0]
+    need = row[bf.NEEDED]
+    fires = ratio < 0.526
+    assert need["fired_at"] == ([512, 1024] if fires else []) and need["fire_calls"] == len(need["fired_at"])
+    assert need["trials"] == 2 and np.isnan(need["values"][0]) and need["values"][1:] == pytest.approx([ratio] * 2)
+    # firing at every flip is the FIRE row at every flip (--every 1); never firing is none
+    np.testing.assert_allclose(need["bins"], row["FIRE" if fires else "none"]["bins"], rtol=1e-9, atol=0)
+    # the trial's data: the 512 examples of the stream before the flip, 4 batches of 64 and a probe of 256 held out
+    stream = bf.Stream(4, M, F, 512, 100, 0.7)
+    for j, t in enumerate((512, 1024)):
+        batches, probe, options = seen[2 * j]
+        assert seen[2 * j + 1] == 200
+        assert options == dict(loss=bf.mse, lr=1e-3, steps=10, report=False)
+        assert [b[0].shape for b in batches] == [(64, M + 1)] * 4 and probe[0].shape == (256, M + 1)
+        x, y = stream.take(512)
+        got = np.concatenate([np.column_stack([b[0].numpy(), b[1].numpy()]) for b in batches + [probe]])
+        want = np.column_stack([x, y])
+        np.testing.assert_array_equal(got[np.lexsort(got.T)], want[np.lexsort(want.T)])
+
+
+def test_fire_when_needed_runs_a_real_trial_and_the_table_has_its_section(bf, tmp_path):
+    cfg = dict(SMALL, methods=["none", "FIRE", bf.NEEDED], examples=2 * 512, quick=True, jobs=1, command="test")
+    runs = bf.run_seed([0, 1], cfg)
+    for r in runs:
+        need = r[bf.NEEDED]
+        (without, with_fire), = need["losses"][1:]
+        assert np.isfinite([without, with_fire]).all() and need["values"][1] == pytest.approx(with_fire / without)
+        assert (need["fired_at"] == [512]) == (need["values"][1] < 0.526)
+    md = tmp_path / "b.md"
+    bf.write_markdown({"runs": runs}, cfg, md, tmp_path / "b.png", 1.0)
+    lines = md.read_text().splitlines()
+    start = lines.index("### FIRE when needed (`fire_core.schedule.when_needed()`)")
+    header = ("| setting | metric | FIRE − none | when needed − none | when needed − FIRE | fired | trial cost per check "
+              "| goals |")
+    row = lines[lines.index(header, start) + 2]
+    assert "firings a seed" in row and "/2 seeds fired" in row and "gain kept:" in row and "never cost:" in row
