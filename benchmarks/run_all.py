@@ -1,6 +1,6 @@
 """Every training benchmark (does FIRE help?), one after another, each in its own process.
 
-The benchmarks of the three domains of the FIRE paper and the two digits
+The benchmarks of the three domains of the FIRE paper and the three digits
 benchmarks, in the order docs/benchmarks.md reports them:
 
 * ``plasticity``: warm start on scikit-learn digits (random labels, subset);
@@ -8,6 +8,7 @@ benchmarks, in the order docs/benchmarks.md reports them:
 * ``language``: continual pre-training of a small GPT (corpus A, then A+B);
 * ``rl``: DQN and TD3 with a high replay ratio (primacy bias);
 * ``bitflip``: Dohare et al.'s slowly-changing regression (Nature 2024).
+* ``permuted``: label-permuted digits tasks, where nothing is lost (issue 25's held-out networks).
 
     python benchmarks/run_all.py --quick    # every quick mode: a smoke test, a few minutes
     python benchmarks/run_all.py            # every full run (about an hour on 2 cores)
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("plasticity", "stability", "language", "rl", "bitflip")
+BENCHMARKS = ("plasticity", "stability", "language", "rl", "bitflip", "permuted")
 
 
 def main(argv=None) -> int:
