@@ -63,7 +63,7 @@ accuracy; ``FIRE@DfI`` fired at 12 of 12 boundaries and cost 9.9 points
 (0.864, the same as FIRE at every boundary). The .md sets this run's numbers
 beside those.
 
-    python benchmarks/permuted.py --jobs 2    # full run: 3 networks, 8 seeds, 7 tasks x 15 epochs, ~15 min on 2 cores
+    python benchmarks/permuted.py --jobs 2    # full run: 3 networks, 8 seeds, 7 tasks x 15 epochs (42 min on 2 cores shared with 4 other runs)
     python benchmarks/permuted.py --quick     # 2 seeds, 2 tasks x 1 epoch: under a minute, numbers not meaningful
 
 Writes ``benchmarks/results/permuted.md``, ``permuted.png`` and the raw
@@ -401,7 +401,7 @@ def plot(results: dict, cfg: dict, path: Path) -> None:
             mean = accs.mean(0)
             se = accs.std(0, ddof=1) / math.sqrt(len(runs)) if len(runs) > 1 else 0 * mean
             ax.errorbar(tasks, mean, yerr=se, marker="o", ms=3, capsize=2, color=colors[m], label=m)
-        ax.set_title(f"{arch}: accuracy at the end of each task")
+        ax.set_title(f"{arch}: accuracy at the end of each task", fontsize=10)
         ax.set_xlabel("task")
         ax.set_ylabel("new-task test accuracy (%)")
         ax.grid(alpha=0.3)
@@ -412,7 +412,7 @@ def plot(results: dict, cfg: dict, path: Path) -> None:
                 tr.plot(tasks[1:], v, "o-", ms=3, alpha=0.6, color=colors[NEEDED])
             tr.axhline(0.526, color="k", ls="--", lw=1, label="threshold 0.526")
             tr.set_yscale("log")
-            tr.set_title(f"{arch}: trial ratio at each boundary (one line a seed)")
+            tr.set_title(f"{arch}: trial ratio at each boundary (one line a seed)", fontsize=10)
             tr.set_xlabel("boundary (before task)")
             tr.set_ylabel("probe loss with FIRE / without")
             tr.grid(alpha=0.3)
