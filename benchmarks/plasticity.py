@@ -62,10 +62,10 @@ penultimate ReLU features on the training inputs) and dormant-unit ratio
 (ReDo, Sokar et al. 2023, tau = 0.025, both hidden layers) right after the
 intervention and at the end; FIRE's wall time as a fraction of phase 2's
 training time; for the triggered methods, whether they fired, the value
-the trigger read and the check's wall time. Reports mean and standard error over seeds, and the
-per-seed paired difference to FIRE-10.
+the trigger read and the check's wall time. Reports mean and standard
+error over seeds, and the per-seed paired difference to FIRE-10.
 
-    python benchmarks/plasticity.py            # full run: 20 seeds, both settings
+    python benchmarks/plasticity.py            # full run: 20 seeds, both settings (20 min on 2 shared cores)
     python benchmarks/plasticity.py --quick    # < 1 minute, numbers not meaningful
 
 Writes ``benchmarks/results/plasticity.md``, ``plasticity.png`` and the raw
@@ -90,10 +90,10 @@ from torch import nn
 
 import fire_core
 import fire_core.torch
-from fire_core.schedule import when_needed
 from fire_core.demo import BATCH, accuracy, digits, hidden_activations, make_mlp, make_optimizer, train
 from fire_core.diagnostics import dormant_ratio, srank
 from fire_core.layout import parse_layout, scale_factor
+from fire_core.schedule import when_needed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402

@@ -65,7 +65,7 @@ training inputs (eval mode), and the test accuracy on the new task. Mean ±
 standard error over seeds, and the paired per-seed difference of the final
 accuracy to ``none``.
 
-    python benchmarks/stability.py            # full run: 8 seeds, about 8 minutes on 2 cores
+    python benchmarks/stability.py            # full run: 8 seeds, 24 minutes on 2 shared, loaded cores
     python benchmarks/stability.py --quick    # < 1 minute, numbers not meaningful
 
 Writes ``benchmarks/results/stability.md``, ``stability.png`` and the raw
