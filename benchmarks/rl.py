@@ -153,7 +153,8 @@ TRIAL_LR = 1e-3  # the library's default trial; also both agents' own Adam lr
 
 # the full run's sizes, from a timed reduced run (5 seeds x 7 methods in one process, as one chunk of
 # --jobs 2): 12.6 ms a DQN and 22.8 ms a TD3 gradient step on a loaded 2-core x86 machine, so
-# about 12 + 11 min per worker, ~23 min wall at --jobs 2 (~45 CPU-min)
+# about 12 + 11 min per worker, ~23 min wall at --jobs 2 (~45 CPU-min). With the eighth method (FIRE when needed,
+# its trials 7.9 CPU-min of the run) the full run took 43 min wall at --jobs 2 beside other benchmarks on the 2 cores
 FULL = {"dqn": dict(steps=8_000, replay_ratio=8, learning_starts=1000),
         "td3": dict(steps=8_000, replay_ratio=4, learning_starts=1000)}
 QUICK = {"dqn": dict(steps=500, replay_ratio=2, learning_starts=50),
