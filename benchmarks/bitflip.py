@@ -104,8 +104,9 @@ trial's losses and ratio for FIRE when needed, and its wall time); DfI/n
 share at every flip; FIRE's wall time as a fraction of the SGD training time
 (common.fire_fraction).
 
-    python benchmarks/bitflip.py            # full run: 30 seeds, 1M examples, ~6 min at --jobs 2 (2 cores)
-                                            # + FIRE when needed's 2970 trials (~0.4 s each on one core)
+    python benchmarks/bitflip.py            # full run: 30 seeds, 1M examples, 20.8 min at --jobs 2 on 2 cores
+                                            # shared with other runs (5.8 min before FIRE when needed's 2970
+                                            # trials, 0.68 s each there)
     python benchmarks/bitflip.py --quick    # seconds, numbers not meaningful
 
 Writes ``benchmarks/results/bitflip.md``, ``bitflip.png`` and the raw

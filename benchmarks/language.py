@@ -86,7 +86,8 @@ Mean ± standard error over seeds, the paired per-seed difference to ``none``
 and of FIRE ref and FIRE default to S&P tuned, and what that says about the
 paper's two claims here ("FIRE beats tuned S&P", "a full reset fails").
 
-    python benchmarks/language.py --jobs 2    # full run: 5 seeds + 2 held-out tuning seeds, ~10 min on 2 cores
+    python benchmarks/language.py --jobs 2    # full run: 5 seeds + 2 held-out tuning seeds, ~10 min on 2 idle
+                                              # cores (20.1 min with FIRE when needed, the cores shared)
     python benchmarks/language.py --quick     # ~20 s on 2 idle cores, numbers not meaningful
 
 The full run's time is extrapolated: one training step of the full model
