@@ -136,8 +136,8 @@ from fire_core.schedule import target_dfi  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    NEEDED, WhenNeeded, add_run_options, command_line, fire_fraction, goals, goals_cell, load_run, mean_se, names,
-    save_run, seed_runner, write_outputs,
+    NEEDED, NEEDED_TABLE, WhenNeeded, add_run_options, command_line, fire_fraction, goals, goals_cell, load_run,
+    mean_se, names, save_run, seed_runner, write_outputs,
 )
 
 METHODS = ("none", "reset", "S&P", "FIRE", "FIRE@DfI", "FIRE@dormant", NEEDED)
@@ -569,9 +569,7 @@ def needed_section(runs: list[dict], cfg: dict) -> list[str]:
         "fires, the same FIRE as the FIRE row is applied to that run. The threshold was chosen on a "
         "cross-entropy classification task (the digits MLP, FIRE at 10 steps, 4 batches of 64 and a probe of 256) "
         "and is applied unchanged to this regression.", "",
-        "| setting | metric | FIRE − none | when needed − none | when needed − FIRE | fired | trial cost per check "
-        "| goals |",
-        "|---|---|---|---|---|---|---|---|",
+        *NEEDED_TABLE,
     ]
     if "FIRE" in cfg["methods"]:
         def cells(key):

@@ -170,6 +170,13 @@ class WhenNeeded:
         return "; ".join(firing.reasons)
 
 
+NEEDED_TABLE = [
+    "| setting | metric | FIRE − none | when needed − none | when needed − FIRE | fired | trial cost per check | goals |",
+    "|---|---|---|---|---|---|---|---|",
+]
+"""The head of the "FIRE when needed" table in every training benchmark's results: one row per setting."""
+
+
 def goals(none, fire, needed, higher_is_better: bool = True) -> dict:
     """The two goals of a when-needed rule in one setting, from paired per-seed results.
 

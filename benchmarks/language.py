@@ -123,8 +123,8 @@ import fire_core.torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    DFI_RATIO, DORMANT_SHARE, NEEDED, WhenNeeded, add_run_options, command_line, fire_fraction, fmt, goals, goals_cell,
-    load_run, mean_se, names, save_run, seed_runner, write_outputs,
+    DFI_RATIO, DORMANT_SHARE, NEEDED, NEEDED_TABLE, WhenNeeded, add_run_options, command_line, fire_fraction, fmt,
+    goals, goals_cell, load_run, mean_se, names, save_run, seed_runner, write_outputs,
 )
 from plasticity import shrink_perturb  # noqa: E402
 
@@ -703,9 +703,7 @@ def needed_section(runs: list[dict], cfg: dict) -> list[str]:
         "the loss is the benchmark's next-byte cross-entropy. The threshold was chosen on the digits MLP "
         "(classification cross-entropy, FIRE at 10 steps, 4 batches of 64 and a probe of 256) and is applied "
         "unchanged.", "",
-        "| setting | metric | FIRE − none | when needed − none | when needed − FIRE | fired | trial cost per check "
-        "| goals |",
-        "|---|---|---|---|---|---|---|---|",
+        *NEEDED_TABLE,
     ]
     if fire and none:
         val = lambda m: [final(r[m]) for r in runs]  # noqa: E731

@@ -89,8 +89,8 @@ from fire_core.demo import BATCH, accuracy, digits, make_mlp, make_optimizer, tr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    NEEDED, WhenNeeded, add_run_options, command_line, fmt, goals, goals_cell, load_run, mean_se, names, save_run,
-    seed_runner, write_outputs,
+    NEEDED, NEEDED_TABLE, WhenNeeded, add_run_options, command_line, fmt, goals, goals_cell, load_run, mean_se,
+    names, save_run, seed_runner, write_outputs,
 )
 from stability import make_cnn, make_model  # noqa: E402
 
@@ -251,8 +251,7 @@ def when_needed_section(results: dict, cfg: dict) -> list[str]:
         "worse than none. Trial cost: the mean seconds of one check (one thread, a loaded 2-core machine) and all "
         "checks' time as a % of the run's training time.",
         "",
-        "| setting | metric | FIRE − none | when needed − none | when needed − FIRE | fired | trial cost per check | goals |",
-        "|---|---|---|---|---|---|---|---|",
+        *NEEDED_TABLE,
     ]
     for arch, runs in results.items():
         none, fire, needed = ([score(r[m]) for r in runs] for m in ("none", "FIRE", NEEDED))

@@ -97,8 +97,8 @@ from fire_core.schedule import when_needed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    DFI_RATIO, DORMANT_SHARE, NEEDED, WhenNeeded, add_run_options, command_line, fire_fraction, fmt, goals, goals_cell,
-    load_run, mean_se, names, save_run, seed_runner, write_outputs,
+    DFI_RATIO, DORMANT_SHARE, NEEDED, NEEDED_TABLE, WhenNeeded, add_run_options, command_line, fire_fraction, fmt,
+    goals, goals_cell, load_run, mean_se, names, save_run, seed_runner, write_outputs,
 )
 
 METHODS = ("none", "reset", "S&P", "SWR", "FIRE-5", "FIRE-10", "FIRE-fast", "FIRE-svd", "FIRE@DfI", "FIRE@dormant", NEEDED)
@@ -367,8 +367,7 @@ def needed_section(results: dict, cfg: dict) -> list[str]:
         "significantly, the rule keeps at least 80% of FIRE's mean gain; *never cost*: the rule is not "
         "significantly worse than none.",
         "",
-        "| setting | metric | FIRE − none | when needed − none | when needed − FIRE | fired | trial cost per check | goals |",
-        "|---|---|---|---|---|---|---|---|",
+        *NEEDED_TABLE,
     ]
     ratios = []
     for setting, runs in results.items():

@@ -132,8 +132,8 @@ import fire_core.torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    NEEDED, WhenNeeded, add_run_options, command_line, fire_fraction, fmt, goals, goals_cell, load_run, mean_se, names,
-    save_run, seed_runner, write_outputs,
+    NEEDED, NEEDED_TABLE, WhenNeeded, add_run_options, command_line, fire_fraction, fmt, goals, goals_cell,
+    load_run, mean_se, names, save_run, seed_runner, write_outputs,
 )
 
 AGENTS = ("dqn", "td3")
@@ -949,8 +949,7 @@ def needed_section(results: dict, cfg: dict) -> list[str]:
         "Adam steps on batches of 64; between two checks the agent takes steps/20 times its replay ratio "
         "gradient steps (below).",
         "",
-        "| setting | metric | FIRE − none | when needed − none | when needed − FIRE | fired | trial cost per check | goals |",
-        "|---|---|---|---|---|---|---|---|",
+        *NEEDED_TABLE,
     ]
     notes = []
     for ag in agents:

@@ -93,8 +93,8 @@ from fire_core.schedule import when_needed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    DFI_RATIO, DORMANT_SHARE, NEEDED, WhenNeeded, add_run_options, command_line, fire_fraction, fmt, goals, goals_cell,
-    load_run, mean_se, names, save_run, seed_runner, write_outputs,
+    DFI_RATIO, DORMANT_SHARE, NEEDED, NEEDED_TABLE, WhenNeeded, add_run_options, command_line, fire_fraction, fmt,
+    goals, goals_cell, load_run, mean_se, names, save_run, seed_runner, write_outputs,
 )
 from plasticity import TRIAL_BATCHES, TRIAL_PROBE, phase1_task, trial_data  # noqa: E402
 
@@ -307,8 +307,7 @@ def needed_section(results: dict, cfg: dict) -> list[str]:
         "significantly, the rule keeps at least 80% of FIRE's mean gain; *never cost*: the rule is not "
         "significantly worse than none.",
         "",
-        "| setting | metric | FIRE − none | when needed − none | when needed − FIRE | fired | trial cost per check | goals |",
-        "|---|---|---|---|---|---|---|---|",
+        *NEEDED_TABLE,
     ]
     ratios = []
     for arch, runs in results.items():
