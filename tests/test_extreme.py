@@ -456,6 +456,32 @@ def test_unit_scale_is_a_power_of_two_near_the_reciprocal_within_normal_numbers(
     assert np.all((ordinary >= 0.5) & (ordinary <= 2))
 
 
+def test_a_process_that_flushes_subnormals_projects_a_zero_and_a_tiny_matrix_without_a_warning():
+    """``torch.set_flush_denormal(True)`` turns on FTZ/DAZ for the whole thread, numpy included (a training
+    script may set it; benchmarks/rl.py does). ``unit_scale`` then must not form a subnormal: before, a zero
+    matrix took ``log2(0 + smallest subnormal)``, which DAZ makes ``log2(0)`` (a RuntimeWarning, an error here)."""
+    import warnings
+
+    torch = pytest.importorskip("torch")
+    from fire_core.metrics import unit_scale
+
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-to-zero mode")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            np.testing.assert_array_equal(fire_core.project(np.zeros((4, 3)), steps=10), np.zeros((4, 3)))
+            for name in ("float32", "float64"):
+                info = np.finfo(name)
+                amax = np.array([0.0, info.smallest_normal, 1.0], dtype=name)
+                # the exponent a zero gets is the clip's end: s = 2^(126) (float32), 2^(1022) (float64)
+                np.testing.assert_array_equal(unit_scale(amax, np), np.array([1 / info.smallest_normal] * 2 + [1.0], dtype=name))
+            tiny = np.array([[3e-30, 0.0], [0.0, 3e-30]])  # a normal-number matrix: its polar factor is I
+            np.testing.assert_allclose(fire_core.project(tiny, steps=30, method="fast"), np.eye(2), atol=1e-12)
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def test_the_suite_hypothesis_profile_has_no_deadline():
     """tests/conftest.py's profile: no example fails for being slow on a loaded machine (default: 200 ms)."""
     assert settings.default.deadline is None and EXAMPLES.deadline is None

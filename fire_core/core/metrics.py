@@ -89,9 +89,12 @@ def unit_scale(amax, xp):
     operations on one number per matrix (PyTorch spends about 2 us on each).
     """
     info = xp.finfo(amax.dtype)
-    limit = -math.log2(float(info.smallest_normal))  # 126 for float32, 1022 for float64
-    # + the smallest subnormal: log2 of a zero matrix's 0 stays finite (and moves no other amax that matters)
-    exponent = xp.round(xp.log2(amax + float(info.smallest_normal) * float(info.eps)))
+    tiny = float(info.smallest_normal)
+    limit = -math.log2(tiny)  # 126 for float32, 1022 for float64
+    # amax raised to the smallest normal: a zero matrix's log2 stays finite, and any amax below it gives the
+    # exponent the clip below gives anyway. No subnormal is formed, so a process that flushes them to zero
+    # (torch.set_flush_denormal(True), XLA's FTZ/DAZ) computes the same s without a log2(0).
+    exponent = xp.round(xp.log2(xp.clip(amax, min=tiny)))
     return 0.5 ** xp.clip(exponent, min=-limit, max=limit)
 
 
