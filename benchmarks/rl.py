@@ -706,9 +706,22 @@ def evaluate(agent, seeds: list[int], n_methods: int, episodes: int, k: int) -> 
 
 
 def run_chunk(agent_name: str, seeds: list[int], cfg: dict) -> dict:
-    """Train every method on ``seeds`` (all members in one stack); plain floats out, per method a list per seed."""
+    """Train every method on ``seeds`` (all members in one stack); plain floats out, per method a list per seed.
+
+    Subnormals are flushed to zero while it runs (Adam's second moments of tiny gradients: denormals are slow
+    on x86) and no longer after: FTZ/DAZ holds for the whole thread, numpy included, and the tests run this
+    inside the pytest process.
+    """
     torch.set_num_threads(1)
-    torch.set_flush_denormal(True)  # Adam's second moments of tiny gradients: denormals are slow on x86
+    torch.set_flush_denormal(True)
+    try:
+        return train_chunk(agent_name, seeds, cfg)
+    finally:
+        torch.set_flush_denormal(False)  # torch's default
+
+
+def train_chunk(agent_name: str, seeds: list[int], cfg: dict) -> dict:
+    """:func:`run_chunk`'s work."""
     spec = cfg["agents"][agent_name]
     steps, ratio = spec["steps"], spec["replay_ratio"]
     methods = cfg["methods"]

@@ -407,6 +407,13 @@ def quick_run(tmp_path_factory):
     return out, calls, fired
 
 
+def test_a_run_in_this_process_leaves_subnormals_unflushed(quick_run):
+    """run_chunk flushes subnormals to zero while it trains and not after: FTZ/DAZ would hold for every later
+    test in this pytest process (numpy included; a zero matrix's log2 in fire_core once tripped on it)."""
+    tiny = np.array([np.finfo(np.float64).smallest_subnormal])
+    assert float((tiny * 1.0)[0]) > 0.0
+
+
 def test_quick_needed_fires_iff_the_trial_ratio_is_below_the_threshold(quick_run):
     out, calls, fired = quick_run
     saved = json.loads((out / "rl-quick.json").read_text())
