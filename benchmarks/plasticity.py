@@ -369,10 +369,19 @@ def needed_section(results: dict, cfg: dict) -> list[str]:
         "",
         *NEEDED_TABLE,
     ]
-    ratios = []
+    return lines + needed_rows(results, "FIRE-10", "final test acc.", rule.threshold)
+
+
+def needed_rows(results: dict, fire: str, metric: str, threshold: float) -> list[str]:
+    """The when-needed table's rows, one per setting, then the trial ratios read at the switch (stability.py's too).
+
+    ``results``: ``{setting: [run of one seed, ...]}`` with ``none``, ``fire`` and ``NEEDED`` in every run,
+    each with its final accuracy; the when-needed run carries its trigger record and training seconds.
+    """
+    rows, ratios = [], []
     for setting, runs in results.items():
         final = lambda m: [100 * r[m]["final"] for r in runs]  # noqa: E731
-        g = goals(final("none"), final("FIRE-10"), final(NEEDED))
+        g = goals(final("none"), final(fire), final(NEEDED))
         cell = lambda d: f"{d['mean']:+.2f} ± {d['se']:.2f}"  # noqa: E731
         trig = [r[NEEDED]["trigger"] for r in runs]
         cost = [t["check_seconds"] for t in trig]
@@ -381,8 +390,8 @@ def needed_section(results: dict, cfg: dict) -> list[str]:
         if all("train_seconds" in r["phase1"] for r in runs):
             both = [100 * c / (r["phase1"]["train_seconds"] + r[NEEDED]["train_seconds"]) for c, r in zip(cost, runs)]
             cost_cell += f", {np.mean(both):.1f}% of both phases"
-        lines.append(
-            f"| {setting} | final test acc., pts (higher is better) | {cell(g['fire_minus_none'])} "
+        rows.append(
+            f"| {setting} | {metric}, pts (higher is better) | {cell(g['fire_minus_none'])} "
             f"| {cell(g['needed_minus_none'])} | {cell(g['needed_minus_fire'])} "
             f"| {sum(t['fired'] for t in trig)}/{len(runs)} seeds | {cost_cell}) | {goals_cell(g)} |"
         )
@@ -392,8 +401,8 @@ def needed_section(results: dict, cfg: dict) -> list[str]:
             f"- {setting}: trial ratio median {np.median(read):.3g} (range {min(read):.3g}-{max(read):.3g}); "
             f"probe loss without FIRE median {np.median(losses[:, 0]):.3g}, with FIRE {np.median(losses[:, 1]):.3g}."
         )
-    return lines + ["", f"Trial ratio (probe loss with FIRE / without, fires below {rule.threshold:g}) at the switch:",
-                    ""] + ratios + [""]
+    return rows + ["", f"Trial ratio (probe loss with FIRE / without, fires below {threshold:g}) at the switch:",
+                   ""] + ratios + [""]
 
 
 def plot(results: dict, cfg: dict, path: Path) -> None:

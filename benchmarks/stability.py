@@ -94,9 +94,9 @@ from fire_core.schedule import when_needed
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     DFI_RATIO, DORMANT_SHARE, NEEDED, NEEDED_TABLE, WhenNeeded, add_run_options, command_line, fire_fraction, fmt,
-    goals, goals_cell, load_run, mean_se, names, save_run, seed_runner, write_outputs,
+    load_run, mean_se, names, save_run, seed_runner, write_outputs,
 )
-from plasticity import TRIAL_BATCHES, TRIAL_PROBE, phase1_task, trial_data  # noqa: E402
+from plasticity import TRIAL_BATCHES, TRIAL_PROBE, needed_rows, phase1_task, trial_data  # noqa: E402
 
 ARCHS = ("cnn", "cnn-bn", "mlp", "transformer")
 RULES = {"fire": "fire", "variance": "variance", "norm": "norm", "None": None}
@@ -309,30 +309,7 @@ def needed_section(results: dict, cfg: dict) -> list[str]:
         "",
         *NEEDED_TABLE,
     ]
-    ratios = []
-    for arch, runs in results.items():
-        final = lambda m: [100 * r[m]["final"] for r in runs]  # noqa: E731
-        g = goals(final("none"), final("fire"), final(NEEDED))
-        cell = lambda d: f"{d['mean']:+.2f} ± {d['se']:.2f}"  # noqa: E731
-        trig = [r[NEEDED]["trigger"] for r in runs]
-        cost = [t["check_seconds"] for t in trig]
-        phase2 = [100 * c / r[NEEDED]["train_seconds"] for c, r in zip(cost, runs)]
-        both = [100 * c / (r["phase1"]["train_seconds"] + r[NEEDED]["train_seconds"]) for c, r in zip(cost, runs)]
-        lines.append(
-            f"| {arch} | final new-task test acc., pts (higher is better) | {cell(g['fire_minus_none'])} "
-            f"| {cell(g['needed_minus_none'])} | {cell(g['needed_minus_fire'])} "
-            f"| {sum(t['fired'] for t in trig)}/{len(runs)} seeds "
-            f"| {np.mean(cost):.2f} s ({np.mean(phase2):.0f}% of phase 2, {np.mean(both):.1f}% of both phases) "
-            f"| {goals_cell(g)} |"
-        )
-        read = [t["values"][1] for t in trig]
-        losses = np.array([t["losses"][1] for t in trig])
-        ratios.append(
-            f"- {arch}: trial ratio median {np.median(read):.3g} (range {min(read):.3g}-{max(read):.3g}); "
-            f"probe loss without FIRE median {np.median(losses[:, 0]):.3g}, with FIRE {np.median(losses[:, 1]):.3g}."
-        )
-    return lines + ["", f"Trial ratio (probe loss with FIRE / without, fires below {rule.threshold:g}) at the switch:",
-                    ""] + ratios + [""]
+    return lines + needed_rows(results, "fire", "final new-task test acc.", rule.threshold)
 
 
 def summary(results: dict) -> list[str]:
