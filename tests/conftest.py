@@ -11,6 +11,10 @@ missing is an error, so CI cannot silently lose a backend.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -129,3 +133,27 @@ def x64():
     jax.config.update("jax_enable_x64", True)
     yield jax
     jax.config.update("jax_enable_x64", old)
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(path: Path, name: str):
+    """A script outside the package (``benchmarks/*.py``) imported as the module ``name``.
+
+    Its folder is on ``sys.path`` while it runs (its own ``import common``, ``from plasticity import ...``), and
+    the module is registered under ``name`` (dataclasses look their module up), which must not be a name the
+    script's siblings are imported by.
+    """
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    finally:
+        sys.path.remove(str(path.parent))
+    return module

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script
 
 import fire_core
 
@@ -16,11 +15,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 @pytest.fixture(scope="module")
 def bf():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bitflip_bench", BENCH / "bitflip.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(BENCH / "bitflip.py", "bitflip_bench")
 
 
 M, F, T = 20, 15, 50

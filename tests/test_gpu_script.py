@@ -20,21 +20,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu.py"
 STEPS = ["check", "tests", "speed-torch", "speed-jax", "speed-cupy", "torch_apply", "chunks"]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("fire_gpu_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu = _load()
+gpu = load_script(SCRIPT, "fire_gpu_script")
 
 
 def _probe(**changes) -> dict:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
@@ -20,10 +20,7 @@ _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "permuted.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("permuted_benchmark", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(_PATH, "permuted_benchmark")
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
@@ -18,10 +18,7 @@ _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "plasticity.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("plasticity_benchmark", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(_PATH, "plasticity_benchmark")
 
 
 def grown(model, factor=3.0):

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
@@ -16,14 +15,7 @@ _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "stability.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(_PATH.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("stability_benchmark", _PATH)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.path.remove(str(_PATH.parent))
+    return load_script(_PATH, "stability_benchmark")
 
 
 TINY = dict(epochs1=2, epochs2=2, steps=5, hidden=16, dfi_ratio=100.0, dormant_share=0.3)

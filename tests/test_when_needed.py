@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import copy
 import doctest
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from fire_core.schedule import (
     LOOKAHEAD_RATIO, LOOKAHEAD_STEPS, DfIAbove, LookaheadBelow, Moment, as_schedule, traced_init, when_needed,
@@ -288,14 +287,7 @@ def test_a_bad_trial_is_refused_naming_the_argument(args, match):
 
 @pytest.fixture(scope="module")
 def study():
-    sys.path.insert(0, str(_STUDY.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("when_needed_study", _STUDY)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.path.remove(str(_STUDY.parent))
+    return load_script(_STUDY, "when_needed_study")
 
 
 def test_the_weight_signals_match_an_svd_by_hand(study):
